@@ -1,0 +1,35 @@
+# `make test` and `make demo` each set up .venv when it is missing or older than
+# pyproject.toml, then run. torch/torchvision are pinned here and installed first
+# (pip finds these builds on this machine's disk); the project then accepts them.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+TORCH := torch==2.14.1 torchvision==0.29.1
+
+.PHONY: test demo lint setup clean bench
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH)
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: $(STAMP) lint
+	$(PY) -m pytest -q
+
+demo: $(STAMP)
+	$(VENV)/bin/ssl-train demo --out demo-out
+
+bench: $(STAMP)
+	$(PY) bench/shards_create.py
+
+clean:
+	rm -rf $(VENV) demo-out .pytest_cache .ruff_cache

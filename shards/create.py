@@ -1,0 +1,383 @@
+"""`shards create`: list a dataset, shuffle it, write tar shards to any URL, resumably.
+
+Each worker process builds whole shards: it reads the source files, checks or converts
+each image, writes the tar while hashing it, uploads it, then writes the shard's index.
+The shard layout depends only on the source listing and the options (never on
+``--workers``), and shard bytes are deterministic, so a re-run after a crash skips every
+shard whose index is present and rebuilds the rest identically. The manifest comes last.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+import os
+import random
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+import fsspec.asyn
+
+from shards import __version__, storage
+from shards.errors import ShardsError
+from shards.images import JPEG_QUALITY, BadImage, prepare_image
+from shards.manifest import (
+    INDEX_SUFFIX,
+    MANIFEST_NAME,
+    REPORT_NAME,
+    Manifest,
+    SampleRecord,
+    ShardEntry,
+    ShardIndex,
+    sha256_hex,
+)
+from shards.progress import Progress, human_bytes
+from shards.sources import SourceItem, apply_subset, open_source, read_subset
+from shards.tarformat import TarShardWriter
+
+DEFAULT_SHARD_BYTES = 256 * 1024**2
+_TAR_OVERHEAD_PER_SAMPLE = 3 * 512  # two headers and padding, for size planning
+
+
+@dataclass(frozen=True)
+class CreateOptions:
+    """Everything `shards create` is told; `parameters()` is what the manifest records."""
+
+    src: str
+    dest: str
+    layout: str | None = None
+    labels: str | None = None
+    synsets: str | None = None
+    classes: str | None = None
+    subset: str | None = None
+    shard_bytes: int | None = None
+    shard_samples: int | None = None
+    prefix: str | None = None
+    seed: int = 0
+    workers: int = field(default_factory=lambda: min(os.cpu_count() or 1, 8))
+    strict: bool = False
+    full_decode: bool = False
+    staging: str | None = None
+
+    def parameters(self, layout: str) -> dict[str, object]:
+        return {
+            "layout": layout,
+            "source": storage.redact(self.src),
+            "labels": os.path.basename(self.labels) if self.labels else None,
+            "subset": self.subset
+            if self.subset in (None, "1percent", "10percent")
+            else os.path.basename(self.subset),
+            "classes": self.classes,
+            "seed": self.seed,
+            "shard_bytes": None
+            if self.shard_samples
+            else (self.shard_bytes or DEFAULT_SHARD_BYTES),
+            "shard_samples": self.shard_samples,
+            "prefix": self.shard_prefix(layout),
+            "strict": self.strict,
+            "full_decode": self.full_decode,
+            "jpeg_quality": JPEG_QUALITY,
+        }
+
+    def shard_prefix(self, layout: str) -> str:
+        if self.prefix:
+            return self.prefix
+        if layout == "mnist5k":
+            return self.src.split(":", 1)[1] if ":" in self.src else "train"
+        return {"imagenet-train": "train", "imagenet-val": "val"}.get(layout, "shard")
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """Which source items go into shard ``number``; ``fingerprint`` identifies the plan."""
+
+    number: int
+    name: str
+    items: tuple[SourceItem, ...]
+    fingerprint: str
+
+    @property
+    def index_name(self) -> str:
+        return self.name + INDEX_SUFFIX
+
+
+@dataclass
+class ShardOutcome:
+    entry: ShardEntry
+    skipped: list[dict[str, str]]
+    converted: list[dict[str, str]]
+    resumed: bool
+
+
+def _fingerprint(items: tuple[SourceItem, ...]) -> str:
+    digest = hashlib.sha256(f"v1 q{JPEG_QUALITY}".encode())
+    for item in items:
+        digest.update(json.dumps([item.key, item.cls, item.name, item.size]).encode())
+    return digest.hexdigest()
+
+
+def plan_shards(
+    items: list[SourceItem], prefix: str, shard_bytes: int | None, shard_samples: int | None
+) -> list[ShardPlan]:
+    """Cut the (already shuffled) items into shards by sample count or target size.
+
+    Example:
+        >>> items = [SourceItem(str(i), 0, f"{i}.jpg", None, 100) for i in range(5)]
+        >>> [len(p.items) for p in plan_shards(items, "train", None, 2)]
+        [2, 2, 1]
+    """
+    groups: list[list[SourceItem]] = []
+    current: list[SourceItem] = []
+    current_bytes = 0
+    limit = shard_bytes or DEFAULT_SHARD_BYTES
+    for item in items:
+        cost = item.size + _TAR_OVERHEAD_PER_SAMPLE
+        full = len(current) >= shard_samples if shard_samples else current_bytes + cost > limit
+        if current and full:
+            groups.append(current)
+            current, current_bytes = [], 0
+        current.append(item)
+        current_bytes += cost
+    if current:
+        groups.append(current)
+    return [
+        ShardPlan(number, f"{prefix}-{number:06d}.tar", tuple(group), _fingerprint(tuple(group)))
+        for number, group in enumerate(groups)
+    ]
+
+
+def _finished_outcome(plan: ShardPlan, dest: str) -> ShardOutcome | None:
+    """The outcome of an earlier run's shard, if that shard is complete and current."""
+    index_url = storage.join(dest, plan.index_name)
+    if storage.size_or_none(index_url) is None:
+        return None
+    data = storage.read_bytes(index_url)
+    try:
+        index = ShardIndex.from_json(data, index_url)
+    except ShardsError:
+        return None
+    if (
+        index.plan != plan.fingerprint
+        or storage.size_or_none(storage.join(dest, plan.name)) != index.bytes
+    ):
+        return None
+    entry = ShardEntry(
+        plan.name, plan.index_name, len(index.samples), index.bytes, index.sha256, sha256_hex(data)
+    )
+    return ShardOutcome(entry, index.skipped, index.converted, resumed=True)
+
+
+def build_shard(
+    plan: ShardPlan, dest: str, staging: str, strict: bool, full_decode: bool
+) -> ShardOutcome:
+    """Write one shard and its index to ``dest``, or reuse them if already there.
+
+    Example:
+        >>> plans = plan_shards(open_source("mnist5k:test").items, "test", None, 500)  # doctest: +SKIP
+        >>> build_shard(plans[0], "/tmp/out", "/tmp/out", False, False).entry.samples  # doctest: +SKIP
+        500
+    """
+    done = _finished_outcome(plan, dest)
+    if done is not None:
+        return done
+    local_path = os.path.join(staging, f".{plan.name}.tmp-{os.getpid()}")
+    skipped: list[dict[str, str]] = []
+    converted: list[dict[str, str]] = []
+    records: list[SampleRecord] = []
+    try:
+        with open(local_path, "wb", buffering=1024 * 1024) as out:
+            writer = TarShardWriter(out)
+            for item in plan.items:
+                try:
+                    jpeg, why = prepare_image(item.read(), item.name, full_decode)
+                except (BadImage, OSError) as exc:
+                    reason = (
+                        str(exc) if isinstance(exc, BadImage) else f"cannot read ({exc.strerror})"
+                    )
+                    if strict:
+                        raise ShardsError(
+                            f"{item.name}: {reason} (--strict makes this fatal)"
+                        ) from None
+                    skipped.append({"file": item.name, "reason": reason})
+                    continue
+                if why:
+                    converted.append({"file": item.name, "reason": why})
+                start, end = writer.add_sample(
+                    item.key, [("jpg", jpeg), ("cls", str(item.cls).encode())]
+                )
+                records.append(SampleRecord(item.key, item.cls, start, end))
+            size, digest = writer.close()
+        storage.put_file_atomic(local_path, storage.join(dest, plan.name))
+    finally:
+        if os.path.exists(local_path):
+            os.remove(local_path)
+    index = ShardIndex(plan.name, plan.fingerprint, size, digest, records, skipped, converted)
+    index_bytes = index.to_json()
+    storage.write_bytes_atomic(storage.join(dest, plan.index_name), index_bytes)
+    entry = ShardEntry(
+        plan.name, plan.index_name, len(records), size, digest, sha256_hex(index_bytes)
+    )
+    return ShardOutcome(entry, skipped, converted, resumed=False)
+
+
+def _worker_init() -> None:
+    # A forked child must not reuse the parent's fsspec event loop or S3 sessions.
+    fsspec.asyn.reset_lock()
+
+
+def _build_star(args: tuple) -> ShardOutcome:
+    return build_shard(*args)
+
+
+def _run_plans(plans: list[ShardPlan], opts: CreateOptions, staging: str) -> Iterator[ShardOutcome]:
+    jobs = [(plan, opts.dest, staging, opts.strict, opts.full_decode) for plan in plans]
+    if opts.workers <= 1 or len(plans) <= 1:
+        yield from map(_build_star, jobs)
+        return
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(min(opts.workers, len(plans)), initializer=_worker_init) as pool:
+        yield from pool.imap_unordered(_build_star, jobs)
+
+
+def _existing_manifest(dest: str) -> Manifest | None:
+    from shards.manifest import read_manifest
+
+    if storage.size_or_none(storage.join(dest, MANIFEST_NAME)) is None:
+        return None
+    return read_manifest(dest)
+
+
+def _unique_keys(items: list[SourceItem]) -> None:
+    seen: dict[str, str] = {}
+    for item in items:
+        if item.key in seen:
+            raise ShardsError(
+                f"two files give the same sample key {item.key!r}: {seen[item.key]} and {item.name}; "
+                "rename one (keys are file stems)"
+            )
+        seen[item.key] = item.name
+
+
+def create(opts: CreateOptions, log=print) -> Manifest:
+    """Make the shard set ``opts.dest`` from ``opts.src``; resume if interrupted before.
+
+    Example:
+        >>> create(CreateOptions(src="mnist5k:test", dest="/tmp/mnist/test"))  # doctest: +SKIP
+        Manifest(classes=['0', ..., '9'], shards=[...], ...)
+    """
+    if opts.shard_samples is not None and opts.shard_samples < 1:
+        raise ShardsError("--shard-samples must be at least 1")
+    if opts.shard_bytes is not None and opts.shard_bytes < 1024:
+        raise ShardsError("--shard-bytes must be at least 1 KiB")
+    storage.check_reachable(opts.dest, for_writing=True)
+    source = open_source(opts.src, opts.layout, opts.labels, opts.synsets, opts.classes)
+    parameters = opts.parameters(source.layout)
+
+    existing = _existing_manifest(opts.dest)
+    if existing is not None:
+        if existing.parameters == parameters:
+            log(
+                f"{storage.redact(opts.dest)} is already complete ({existing.num_samples} samples); nothing to do"
+            )
+            return existing
+        raise ShardsError(
+            f"{storage.redact(opts.dest)} already holds a shard set made with other options; "
+            "choose another DEST or delete that one first"
+        )
+
+    items = source.items
+    unmatched: list[str] = []
+    if opts.subset:
+        names, where = read_subset(opts.subset)
+        items, unmatched = apply_subset(items, names, where, opts.strict)
+        if unmatched:
+            log(
+                f"warning: {len(unmatched)} name(s) in --subset {where} match no file (see {REPORT_NAME})"
+            )
+    if not items:
+        raise ShardsError(f"{opts.src}: no images to shard (check SRC, --layout and --subset)")
+    if opts.strict and source.refused:
+        first = source.refused[0]
+        raise ShardsError(f"{first['file']}: {first['reason']} (--strict makes this fatal)")
+    _unique_keys(items)
+    items = sorted(items, key=lambda item: item.key)
+    random.Random(opts.seed).shuffle(items)
+
+    prefix = opts.shard_prefix(source.layout)
+    plans = plan_shards(items, prefix, opts.shard_bytes, opts.shard_samples)
+    total_bytes = sum(item.size for item in items)
+    log(
+        f"sharding {len(items)} images ({human_bytes(total_bytes)}, {len(source.classes)} classes) "
+        f"into {len(plans)} shards at {storage.redact(opts.dest)} with {min(opts.workers, len(plans))} workers"
+    )
+    outcomes = _build_all(plans, opts)
+    outcomes.sort(key=lambda o: o.entry.name)
+
+    skipped = list(source.refused) + [s for o in outcomes for s in o.skipped]
+    converted = [c for o in outcomes for c in o.converted]
+    report = {
+        "skipped": skipped,
+        "converted": converted,
+        "subset_unmatched": unmatched,
+        "resumed_shards": sum(o.resumed for o in outcomes),
+    }
+    storage.write_bytes_atomic(
+        storage.join(opts.dest, REPORT_NAME), (json.dumps(report, indent=1) + "\n").encode()
+    )
+    manifest = Manifest(
+        classes=source.classes,
+        shards=[o.entry for o in outcomes],
+        parameters=parameters,
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        creator=f"shards {__version__}",
+    )
+    storage.write_bytes_atomic(storage.join(opts.dest, MANIFEST_NAME), manifest.to_json().encode())
+    _print_report(report, manifest, opts.dest, log)
+    return manifest
+
+
+def _build_all(plans: list[ShardPlan], opts: CreateOptions) -> list[ShardOutcome]:
+    remote = not storage.is_local(opts.dest)
+    if remote:
+        staging = tempfile.mkdtemp(prefix="shards-staging-", dir=opts.staging)
+    else:
+        staging = storage.filesystem(opts.dest)[1]
+    progress = Progress("shards create", total=len(plans))
+    outcomes: list[ShardOutcome] = []
+    try:
+        for outcome in _run_plans(plans, opts, staging):
+            outcomes.append(outcome)
+            progress.advance(outcome.entry.samples, outcome.entry.bytes)
+    finally:
+        progress.close()
+        if remote:
+            shutil.rmtree(staging, ignore_errors=True)
+    return outcomes
+
+
+def _print_report(report: dict, manifest: Manifest, dest: str, log) -> None:
+    where = storage.redact(dest)
+    log(
+        f"done: {manifest.num_samples} samples in {len(manifest.shards)} shards "
+        f"({human_bytes(manifest.num_bytes)}) at {where}"
+        + (
+            f", {report['resumed_shards']} shards kept from an earlier run"
+            if report["resumed_shards"]
+            else ""
+        )
+    )
+    if report["converted"]:
+        log(f"converted to RGB JPEG: {len(report['converted'])} file(s)")
+        for c in report["converted"][:20]:
+            log(f"  {c['file']}: {c['reason']}")
+    if report["skipped"]:
+        log(f"skipped: {len(report['skipped'])} file(s)")
+        for s in report["skipped"][:50]:
+            log(f"  {s['file']}: {s['reason']}")
+        if len(report["skipped"]) > 50:
+            log(f"  ... and {len(report['skipped']) - 50} more")
+    log(f"report: {storage.join(where, REPORT_NAME)}")

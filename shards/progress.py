@@ -1,0 +1,68 @@
+"""Progress for long runs: a bar on a terminal, plain timestamped lines in logs."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import TextIO
+
+from tqdm import tqdm
+
+
+def human_bytes(n: float) -> str:
+    """Bytes for people.
+
+    Example:
+        >>> human_bytes(256 * 1024**2)
+        '256.0 MiB'
+    """
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+class Progress:
+    """Counts finished units (shards) and the bytes they carried.
+
+    Example:
+        >>> import io
+        >>> p = Progress("create", total=2, stream=io.StringIO())
+        >>> p.advance(samples=10, nbytes=2048)
+        >>> p.close()
+    """
+
+    def __init__(self, what: str, total: int, stream: TextIO | None = None, every_s: float = 10.0):
+        self.what, self.total, self.every_s = what, total, every_s
+        self.stream = stream if stream is not None else sys.stderr
+        self.done = self.samples = self.nbytes = 0
+        self.started = self._last_line = time.monotonic()
+        self._bar = (
+            tqdm(total=total, unit="shard", desc=what, file=self.stream)
+            if self.stream.isatty()
+            else None
+        )
+
+    def advance(self, samples: int, nbytes: int, shards: int = 1) -> None:
+        self.done += shards
+        self.samples += samples
+        self.nbytes += nbytes
+        if self._bar is not None:
+            self._bar.update(shards)
+            self._bar.set_postfix_str(f"{self.samples} samples, {human_bytes(self.nbytes)}")
+            return
+        now = time.monotonic()
+        if now - self._last_line >= self.every_s or self.done == self.total:
+            self._last_line = now
+            rate = self.nbytes / max(now - self.started, 1e-9)
+            print(
+                f"{self.what}: {self.done}/{self.total} shards, {self.samples} samples, "
+                f"{human_bytes(self.nbytes)} ({human_bytes(rate)}/s)",
+                file=self.stream,
+                flush=True,
+            )
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
