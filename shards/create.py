@@ -340,12 +340,27 @@ def create(opts: CreateOptions, log=print) -> Manifest:
     return manifest
 
 
+def _remove_stale_temporaries(folder: str) -> None:
+    """Delete temporary files left by a killed run (their writer process is gone)."""
+    for name in os.listdir(folder):
+        pid = name.rsplit(".tmp-", 1)[1] if ".tmp-" in name else ""
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            os.remove(os.path.join(folder, name))
+        except PermissionError:
+            pass  # alive, owned by someone else
+
+
 def _build_all(plans: list[ShardPlan], opts: CreateOptions) -> list[ShardOutcome]:
     remote = not storage.is_local(opts.dest)
     if remote:
         staging = tempfile.mkdtemp(prefix="shards-staging-", dir=opts.staging)
     else:
         staging = storage.filesystem(opts.dest)[1]
+        _remove_stale_temporaries(staging)
     progress = Progress("shards create", total=len(plans))
     outcomes: list[ShardOutcome] = []
     try:

@@ -1,0 +1,129 @@
+"""Shared fixtures: a real S3 server in its own process, generated ImageNet trees, and a
+runner for the real console scripts.
+
+The S3 server is moto's, started once per session on a free loopback port with
+credential checking on (an IAM user is created; any other key is refused), and reached
+only through the standard environment variables, exactly as users configure ssl-train.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from shards.local_s3 import LocalS3Server
+from shards.synthetic import make_imagenet_train, make_imagenet_val, write_awkward_files
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+_bucket_numbers = itertools.count()
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[LocalS3Server]:
+    with LocalS3Server(require_auth=True) as server:
+        yield server
+
+
+@dataclass
+class S3Bucket:
+    """A fresh bucket on the session's S3 server; ``env`` reaches it."""
+
+    server: LocalS3Server
+    name: str
+
+    @property
+    def url(self) -> str:
+        return f"s3://{self.name}"
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {**os.environ, **self.server.env}
+
+    def client(self):
+        return self.server._client("s3")
+
+
+@pytest.fixture
+def s3_bucket(s3_server: LocalS3Server, monkeypatch: pytest.MonkeyPatch) -> S3Bucket:
+    """A new bucket per test, with this process's environment pointed at the server."""
+    name = f"test-{os.getpid()}-{next(_bucket_numbers)}"
+    s3_server.create_bucket(name)
+    for key, value in s3_server.env.items():
+        monkeypatch.setenv(key, value)
+    import fsspec
+
+    fsspec.AbstractFileSystem.clear_instance_cache()  # pick up the env, forget listings
+    return S3Bucket(s3_server, name)
+
+
+@dataclass
+class ImageNetTree:
+    """A generated ImageNet-layout tree: ``train/<wnid>/*.JPEG``, ``val/*.JPEG`` + CSV."""
+
+    root: Path
+    train_labels: dict[str, str]
+    awkward: dict[str, str]
+    val_labels: dict[str, str]
+    val_csv: Path
+
+    @property
+    def train(self) -> Path:
+        return self.root / "train"
+
+    @property
+    def val(self) -> Path:
+        return self.root / "val"
+
+    @property
+    def wnids(self) -> list[str]:
+        return sorted(set(self.train_labels.values()))
+
+
+def make_tree(
+    root: Path,
+    classes: int = 10,
+    per_class: int = 6,
+    size: tuple[int, int] = (48, 36),
+    awkward: bool = True,
+    val_count: int = 20,
+) -> ImageNetTree:
+    """Generate an ImageNet-layout tree (train with optional awkward files, and val)."""
+    labels = make_imagenet_train(
+        str(root / "train"), classes=classes, per_class=per_class, size=size
+    )
+    odd = {}
+    if awkward:
+        first = sorted(set(labels.values()))[0]
+        odd = write_awkward_files(str(root / "train" / first))
+    val_labels, val_csv = make_imagenet_val(
+        str(root / "val"), count=val_count, classes=classes, size=size
+    )
+    return ImageNetTree(root, labels, odd, val_labels, Path(val_csv))
+
+
+@pytest.fixture
+def imagenet_tree(tmp_path: Path) -> ImageNetTree:
+    """10 wnids x 6 photo-like JPEGs, plus CMYK, grayscale, PNG-named-JPEG, truncated and
+    empty files in the first class, and a 20-image val folder with LOC_val_solution.csv."""
+    return make_tree(tmp_path / "imagenet")
+
+
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 120, tool: str = "shards"
+) -> subprocess.CompletedProcess:
+    """Run an installed console script as a user would; capture its output."""
+    return subprocess.run(
+        [str(BIN / tool), *map(str, args)],
+        env=env if env is not None else dict(os.environ),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
