@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import sys
 import time
 from typing import TextIO
@@ -39,7 +40,15 @@ class Progress:
         self.done = self.samples = self.nbytes = 0
         self.started = self._last_line = time.monotonic()
         self._bar = (
-            tqdm(total=total, unit="shard", desc=what, file=self.stream)
+            tqdm(
+                total=total,
+                unit="shard",
+                desc=what,
+                file=self.stream,
+                # a terminal that reports a 0x0 size (a fresh pty) would hide the bar
+                ncols=shutil.get_terminal_size().columns,
+                nrows=shutil.get_terminal_size().lines,
+            )
             if self.stream.isatty()
             else None
         )

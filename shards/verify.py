@@ -139,7 +139,9 @@ def verify(
         with ThreadPoolExecutor(max(1, workers)) as pool:
             checks = pool.map(lambda e: check_shard(url, manifest, e, decode), manifest.shards)
             for check in checks:
-                progress.advance(check.samples, 0)
+                progress.advance(
+                    check.samples, next(e.bytes for e in manifest.shards if e.name == check.name)
+                )
                 if check.problems:
                     bad.append(check)
     finally:

@@ -1,0 +1,137 @@
+"""Uploads: retries with backoff, bounded local staging, progress output, the demo."""
+
+from __future__ import annotations
+
+import os
+import pty
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from conftest import BIN, S3Bucket, make_tree, run_cli
+
+from shards import storage
+from shards.errors import ShardsError
+
+
+def test_transient_errors_are_retried_with_backoff_and_permanent_ones_are_not() -> None:
+    calls: list[float] = []
+
+    def flaky() -> str:
+        calls.append(time.monotonic())
+        if len(calls) < 3:
+            raise ConnectionResetError("connection reset by peer")
+        return "done"
+
+    assert storage.with_retries(flaky, "s3://b/k", first_delay=0.05) == "done"
+    assert len(calls) == 3
+    assert calls[2] - calls[1] > calls[1] - calls[0] >= 0.05  # the wait doubles
+
+    denied: list[int] = []
+
+    def refuse() -> None:
+        denied.append(1)
+        raise PermissionError("InvalidAccessKeyId")
+
+    with pytest.raises(ShardsError, match="refused access"):
+        storage.with_retries(refuse, "s3://b/k", first_delay=0.05)
+    assert len(denied) == 1
+
+    with pytest.raises(ShardsError, match="s3://b/k"):
+        storage.with_retries(
+            lambda: (_ for _ in ()).throw(TimeoutError("slow")),
+            "s3://b/k",
+            attempts=2,
+            first_delay=0.01,
+        )
+
+
+def test_credentials_in_urls_are_never_printed() -> None:
+    assert storage.redact("s3://AKIA123:supersecret@bucket/x") == "s3://bucket/x"
+    error = storage.explain(PermissionError("denied"), "s3://AKIA123:supersecret@bucket/x")
+    assert "supersecret" not in str(error)
+
+
+def _tree_bytes(folder: Path) -> int:
+    total = 0
+    for root, _, files in os.walk(folder):
+        for name in files:
+            try:
+                total += os.path.getsize(os.path.join(root, name))
+            except FileNotFoundError:
+                pass
+    return total
+
+
+def test_staging_stays_bounded_by_workers_times_shard_size(
+    tmp_path: Path, s3_bucket: S3Bucket
+) -> None:
+    tree = make_tree(
+        tmp_path / "in", classes=8, per_class=40, size=(160, 120), awkward=False, val_count=1
+    )
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    peak = 0
+    stop = threading.Event()
+
+    def watch() -> None:
+        nonlocal peak
+        while not stop.is_set():
+            peak = max(peak, _tree_bytes(staging))
+            time.sleep(0.005)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    shard_bytes = 256 * 1024
+    try:
+        result = run_cli(
+            "create", tree.train, f"{s3_bucket.url}/big", "--shard-bytes", "256KiB",
+            "--workers", "2", "--staging", staging, env=s3_bucket.env,
+        )  # fmt: skip
+    finally:
+        stop.set()
+        watcher.join()
+    assert result.returncode == 0, result.stderr
+    source_bytes = _tree_bytes(tree.train)
+    assert source_bytes > 8 * shard_bytes  # many shards went through staging
+    assert 0 < peak <= 2 * (shard_bytes + 64 * 1024)
+    assert _tree_bytes(staging) == 0  # nothing left behind
+    assert run_cli("verify", f"{s3_bucket.url}/big", env=s3_bucket.env).returncode == 0
+
+
+def test_progress_is_plain_lines_in_logs_and_a_bar_on_a_terminal(tmp_path: Path) -> None:
+    tree = make_tree(tmp_path / "in", classes=2, per_class=10, awkward=False, val_count=1)
+    logged = run_cli("create", tree.train, tmp_path / "logged", "--shard-samples", "5")
+    assert "shards create: 4/4 shards, 20 samples" in logged.stderr
+    assert "\r" not in logged.stderr
+
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen(
+        [str(BIN / "shards"), "create", str(tree.train), str(tmp_path / "tty"), "--shard-samples", "5"],
+        stdin=follower, stdout=follower, stderr=follower, close_fds=True,
+    )  # fmt: skip
+    os.close(follower)
+    output = b""
+    while True:
+        try:
+            chunk = os.read(leader, 4096)
+        except OSError:
+            break
+        if not chunk:
+            break
+        output += chunk
+    os.close(leader)
+    assert proc.wait(timeout=60) == 0
+    text = output.decode(errors="replace")
+    assert "\r" in text and "4/4" in text and "shard" in text  # tqdm redraws one line
+
+
+def test_demo_shards_mnist_into_a_local_s3_server_and_verifies_it(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    result = run_cli("demo", "--out", tmp_path / "demo", tool="ssl-train", env=env, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "ok: s3://ssl-train-demo/mnist5k/train: 4 shards, 4000 samples" in result.stdout
+    assert "ok: s3://ssl-train-demo/mnist5k/test: 1 shards, 1000 samples" in result.stdout
+    assert "local S3 server at http://127.0.0.1:" in result.stdout
