@@ -34,6 +34,10 @@ _S3_OPTIONS = {
     },
 }
 
+# Part size of multipart uploads to S3: a file of two parts or more goes up in parts,
+# several at a time, so a 256 MiB shard is 8 parts, and a failed part is retried alone.
+MULTIPART_PART_BYTES = 32 * 1024**2
+
 # Commands, not storage: a manifest or argument naming one of these is refused.
 _REFUSED_SCHEMES = {"pipe", "exec", "shell", "cmd"}
 
@@ -252,7 +256,8 @@ def put_file_atomic(local_path: str, url: str) -> None:
             os.replace(tmp, path)
             os.remove(local_path)
         return
-    with_retries(lambda: fs.put_file(local_path, path), url)
+    options = {"chunksize": MULTIPART_PART_BYTES} if hasattr(fs, "call_s3") else {}
+    with_retries(lambda: fs.put_file(local_path, path, **options), url)
     os.remove(local_path)
 
 

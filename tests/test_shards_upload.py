@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pty
 import subprocess
@@ -58,10 +59,8 @@ def _tree_bytes(folder: Path) -> int:
     total = 0
     for root, _, files in os.walk(folder):
         for name in files:
-            try:
+            with contextlib.suppress(FileNotFoundError):  # a staged shard just uploaded
                 total += os.path.getsize(os.path.join(root, name))
-            except FileNotFoundError:
-                pass
     return total
 
 
@@ -99,6 +98,30 @@ def test_staging_stays_bounded_by_workers_times_shard_size(
     assert 0 < peak <= 2 * (shard_bytes + 64 * 1024)
     assert _tree_bytes(staging) == 0  # nothing left behind
     assert run_cli("verify", f"{s3_bucket.url}/big", env=s3_bucket.env).returncode == 0
+
+
+def test_large_shards_go_up_as_multipart_uploads(
+    tmp_path: Path, s3_bucket: S3Bucket, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from shards.create import CreateOptions, create
+
+    monkeypatch.setattr(storage, "MULTIPART_PART_BYTES", 5 * 1024**2)  # S3's smallest part
+    tree = make_tree(
+        tmp_path / "in", classes=4, per_class=30, size=(640, 480), awkward=False, val_count=1
+    )
+    manifest = create(
+        CreateOptions(
+            src=str(tree.train), dest=f"{s3_bucket.url}/mp", shard_bytes=64 * 1024**2, workers=1
+        ),
+        log=lambda _: None,
+    )
+    assert len(manifest.shards) == 1 and manifest.num_bytes > 10 * 1024**2
+    head = s3_bucket.client().head_object(
+        Bucket=s3_bucket.name, Key=f"mp/{manifest.shards[0].name}"
+    )
+    parts = int(head["ETag"].strip('"').rsplit("-", 1)[1])  # multipart ETags end in -<parts>
+    assert parts == -(-manifest.num_bytes // (5 * 1024**2))
+    assert run_cli("verify", f"{s3_bucket.url}/mp", env=s3_bucket.env).returncode == 0
 
 
 def test_progress_is_plain_lines_in_logs_and_a_bar_on_a_terminal(tmp_path: Path) -> None:
