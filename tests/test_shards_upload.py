@@ -158,3 +158,5 @@ def test_demo_shards_mnist_into_a_local_s3_server_and_verifies_it(tmp_path: Path
     assert "ok: s3://ssl-train-demo/mnist5k/train: 4 shards, 4000 samples" in result.stdout
     assert "ok: s3://ssl-train-demo/mnist5k/test: 1 shards, 1000 samples" in result.stdout
     assert "local S3 server at http://127.0.0.1:" in result.stdout
+    for split in ("train", "test"):  # the copies outlive the server
+        assert run_cli("verify", tmp_path / "demo" / "mnist5k" / split).returncode == 0
