@@ -71,7 +71,7 @@ class CreateOptions:
             "subset": self.subset
             if self.subset in (None, "1percent", "10percent")
             else os.path.basename(self.subset),
-            "classes": self.classes,
+            "classes": storage.redact(self.classes) if self.classes else None,
             "seed": self.seed,
             "shard_bytes": None
             if self.shard_samples
