@@ -10,10 +10,11 @@ from pathlib import Path
 import fsspec
 import pytest
 import webdataset as wds
-from conftest import ImageNetTree, S3Bucket, make_tree, run_cli
 from PIL import Image
 
 from shards.sources import imagenet_wnids
+
+from conftest import ImageNetTree, S3Bucket, make_tree, run_cli
 
 
 def read_shard_set(url: str) -> tuple[dict, dict[str, tuple[int, bytes]]]:

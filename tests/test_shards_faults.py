@@ -11,10 +11,11 @@ from pathlib import Path
 
 import fsspec
 import pytest
-from conftest import BIN, ImageNetTree, S3Bucket, make_tree, run_cli
 
 from shards.errors import ShardsError
 from shards.manifest import read_manifest
+
+from conftest import BIN, ImageNetTree, S3Bucket, make_tree, run_cli
 
 
 def test_verify_names_a_shard_with_one_flipped_byte_and_a_deleted_one(

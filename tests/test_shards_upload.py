@@ -11,10 +11,11 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import BIN, S3Bucket, make_tree, run_cli
 
 from shards import storage
 from shards.errors import ShardsError
+
+from conftest import BIN, S3Bucket, make_tree, run_cli
 
 
 def test_transient_errors_are_retried_with_backoff_and_permanent_ones_are_not() -> None:
