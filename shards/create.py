@@ -189,7 +189,7 @@ def build_shard(
     converted: list[dict[str, str]] = []
     records: list[SampleRecord] = []
     try:
-        with open(local_path, "wb", buffering=1024 * 1024) as out:
+        with open(local_path, "wb", buffering=0) as out:
             writer = TarShardWriter(out)
             for item in plan.items:
                 try:

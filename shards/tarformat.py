@@ -9,6 +9,8 @@ that rewrites a shard produces an identical file.
 from __future__ import annotations
 
 import hashlib
+import io
+import os
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -16,6 +18,7 @@ from typing import BinaryIO
 
 BLOCK = tarfile.BLOCKSIZE  # 512
 _END_OF_ARCHIVE = b"\0" * (2 * BLOCK)
+_ZEROS = b"\0" * BLOCK
 
 
 def split_key(name: str) -> tuple[str, str]:
@@ -32,7 +35,33 @@ def split_key(name: str) -> tuple[str, str]:
     return (f"{folder}/{stem}" if folder else stem), ext
 
 
+_MAX_FAST_SIZE = 8**11 - 1  # sizes that fit the 11 octal digits of a plain header
+
+
 def _header(name: str, size: int) -> bytes:
+    """The GNU-format header tarfile would write, built directly for short names.
+
+    tarfile's general path costs about 14 µs a header (a third of the CPU of sharding
+    small files); this one about 3 µs. Long or non-ASCII names, and huge members, take
+    tarfile's own path. A test checks both give the same bytes.
+    """
+    encoded = name.encode("utf-8")
+    if len(encoded) >= 100 or size > _MAX_FAST_SIZE or not encoded.isascii():
+        return _tarfile_header(name, size)
+    head = encoded.ljust(100, b"\0") + _FIXED_MODE_IDS + b"%011o\0" % size + _FIXED_MTIME
+    checksum = sum(head) + _AFTER_CHECKSUM_SUM + 8 * 32  # the field counts as eight spaces
+    return head + b"%06o\0 " % checksum + _AFTER_CHECKSUM
+
+
+# mode 0444, uid 0, gid 0 | mtime 0, then after the checksum: type '0', no link name,
+# GNU magic, empty owner names, no device numbers, no prefix.
+_FIXED_MODE_IDS = b"0000444\0" + b"0000000\0" * 2
+_FIXED_MTIME = b"00000000000\0"
+_AFTER_CHECKSUM = b"0" + b"\0" * 100 + b"ustar  \0" + b"\0" * 64 + b"\0" * 16 + b"\0" * 167
+_AFTER_CHECKSUM_SUM = sum(_AFTER_CHECKSUM)
+
+
+def _tarfile_header(name: str, size: int) -> bytes:
     info = tarfile.TarInfo(name)
     info.size = size
     info.mtime = 0
@@ -59,25 +88,38 @@ class TarShardWriter:
         self._out = out
         self._hash = hashlib.sha256()
         self.offset = 0
+        # An unbuffered file gets each sample in one writev call: no copy into a buffer.
+        self._fd = out.fileno() if isinstance(out, io.FileIO) else None
 
-    def _write(self, data: bytes) -> None:
-        self._out.write(data)
-        self._hash.update(data)
-        self.offset += len(data)
+    def _write(self, pieces: list[bytes]) -> None:
+        for piece in pieces:
+            self._hash.update(piece)
+        total = sum(map(len, pieces))
+        if self._fd is None:
+            for piece in pieces:
+                self._out.write(piece)
+        else:
+            written = os.writev(self._fd, pieces)
+            if written < total:  # a short write: finish it piece by piece
+                rest = b"".join(pieces)[written:]
+                while rest:
+                    rest = rest[os.write(self._fd, rest) :]
+        self.offset += total
 
     def add_sample(self, key: str, members: list[tuple[str, bytes]]) -> tuple[int, int]:
         start = self.offset
+        pieces: list[bytes] = []
         for ext, data in members:
-            self._write(_header(f"{key}.{ext}", len(data)))
-            self._write(data)
+            pieces += [_header(f"{key}.{ext}", len(data)), data]
             pad = -len(data) % BLOCK
             if pad:
-                self._write(b"\0" * pad)
+                pieces.append(_ZEROS[:pad])
+        self._write(pieces)
         return start, self.offset
 
     def close(self) -> tuple[int, str]:
         """Write the end-of-archive marker; return (size in bytes, sha256 hex)."""
-        self._write(_END_OF_ARCHIVE)
+        self._write([_END_OF_ARCHIVE])
         return self.offset, self._hash.hexdigest()
 
 

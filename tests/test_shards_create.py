@@ -308,3 +308,31 @@ def test_bad_flags_are_clear_errors(tmp_path: Path, flag: str) -> None:
     result = run_cli("create", "mnist5k:test", tmp_path / "out", flag, "0")
     assert result.returncode == 2 and flag in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    "name", ["a", "n01440764_10026", "x" * 94, "cats/img_1", "ü" * 10, "y" * 120]
+)
+@pytest.mark.parametrize("size", [0, 1, 511, 512, 123_456, 8**11 - 1, 8**11])
+def test_fast_tar_headers_equal_tarfiles_own(name: str, size: int) -> None:
+    from shards.tarformat import _header, _tarfile_header
+
+    assert _header(f"{name}.jpg", size) == _tarfile_header(f"{name}.jpg", size)
+
+
+def test_fast_jpeg_check_agrees_with_pil_on_every_awkward_file(imagenet_tree: ImageNetTree) -> None:
+    from shards.images import BadImage, jpeg_components, prepare_image
+
+    folder = imagenet_tree.train / imagenet_tree.wnids[0]
+    for name, kind in imagenet_tree.awkward.items():
+        data = (folder / name).read_bytes()
+        expected_components = {"cmyk": 4, "gray": 1, "png": None, "truncated": 3, "empty": None}[
+            kind
+        ]
+        assert jpeg_components(data) == expected_components, kind
+        if kind in ("truncated", "empty"):
+            with pytest.raises(BadImage):
+                prepare_image(data, name)
+        else:
+            jpeg, why = prepare_image(data, name)
+            assert why and Image.open(io.BytesIO(jpeg)).mode == "RGB"
