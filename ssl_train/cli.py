@@ -17,7 +17,52 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="run the recipe on MNIST-5000 with a local S3 server")
     demo.add_argument("--out", default="demo-out", help="folder for results (default demo-out)")
     demo.add_argument("--workers", type=int, default=2)
+    models = sub.add_parser("models", help="list the model presets with their parameter counts")
+    models.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
     return parser
+
+
+def list_models(as_json: bool) -> None:
+    """Print every preset with its backbone size, described on the meta device (no memory).
+
+    Example:
+        >>> list_models(as_json=False)  # doctest: +SKIP
+        preset          depth width SK  params(M) +BN stats(M) paper(M)
+        r50_1x_sk0         50     1 no      23.51        23.56       24
+    """
+    import json
+
+    from ssl_train.models import PRESETS, count_weights
+
+    if not as_json:
+        print(
+            f"{'preset':15} {'depth':>5} {'width':>5} {'SK':3} {'params(M)':>10} {'+BN stats(M)':>12} {'paper(M)':>8}"
+        )
+    for preset in PRESETS.values():
+        params, with_stats = count_weights(preset.backbone("meta"))
+        row = {
+            "preset": preset.name,
+            "depth": preset.depth,
+            "width_multiplier": preset.width_multiplier,
+            "sk": preset.sk,
+            "small_images": preset.small_images,
+            "backbone_params": params,
+            "backbone_params_with_bn_stats": with_stats,
+            "paper_millions": preset.paper_millions,
+        }
+        if as_json:
+            print(json.dumps(row))
+            continue
+        paper = "" if preset.paper_millions is None else str(preset.paper_millions)
+        print(
+            f"{preset.name:15} {preset.depth:>5} {preset.width_multiplier:>5g} {'yes' if preset.sk else 'no':3} "
+            f"{params / 1e6:>10.2f} {with_stats / 1e6:>12.2f} {paper:>8}"
+            + (f"  {preset.note}" if preset.note else "")
+        )
+    if not as_json:
+        print(
+            "paper(M) is Table 1 of SimCLRv2, which counts BN moving statistics too (Keras count_params)."
+        )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -34,6 +79,8 @@ def main(argv: list[str] | None = None) -> None:
             from ssl_train.demo import run_demo
 
             run_demo(args.out, workers=args.workers)
+        elif args.command == "models":
+            list_models(args.json)
     except ShardsError as exc:
         print(f"ssl-train: error: {exc}", file=sys.stderr)
         sys.exit(2)
