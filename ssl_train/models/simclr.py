@@ -8,7 +8,7 @@ output of the first head layer after its ReLU; 0 is the backbone output).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -66,10 +66,11 @@ class ProjectionHead(nn.Module):
         return x, hiddens
 
 
-@dataclass
-class ModelOutput:
+class ModelOutput(NamedTuple):
     """What one forward pass gives: the projection (for the contrastive loss), the
-    backbone features, and the class logits when the model has a classifier."""
+    backbone features, and the class logits when the model has a classifier.
+
+    A NamedTuple, so DDP and torch.compile see its tensors."""
 
     projection: torch.Tensor
     features: torch.Tensor
