@@ -1,0 +1,131 @@
+"""The SimCLRv2 losses: NT-Xent for pretraining, soft-label distillation for step 3.
+
+Both follow the official TF2 code (google-research/simclr) value for value, so that the
+paper's hyper-parameters (temperature 0.1, distillation tau 1.0) mean the same here.
+They compute in float32 (or float64 for float64 inputs) even under bf16 autocast:
+logits divided by a temperature of 0.1 and summed over 2N columns lose too much in
+16 bits.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ssl_train.dist import gather_with_grad, rank
+
+__all__ = ["contrastive_accuracy", "distillation_loss", "nt_xent"]
+
+# The official code subtracts LARGE_NUM = 1e9 from each anchor's similarity to itself;
+# exp() of it is exactly 0 in float32 and float64, so setting the logit to this value
+# gives the same loss and gradient without a second pass over the logits.
+_MASKED_LOGIT = -1e9
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def _contrastive_logits(z1: Tensor, z2: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
+    """Logits (2B, 2N) of every local anchor against the global batch, and the targets.
+
+    Rows are the local anchors [z1; z2]; columns are [z1; z2] of rank 0, then rank 1, ...
+    (one all-gather of both views instead of two). The softmax does not care about the
+    column order, so this is the official [logits_ab, logits_aa] row up to a permutation.
+    """
+    if z1.shape != z2.shape or z1.dim() != 2:
+        raise ValueError(
+            f"nt_xent needs two (batch, dim) tensors of the same shape, got "
+            f"{tuple(z1.shape)} and {tuple(z2.shape)}"
+        )
+    batch = z1.shape[0]
+    dtype = _compute_dtype(z1)
+    # tf.math.l2_normalize divides by sqrt(max(sum(x^2), 1e-12)), i.e. max(norm, 1e-6)
+    hidden = F.normalize(torch.cat([z1, z2]).to(dtype), dim=1, eps=1e-6)
+    keys = gather_with_grad(hidden)  # (2N, D), rank-major: [h1_r0; h2_r0; h1_r1; ...]
+    logits = (hidden / temperature) @ keys.T  # scale the small side, not the (2B, 2N) one
+
+    rows = torch.arange(2 * batch, device=hidden.device)
+    offset = rank() * 2 * batch
+    logits.index_put_((rows, rows + offset), logits.new_tensor(_MASKED_LOGIT))
+    targets = (rows + batch) % (2 * batch) + offset  # the other view of the same image
+    return logits, targets
+
+
+def nt_xent(z1: Tensor, z2: Tensor, temperature: float = 0.1) -> Tensor:
+    """NT-Xent (SimCLR's contrastive loss) of two views' projections, as in the official code.
+
+    Each of the 2B local anchors has its other view as the positive and the 2N-2 other
+    projections of the global batch (N = B x world size, gathered from every rank with
+    gradient) as negatives; its similarity to itself is masked out. Returns the mean over
+    the B local pairs of (loss of view 1 + loss of view 2), the official scale: twice
+    lightly's NTXentLoss, which averages over 2B anchors. Under DDP the gradient averaged
+    over ranks is exactly the single-process gradient on the global batch.
+
+    Example:
+        >>> z1, z2 = torch.randn(8, 128), torch.randn(8, 128)
+        >>> loss = nt_xent(z1, z2, temperature=0.1)
+        >>> loss.shape
+        torch.Size([])
+    """
+    logits, targets = _contrastive_logits(z1, z2, temperature)
+    return F.cross_entropy(logits, targets, reduction="sum") / z1.shape[0]
+
+
+@torch.no_grad()
+def contrastive_accuracy(z1: Tensor, z2: Tensor) -> Tensor:
+    """How often view 1's positive has the highest logit (the official ``contrast_acc``).
+
+    A cheap sanity metric for pretraining: near 1/(2N) at the start, rising as the
+    representation learns. Averaged over the local anchors of view 1; it all-gathers
+    like ``nt_xent``, so every rank must call it.
+
+    Example:
+        >>> z = torch.randn(8, 128)
+        >>> float(contrastive_accuracy(z, z))  # identical views: the positive always wins
+        1.0
+    """
+    logits, targets = _contrastive_logits(z1, z2, temperature=1.0)
+    batch = z1.shape[0]
+    return (logits[:batch].argmax(dim=1) == targets[:batch]).float().mean()
+
+
+def distillation_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    temperature: float = 1.0,
+    labels: Tensor | None = None,
+    alpha: float = 0.0,
+) -> Tensor:
+    """Soft-label distillation of SimCLRv2 step 3, as in the official distillation colab.
+
+    ``kd = mean(tau^2 * CE(softmax(teacher / tau), student / tau))``. The tau^2 keeps the
+    gradient magnitude independent of tau (Hinton et al. 2015; the official colab does
+    the same); with the paper's default tau = 1 it changes nothing. The teacher is
+    detached: it only provides targets.
+
+    With ``labels`` (class indices or probabilities) and ``alpha > 0`` the result is
+    ``(1 - alpha) * kd + alpha * mean(CE(labels, student))``: here alpha weighs the
+    labelled term. The paper's Eq. writes alpha on the distillation term, i.e. paper
+    alpha = 1 - ours.
+
+    Example:
+        >>> student, teacher = torch.randn(4, 10), torch.randn(4, 10)
+        >>> distillation_loss(student, teacher, temperature=2.0).shape
+        torch.Size([])
+        >>> labels = torch.tensor([0, 3, 9, 1])
+        >>> loss = distillation_loss(student, teacher, labels=labels, alpha=0.5)
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha (weight of the labelled loss) must be in [0, 1], got {alpha}")
+    if alpha > 0 and labels is None:
+        raise ValueError(f"alpha={alpha} weighs a labelled loss: pass labels, or set alpha=0")
+    dtype = _compute_dtype(student_logits)
+    student = student_logits.to(dtype)
+    teacher_probs = F.softmax(teacher_logits.detach().to(dtype) / temperature, dim=-1)
+    loss = temperature**2 * F.cross_entropy(student / temperature, teacher_probs)
+    if labels is not None and alpha > 0:
+        labels = labels if not labels.is_floating_point() else labels.to(dtype)
+        loss = (1.0 - alpha) * loss + alpha * F.cross_entropy(student, labels)
+    return loss
