@@ -150,7 +150,7 @@ def warmup_steps_for(warmup_epochs: float, num_examples: int, global_batch_size:
         >>> warmup_steps_for(10, 1_281_167, 4096)
         3127
     """
-    return int(round(warmup_epochs * num_examples // global_batch_size))
+    return round(warmup_epochs * num_examples // global_batch_size)  # round() of a float is an int
 
 
 def total_steps_for(
@@ -162,7 +162,7 @@ def total_steps_for(
         >>> total_steps_for(800, 1_281_167, 4096)
         250227
     """
-    return max_steps or int(num_examples * epochs // global_batch_size + 1)
+    return max_steps or int(num_examples * epochs // global_batch_size) + 1
 
 
 def warmup_cosine_lr(step: int, peak_lr: float, warmup_steps: int, total_steps: int) -> float:
