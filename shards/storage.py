@@ -103,8 +103,8 @@ def explain(exc: BaseException, url: str) -> ShardsError:
     """Turn a storage exception into a one-line message naming ``url``.
 
     Example:
-        >>> str(explain(FileNotFoundError("x"), "s3://b/k"))
-        "s3://b/k: not found (FileNotFoundError: x)"
+        >>> print(explain(FileNotFoundError("x"), "s3://b/k"))
+        s3://b/k: not found (FileNotFoundError: x)
     """
     if isinstance(exc, ShardsError):
         return exc

@@ -160,7 +160,7 @@ def total_steps_for(
 
     Example:
         >>> total_steps_for(800, 1_281_167, 4096)
-        250227
+        250228
     """
     return max_steps or int(num_examples * epochs // global_batch_size) + 1
 
@@ -187,7 +187,9 @@ class WarmupCosineSchedule:
     Example:
         >>> opt = LARS(nn.Linear(2, 2).parameters(), lr=0.0)
         >>> schedule = WarmupCosineSchedule(opt, peak_lr=1.0, warmup_steps=10, total_steps=110)
-        >>> schedule.step_to(5); opt.param_groups[0]["lr"]
+        >>> schedule.step_to(5)
+        0.5
+        >>> opt.param_groups[0]["lr"]
         0.5
     """
 
