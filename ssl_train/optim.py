@@ -83,8 +83,10 @@ class LARS(torch.optim.Optimizer):
         eeta: float = EETA,
         nesterov: bool = False,
     ) -> None:
-        if lr < 0 or momentum < 0 or weight_decay < 0 or eeta <= 0:
-            raise ValueError("LARS needs lr >= 0, momentum >= 0, weight_decay >= 0 and eeta > 0")
+        if lr < 0 or not 0 <= momentum < 1 or weight_decay < 0 or eeta <= 0:
+            raise ValueError(
+                "LARS needs lr >= 0, 0 <= momentum < 1, weight_decay >= 0 and eeta > 0"
+            )
         defaults = {
             "lr": lr,
             "momentum": momentum,
@@ -174,6 +176,8 @@ def warmup_cosine_lr(step: int, peak_lr: float, warmup_steps: int, total_steps: 
     """
     if not 0 <= warmup_steps < total_steps:
         raise ValueError(f"need 0 <= warmup_steps ({warmup_steps}) < total_steps ({total_steps})")
+    if step < 0:
+        raise ValueError(f"step {step} is negative")
     if step < warmup_steps:
         return peak_lr * step / warmup_steps
     decay_steps = total_steps - warmup_steps
