@@ -275,3 +275,19 @@ def size_or_none(url: str) -> int | None:
         if isinstance(exc.__cause__, FileNotFoundError):
             return None
         raise
+
+
+def read_range(url: str, start: int, end: int) -> bytes:
+    """Bytes ``[start, end)`` of the object at ``url`` in one ranged request (retried).
+
+    Example:
+        >>> read_range("/etc/hostname", 0, 1) != b""
+        True
+    """
+    fs, path = filesystem(url)
+    data = with_retries(lambda: fs.cat_file(path, start=start, end=end), url)
+    if len(data) != end - start:
+        raise ShardsError(
+            f"{redact(url)}: asked for bytes {start}-{end}, got {len(data)}; is it truncated?"
+        )
+    return data

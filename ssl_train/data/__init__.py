@@ -1,0 +1,1 @@
+"""The data side of training: which samples form each batch, and how they are read."""

@@ -1,0 +1,186 @@
+"""Which samples make up each global batch: a pure function of the shard set, the seed,
+the epoch, the step and the global batch size.
+
+Nothing here depends on the number of processes, DataLoader workers or restarts, which is
+what makes elastic training exact: a run resumed at step s on another world size sees
+the very same global batches, and an epoch uses every sample once (at most one global
+batch's remainder, ``N mod G`` samples, is dropped).
+
+How an epoch is laid out:
+
+1. The shards are permuted (seeded by seed and epoch) and their samples concatenated: a
+   global sequence of N samples. Only its first ``steps * G`` are used.
+2. That prefix is cut into P equal, contiguous *partitions* (P divides G). Each step
+   takes ``G / P`` consecutive samples from every partition, shuffled within that chunk
+   (seeded by seed, epoch, partition and step): one global batch mixes P far-apart
+   regions of the data, while each partition is still read sequentially.
+3. The canonical global batch is the partitions' chunks in partition order; rank r of W
+   takes positions ``[r*G/W, (r+1)*G/W)``. When W divides P a rank owns whole
+   partitions; otherwise the partitions at its edges are shared with a neighbour (each
+   reads the chunks it shares). Either way the global batch is identical for every world
+   size that divides G, so all of those are exact; those that also divide P read nothing
+   twice.
+
+Shards made by ``shards create`` are already globally shuffled, so this two-level
+shuffle (shard order, then chunk) gives batches that look uniformly random while every
+read stays a large sequential range.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
+
+DEFAULT_PARTITIONS = 32
+
+
+@dataclass(frozen=True)
+class SampleRef:
+    """One sample of the shard set: its shard (manifest order) and position in it."""
+
+    shard: int
+    index: int
+
+
+@dataclass(frozen=True)
+class ReadRange:
+    """Samples ``[start, end)`` of one shard: one sequential read."""
+
+    shard: int
+    start: int
+    end: int
+
+
+def _rng(*key: int) -> np.random.Generator:
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence(list(key))))
+
+
+@dataclass(frozen=True)
+class EpochPlan:
+    """The layout of one epoch.
+
+    Example:
+        >>> plan = EpochPlan(shard_sizes=(10, 10, 10), seed=0, epoch=0, global_batch_size=8, partitions=4)
+        >>> plan.steps, len(plan.global_batch(0)), plan.dropped
+        (3, 8, 6)
+        >>> plan.local_batch(0, rank=1, world_size=2) == plan.global_batch(0)[4:]
+        True
+    """
+
+    shard_sizes: tuple[int, ...]
+    seed: int
+    epoch: int
+    global_batch_size: int
+    partitions: int = DEFAULT_PARTITIONS
+
+    def __post_init__(self) -> None:
+        if self.global_batch_size < 1 or self.partitions < 1:
+            raise ValueError("global_batch_size and partitions must be at least 1")
+        if self.global_batch_size % self.partitions:
+            raise ValueError(
+                f"the global batch size {self.global_batch_size} must be a multiple of the "
+                f"number of partitions {self.partitions}"
+            )
+
+    @property
+    def num_samples(self) -> int:
+        return sum(self.shard_sizes)
+
+    @property
+    def steps(self) -> int:
+        """Steps in this epoch; every rank gets exactly this many."""
+        return self.num_samples // self.global_batch_size
+
+    @property
+    def dropped(self) -> int:
+        return self.num_samples - self.steps * self.global_batch_size
+
+    @property
+    def chunk(self) -> int:
+        """Samples each partition gives to each global batch."""
+        return self.global_batch_size // self.partitions
+
+    @cached_property
+    def shard_order(self) -> np.ndarray:
+        return _rng(self.seed, self.epoch).permutation(len(self.shard_sizes))
+
+    @cached_property
+    def _starts(self) -> np.ndarray:
+        """Global-sequence position where each shard (in epoch order) begins."""
+        sizes = np.asarray(self.shard_sizes, dtype=np.int64)[self.shard_order]
+        return np.concatenate([[0], np.cumsum(sizes)])
+
+    def _locate(self, position: int) -> SampleRef:
+        slot = int(np.searchsorted(self._starts, position, side="right")) - 1
+        return SampleRef(int(self.shard_order[slot]), int(position - self._starts[slot]))
+
+    def _chunk_start(self, step: int, partition: int) -> int:
+        return partition * self.steps * self.chunk + step * self.chunk
+
+    def _chunk_order(self, step: int, partition: int) -> np.ndarray:
+        return _rng(self.seed, self.epoch, partition, step).permutation(self.chunk)
+
+    def global_batch(self, step: int) -> list[SampleRef]:
+        """The canonical global batch at ``step`` (partition order, shuffled chunks)."""
+        return self.local_batch(step, rank=0, world_size=1)
+
+    def local_batch(self, step: int, rank: int, world_size: int) -> list[SampleRef]:
+        """This rank's share of the global batch: positions ``[r*G/W, (r+1)*G/W)``.
+
+        Example:
+            >>> plan = EpochPlan((7, 9), seed=1, epoch=0, global_batch_size=6, partitions=2)
+            >>> a = plan.local_batch(1, 0, 3) + plan.local_batch(1, 1, 3) + plan.local_batch(1, 2, 3)
+            >>> a == plan.global_batch(1)
+            True
+        """
+        first, last = self._positions(step, rank, world_size)
+        refs: list[SampleRef] = []
+        for partition in range(first // self.chunk, (last - 1) // self.chunk + 1):
+            start = self._chunk_start(step, partition)
+            order = self._chunk_order(step, partition)
+            lo = max(first - partition * self.chunk, 0)
+            hi = min(last - partition * self.chunk, self.chunk)
+            refs += [self._locate(start + int(offset)) for offset in order[lo:hi]]
+        return refs
+
+    def local_reads(self, step: int, rank: int, world_size: int) -> list[ReadRange]:
+        """The sequential reads that fetch this rank's share at ``step``.
+
+        A rank reads whole chunks of the partitions it touches (at most two chunks more
+        than its share when W does not divide P); each chunk is one or two ranges.
+
+        Example:
+            >>> plan = EpochPlan((10, 10, 10), 0, 0, global_batch_size=8, partitions=2)
+            >>> sum(r.end - r.start for r in plan.local_reads(0, 0, 1))
+            8
+        """
+        first, last = self._positions(step, rank, world_size)
+        reads: list[ReadRange] = []
+        for partition in range(first // self.chunk, (last - 1) // self.chunk + 1):
+            start = self._chunk_start(step, partition)
+            reads += self._ranges(start, start + self.chunk)
+        return reads
+
+    def _ranges(self, begin: int, end: int) -> list[ReadRange]:
+        out = []
+        while begin < end:
+            ref = self._locate(begin)
+            length = min(end - begin, self.shard_sizes[ref.shard] - ref.index)
+            out.append(ReadRange(ref.shard, ref.index, ref.index + length))
+            begin += length
+        return out
+
+    def _positions(self, step: int, rank: int, world_size: int) -> tuple[int, int]:
+        if not 0 <= step < self.steps:
+            raise IndexError(f"step {step} outside this epoch's {self.steps} steps")
+        if world_size < 1 or self.global_batch_size % world_size:
+            raise ValueError(
+                f"the global batch size {self.global_batch_size} must be a multiple of the "
+                f"world size {world_size}"
+            )
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world size {world_size}")
+        local = self.global_batch_size // world_size
+        return rank * local, (rank + 1) * local
