@@ -6,10 +6,11 @@ import io
 import tarfile
 
 import pytest
-from conftest import S3Bucket, make_tree, run_cli
 
 from shards.errors import ShardsError
 from shards.reader import ShardSet
+
+from conftest import S3Bucket, make_tree, run_cli
 
 
 def test_any_run_of_samples_is_one_ranged_request_from_s3(
