@@ -1,0 +1,83 @@
+"""The training stream over a real S3 server: same batches for any workers, ranks, resumes."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from ssl_train.data.stream import StreamConfig, StreamState, TrainStream
+
+from conftest import S3Bucket, run_cli
+
+
+@pytest.fixture
+def mnist_on_s3(s3_bucket: S3Bucket) -> str:
+    url = f"{s3_bucket.url}/mnist/test"
+    result = run_cli("create", "mnist5k:test", url, "--shard-samples", "90", env=s3_bucket.env)
+    assert result.returncode == 0, result.stderr
+    return url
+
+
+def _take(stream: TrainStream, count: int, workers: int = 0) -> list:
+    loader = DataLoader(stream, batch_size=None, num_workers=workers)
+    return list(itertools.islice(loader, count))
+
+
+def _same(a: list, b: list) -> None:
+    assert [(x.epoch, x.step, x.keys) for x in a] == [(y.epoch, y.step, y.keys) for y in b]
+    for x, y in zip(a, b, strict=True):
+        assert torch.equal(x.views, y.views) and torch.equal(x.labels, y.labels)
+
+
+def test_workers_ranks_and_resumes_give_the_same_batches(mnist_on_s3: str) -> None:
+    config = StreamConfig(mnist_on_s3, global_batch_size=40, image_size=20, partitions=8)
+    single = _take(TrainStream(config, 0, 1, StreamState()), 6)
+    assert single[0].views.shape == (2, 40, 3, 20, 20) and single[0].views.dtype == torch.uint8
+    opened = TrainStream(config, 0, 1, StreamState())
+    assert opened.plan(0).num_samples == 1000  # S3 opened in this process before forking workers
+    assert [b.step for b in single] == list(range(6))
+    _same(_take(opened, 6, workers=2), single)  # worker processes: same batches, same order
+
+    for world in (2, 4):  # ranks' shares put together are the single-process batch
+        shares = [
+            _take(TrainStream(config, r, world, StreamState()), 6, workers=r % 2)
+            for r in range(world)
+        ]
+        for step in range(6):
+            keys = [k for share in shares for k in share[step].keys]
+            views = torch.cat([share[step].views for share in shares], dim=1)
+            assert keys == single[step].keys and torch.equal(views, single[step].views)
+
+    resumed = _take(TrainStream(config, 0, 1, StreamState(epoch=0, step=3)), 3, workers=3)
+    _same(resumed, single[3:])
+
+
+def test_epochs_roll_over_and_use_every_sample_once(mnist_on_s3: str) -> None:
+    config = StreamConfig(
+        mnist_on_s3, global_batch_size=40, image_size=12, mode="finetune", partitions=4
+    )
+    stream = TrainStream(config, 0, 1, StreamState(epoch=0, step=20))
+    batches = _take(stream, 7)
+    assert [(b.epoch, b.step) for b in batches] == [
+        (0, 20),
+        (0, 21),
+        (0, 22),
+        (0, 23),
+        (0, 24),
+        (1, 0),
+        (1, 1),
+    ]
+    assert batches[0].views.shape == (1, 40, 3, 12, 12)
+    whole_epoch = _take(TrainStream(config, 0, 1, StreamState()), 25, workers=2)
+    keys = [k for b in whole_epoch for k in b.keys]
+    assert len(keys) == len(set(keys)) == 1000  # 1000 = 25 x 40: nothing dropped here
+
+
+def test_a_batch_the_world_size_does_not_divide_is_refused(mnist_on_s3: str) -> None:
+    with pytest.raises(ValueError, match="multiple of the world size 3"):
+        TrainStream(StreamConfig(mnist_on_s3, 40, 16), 0, 3, StreamState())
+    with pytest.raises(ValueError, match="mode"):
+        StreamConfig(mnist_on_s3, 40, 16, mode="distil")
