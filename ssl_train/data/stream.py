@@ -10,6 +10,8 @@ step of any epoch is computed directly, so resuming reads nothing twice.
 
 from __future__ import annotations
 
+import logging
+import os
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import NamedTuple
@@ -19,10 +21,12 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from shards.reader import Sample, ShardSet
+from shards.sources import read_subset
 from ssl_train.data import decode
-from ssl_train.data.plan import DEFAULT_PARTITIONS, EpochPlan, SampleRef
+from ssl_train.data.plan import DEFAULT_PARTITIONS, EpochPlan, ReadRange, SampleRef
 
 MODES = ("pretrain", "finetune")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -35,6 +39,7 @@ class StreamConfig:
     mode: str = "pretrain"
     seed: int = 0
     partitions: int = DEFAULT_PARTITIONS
+    subset: str | None = None  # "1percent", "10percent" or a list file: keep only those keys
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -57,13 +62,41 @@ class StreamState:
 
 
 class LocalBatch(NamedTuple):
-    """One rank's share of a global batch: views are uint8 (views, B, 3, S, S)."""
+    """One rank's share of a global batch: views are uint8 (views, B, 3, S, S).
+
+    ``corrupt`` names samples that could not be decoded: they count as consumed, and
+    their slots hold copies of other samples of the batch so every rank keeps B rows."""
 
     epoch: int
     step: int
     keys: list[str]
     labels: torch.Tensor
     views: torch.Tensor
+    corrupt: list[str]
+
+
+def _subset_selection(shard_set: ShardSet, spec: str) -> list[list[int]]:
+    """Per shard, the positions of the samples a label subset names (by key or file name)."""
+    names, _ = read_subset(spec)
+    wanted = {os.path.splitext(os.path.basename(n))[0] for n in names} | set(names)
+    selection = [
+        [i for i, record in enumerate(shard_set.index(shard).samples) if record.key in wanted]
+        for shard in range(len(shard_set.manifest.shards))
+    ]
+    if not any(selection):
+        raise ValueError(f"--subset {spec}: none of its {len(names)} names is in {shard_set.url}")
+    return selection
+
+
+def _runs(positions: list[int]) -> list[tuple[int, int]]:
+    """Maximal runs of consecutive positions as [start, end) pairs: one read each."""
+    runs: list[tuple[int, int]] = []
+    for p in positions:
+        if runs and runs[-1][1] == p:
+            runs[-1] = (runs[-1][0], p + 1)
+        else:
+            runs.append((p, p + 1))
+    return runs
 
 
 class TrainStream(IterableDataset):
@@ -86,17 +119,28 @@ class TrainStream(IterableDataset):
             )
         self.config, self.rank, self.world_size, self.state = config, rank, world_size, state
         self._shard_set: ShardSet | None = None  # opened lazily, once per worker process
+        self._selection: list[list[int]] | None = None
 
     @property
     def shard_set(self) -> ShardSet:
         if self._shard_set is None:
             self._shard_set = ShardSet(self.config.data)
+            if self.config.subset:
+                self._selection = _subset_selection(self._shard_set, self.config.subset)
         return self._shard_set
+
+    @property
+    def shard_sizes(self) -> tuple[int, ...]:
+        """Samples per shard that the plan sees (only the subset's, with ``subset``)."""
+        shard_set = self.shard_set
+        if self._selection is None:
+            return shard_set.shard_sizes
+        return tuple(len(chosen) for chosen in self._selection)
 
     def plan(self, epoch: int) -> EpochPlan:
         config = self.config
         plan = EpochPlan(
-            self.shard_set.shard_sizes,
+            self.shard_sizes,
             config.seed,
             epoch,
             config.global_batch_size,
@@ -121,18 +165,120 @@ class TrainStream(IterableDataset):
                 produced += 1
             epoch, step = epoch + 1, 0
 
+    def _fetch(self, read: ReadRange) -> dict[SampleRef, Sample]:
+        """Samples [start, end) of the plan's view of a shard, in as few requests as runs."""
+        positions = list(range(read.start, read.end))
+        actual = (
+            positions
+            if self._selection is None
+            else [self._selection[read.shard][p] for p in positions]
+        )
+        samples: list[Sample] = []
+        for start, end in _runs(actual):
+            samples += self.shard_set.read(read.shard, start, end)
+        return {
+            SampleRef(read.shard, p): sample for p, sample in zip(positions, samples, strict=True)
+        }
+
+    def _crop(self, sample: Sample, epoch: int) -> np.ndarray | None:
+        size, seed = self.config.image_size, self.config.seed
+        try:
+            if self.config.mode == "pretrain":
+                return decode.two_views(sample.jpeg, sample.key, size, seed, epoch)
+            return decode.one_view(sample.jpeg, sample.key, size, seed, epoch)[None]
+        except (OSError, ValueError, SyntaxError) as exc:  # what PIL raises on broken data
+            log.warning("skipping corrupt sample %s (%s)", sample.key, exc)
+            return None
+
     def batch(self, plan: EpochPlan, step: int) -> LocalBatch:
         """Read, decode and crop this rank's share of global batch ``step``."""
         fetched: dict[SampleRef, Sample] = {}
         for read in plan.local_reads(step, self.rank, self.world_size):
-            for offset, sample in enumerate(self.shard_set.read(read.shard, read.start, read.end)):
-                fetched[SampleRef(read.shard, read.start + offset)] = sample
+            fetched.update(self._fetch(read))
         samples = [fetched[ref] for ref in plan.local_batch(step, self.rank, self.world_size)]
-        size, seed = self.config.image_size, self.config.seed
-        if self.config.mode == "pretrain":
-            crops = [decode.two_views(s.jpeg, s.key, size, seed, plan.epoch) for s in samples]
-        else:
-            crops = [decode.one_view(s.jpeg, s.key, size, seed, plan.epoch)[None] for s in samples]
-        views = torch.from_numpy(np.stack(crops, axis=1)).permute(0, 1, 4, 2, 3)
-        labels = torch.tensor([s.cls for s in samples], dtype=torch.int64)
-        return LocalBatch(plan.epoch, step, [s.key for s in samples], labels, views.contiguous())
+        crops = [self._crop(s, plan.epoch) for s in samples]
+        corrupt = [s.key for s, c in zip(samples, crops, strict=True) if c is None]
+        good = [i for i, c in enumerate(crops) if c is not None]
+        if not good:
+            raise ValueError(
+                f"every sample of step {step} on rank {self.rank} is corrupt: {corrupt[:3]}"
+            )
+        fill = [
+            i if crops[i] is not None else good[n % len(good)]
+            for n, i in enumerate(range(len(crops)))
+        ]
+        views = torch.from_numpy(np.stack([crops[i] for i in fill], axis=1)).permute(0, 1, 4, 2, 3)
+        labels = torch.tensor([samples[i].cls for i in fill], dtype=torch.int64)
+        keys = [samples[i].key for i in fill]
+        return LocalBatch(plan.epoch, step, keys, labels, views.contiguous(), corrupt)
+
+
+class EvalBatch(NamedTuple):
+    """A run of evaluation samples: images uint8 (B, 3, S, S); the last batch may be short."""
+
+    keys: list[str]
+    labels: torch.Tensor
+    images: torch.Tensor
+    corrupt: list[str]
+
+
+class EvalStream(IterableDataset):
+    """Every sample once, in manifest order, nothing dropped: rank r of W takes the r-th
+    contiguous 1/W of the set, in batches of ``batch_size`` (the last one shorter).
+
+    Ranks may get one batch more or less than others, so an evaluation loop gathers its
+    metrics once at the end rather than per batch.
+
+    Example:
+        >>> stream = EvalStream("s3://b/imagenet/val", image_size=224, batch_size=256, rank=0, world_size=8)  # doctest: +SKIP
+        >>> sum(len(b.keys) for b in stream)  # doctest: +SKIP
+        6250
+    """
+
+    def __init__(
+        self, data: str, image_size: int, batch_size: int, rank: int, world_size: int
+    ) -> None:
+        super().__init__()
+        if batch_size < 1 or not 0 <= rank < world_size:
+            raise ValueError("batch_size must be >= 1 and 0 <= rank < world_size")
+        self.data, self.image_size, self.batch_size = data, image_size, batch_size
+        self.rank, self.world_size = rank, world_size
+
+    def __iter__(self) -> Iterator[EvalBatch]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        shard_set = ShardSet(self.data)
+        sizes = shard_set.shard_sizes
+        total = sum(sizes)
+        first, last = (
+            self.rank * total // self.world_size,
+            (self.rank + 1) * total // self.world_size,
+        )
+        starts = np.concatenate([[0], np.cumsum(sizes)])
+        for number, begin in enumerate(range(first, last, self.batch_size)):
+            if number % workers == worker:
+                yield self._batch(shard_set, starts, begin, min(begin + self.batch_size, last))
+
+    def _batch(self, shard_set: ShardSet, starts: np.ndarray, begin: int, end: int) -> EvalBatch:
+        samples: list[Sample] = []
+        while begin < end:
+            shard = int(np.searchsorted(starts, begin, side="right")) - 1
+            stop = min(end, int(starts[shard + 1]))
+            samples += shard_set.read(shard, begin - int(starts[shard]), stop - int(starts[shard]))
+            begin = stop
+        images, kept, corrupt = [], [], []
+        for sample in samples:
+            try:
+                images.append(decode.eval_view(sample.jpeg, self.image_size))
+                kept.append(sample)
+            except (OSError, ValueError, SyntaxError) as exc:
+                log.warning("skipping corrupt sample %s (%s)", sample.key, exc)
+                corrupt.append(sample.key)
+        size = self.image_size
+        stacked = np.stack(images) if images else np.empty((0, size, size, 3), np.uint8)
+        return EvalBatch(
+            [s.key for s in kept],
+            torch.tensor([s.cls for s in kept], dtype=torch.int64),
+            torch.from_numpy(stacked).permute(0, 3, 1, 2).contiguous(),
+            corrupt,
+        )
