@@ -17,6 +17,7 @@ from typing import TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import fsspec
+from fsspec.asyn import AsyncFileSystem
 from fsspec.core import url_to_fs
 
 from shards.errors import ShardsError
@@ -136,40 +137,217 @@ def explain(exc: BaseException, url: str) -> ShardsError:
     return ShardsError(f"{where}: storage error ({text})")
 
 
+# Read deadline: how long one read may keep failing before the run stops with an error
+# naming the object. Long enough to ride out a storage hiccup, short enough that a shard
+# that stays unreadable ends the run instead of hanging it. Override with the
+# environment variable below (seconds); tests set the module attribute.
+READ_DEADLINE_S = 120.0
+READ_DEADLINE_ENV = "SSL_TRAIN_READ_DEADLINE_S"
+
+# Longest wait between two tries: past this, backing off further only wastes deadline.
+MAX_RETRY_DELAY_S = 10.0
+
+# S3 error codes that mean "the service failed this time", not "your request is wrong".
+_TRANSIENT_CODES = {
+    "internalerror",
+    "serviceunavailable",
+    "slowdown",
+    "requesttimeout",
+    "requesttimeouterror",
+    "throttling",
+    "throttlingexception",
+    "requestlimitexceeded",
+    "badgateway",
+    "gatewaytimeout",
+}
+# Words in a message that mean retrying cannot help: credentials, missing things.
+_PERMANENT_WORDS = (
+    "nosuchbucket",
+    "nosuchkey",
+    "invalidaccesskeyid",
+    "signaturedoesnotmatch",
+    "accessdenied",
+    "forbidden",
+    "expiredtoken",
+)
+# Exception class names (aiohttp, botocore, urllib3, fsspec) of a dropped connection or
+# a response cut short: matched by name so this module needs none of those packages.
+_TRANSIENT_NAMES = {
+    "ClientPayloadError",
+    "ServerDisconnectedError",
+    "ClientOSError",
+    "HTTPClientError",
+    "ConnectionClosedError",
+    "ResponseStreamingError",
+    "IncompleteRead",
+    "IncompleteReadError",
+    "ProtocolError",
+    "ResponseParserError",
+    "FSTimeoutError",
+}
+# Nothing listens at the endpoint: a configuration error, and botocore and s3fs have
+# already retried it; failing in seconds beats minutes of backoff.
+_REFUSED_NAMES = {"ClientConnectorError", "ConnectionRefusedError"}
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    """``exc`` and the exceptions it wraps (cause, context, botocore's ``error``)."""
+    seen: list[BaseException] = []
+    todo: list[BaseException | None] = [exc]
+    while todo and len(seen) < 10:
+        item = todo.pop(0)
+        if item is None or any(item is s for s in seen):
+            continue
+        seen.append(item)
+        wrapped = getattr(item, "kwargs", None)
+        inner = wrapped.get("error") if isinstance(wrapped, dict) else None
+        todo += [item.__cause__, item.__context__]
+        if isinstance(inner, BaseException):
+            todo.append(inner)
+    return seen
+
+
+def _service_error(exc: BaseException) -> tuple[str, int] | None:
+    """(code, HTTP status) of a botocore ``ClientError``; None for anything else."""
+    response = getattr(exc, "response", None)
+    if not isinstance(response, dict) or "Error" not in response:
+        return None
+    code = str(response.get("Error", {}).get("Code", ""))
+    status = response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+    return code, int(status)
+
+
 def _is_transient(exc: BaseException) -> bool:
-    """I/O errors worth another try; never credentials, missing things or bugs."""
-    if isinstance(exc, (PermissionError, FileNotFoundError, IsADirectoryError, NotADirectoryError)):
+    """True for I/O errors worth another try; never credentials, missing things or bugs.
+
+    Through s3fs a 500 arrives as ``OSError`` wrapping botocore's ``ClientError``
+    (``InternalError``), a reset as aiohttp's ``ClientPayloadError`` or botocore's
+    ``EndpointConnectionError`` wrapping ``ClientOSError``; the service's own error code
+    decides when there is one, so a 4xx behind an ``OSError`` is not retried.
+
+    Example:
+        >>> _is_transient(ConnectionResetError("reset")), _is_transient(FileNotFoundError("k"))
+        (True, False)
+    """
+    if isinstance(exc, ShardsError):
         return False
-    text = str(exc).lower()
-    if any(
-        code in text for code in ("nosuchbucket", "invalidaccesskeyid", "accessdenied", "forbidden")
-    ):
+    chain = _chain(exc)
+    for item in chain:
+        if isinstance(
+            item, (PermissionError, FileNotFoundError, IsADirectoryError, NotADirectoryError)
+        ):
+            return False
+        service = _service_error(item)
+        if service is not None:
+            code, status = service
+            return status >= 500 or code.lower() in _TRANSIENT_CODES
+    names = {cls.__name__ for item in chain for cls in type(item).__mro__}
+    if names & _REFUSED_NAMES:
         return False
+    text = " ".join(str(item) for item in chain).lower()
+    if any(word in text for word in _PERMANENT_WORDS):
+        return False
+    if names & _TRANSIENT_NAMES or any(code in text for code in _TRANSIENT_CODES):
+        return True
     return isinstance(exc, (OSError, TimeoutError)) or "timeout" in type(exc).__name__.lower()
 
 
+def read_deadline_s() -> float:
+    """Seconds a read may keep failing: ``$SSL_TRAIN_READ_DEADLINE_S`` or the default.
+
+    Example:
+        >>> read_deadline_s() > 0
+        True
+    """
+    value = os.environ.get(READ_DEADLINE_ENV)
+    if not value:
+        return READ_DEADLINE_S
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise ShardsError(f"{READ_DEADLINE_ENV}={value!r}: give a number of seconds") from None
+    if seconds <= 0:
+        raise ShardsError(f"{READ_DEADLINE_ENV}={value!r}: give a positive number of seconds")
+    return seconds
+
+
 def with_retries(
-    action: Callable[[], T], url: str, attempts: int = 5, first_delay: float = 0.5
+    action: Callable[[], T],
+    url: str,
+    attempts: int | None = 5,
+    first_delay: float = 0.5,
+    deadline_s: float | None = None,
 ) -> T:
     """Run ``action``; on transient storage errors retry with exponential backoff.
 
     Permanent errors (credentials, missing bucket) are raised at once as a
-    :class:`ShardsError`, so a misconfigured run fails in seconds.
+    :class:`ShardsError`, so a misconfigured run fails in seconds. Waits double from
+    ``first_delay`` up to :data:`MAX_RETRY_DELAY_S`. With ``deadline_s`` no new try
+    starts once it would begin past the deadline (``attempts=None``: as many as fit),
+    and the error says the object stayed unreadable, for how long and after how many
+    tries; ``action`` itself must bound each try (see :func:`read_range`).
 
     Example:
         >>> with_retries(lambda: 42, "s3://b/k")
         42
+        >>> with_retries(lambda: 1 / 0, "s3://b/k")
+        Traceback (most recent call last):
+        shards.errors.ShardsError: s3://b/k: storage error (ZeroDivisionError: division by zero)
     """
+    if attempts is None and deadline_s is None:
+        raise ValueError("with_retries needs attempts, deadline_s or both")
+    started = time.monotonic()
     delay = first_delay
-    for attempt in range(1, attempts + 1):
+    attempt = 0
+    telling: BaseException | None = None  # the last error that says more than "too slow"
+    while True:
+        attempt += 1
         try:
             return action()
         except Exception as exc:
-            if not _is_transient(exc) or attempt == attempts:
+            if not _is_transient(exc):
                 raise explain(exc, url) from exc
-            time.sleep(delay)
-            delay *= 2
-    raise AssertionError("unreachable")
+            if not isinstance(exc, TimeoutError) and "timeout" not in type(exc).__name__.lower():
+                telling = exc
+            elapsed = time.monotonic() - started
+            out_of_tries = attempts is not None and attempt >= attempts
+            out_of_time = deadline_s is not None and elapsed + delay >= deadline_s
+            if not (out_of_tries or out_of_time):
+                time.sleep(delay)
+                delay = min(delay * 2, MAX_RETRY_DELAY_S)
+                continue
+            if deadline_s is None:
+                raise explain(exc, url) from exc
+            where = redact(url)
+            # A try cut short by the deadline says only "timeout"; an earlier 500 says why.
+            last = str(explain(telling or exc, url)).removeprefix(f"{where}: ")
+            raise ShardsError(
+                f"{where}: still unreadable after {attempt} attempt(s) over {elapsed:.1f} s "
+                f"(deadline {deadline_s:g} s, set {READ_DEADLINE_ENV} to change it); "
+                f"last error: {last}"
+            ) from exc
+
+
+def _read_retried(url: str, start: int | None = None, end: int | None = None) -> bytes:
+    """Read ``url`` (or bytes ``[start, end)``), retrying until the read deadline.
+
+    Each try is bounded by the time left: async file systems (s3fs) get it as their
+    ``timeout``, so a server that stops answering cannot stretch a try past the
+    deadline either.
+    """
+    fs, path = filesystem(url)
+    deadline_s = read_deadline_s()
+    ends_at = time.monotonic() + deadline_s
+
+    def attempt() -> bytes:
+        options: dict[str, float] = {}
+        if isinstance(fs, AsyncFileSystem):
+            options["timeout"] = max(ends_at - time.monotonic(), 1.0)
+        if start is None:
+            return fs.cat_file(path, **options)
+        return fs.cat_file(path, start=start, end=end, **options)
+
+    return with_retries(attempt, url, attempts=None, deadline_s=deadline_s)
 
 
 def check_reachable(url: str, for_writing: bool) -> None:
@@ -206,14 +384,16 @@ def check_reachable(url: str, for_writing: bool) -> None:
 
 
 def read_bytes(url: str) -> bytes:
-    """Read a whole (small) object, with retries; errors name ``url``.
+    """Read a whole (small) object, retrying transient errors up to the read deadline.
+
+    Errors name ``url``; one that stays unreadable past :func:`read_deadline_s` ends
+    the read with a :class:`ShardsError` instead of hanging the run.
 
     Example:
         >>> read_bytes("/etc/hostname") != b""
         True
     """
-    fs, path = filesystem(url)
-    return with_retries(lambda: fs.cat_file(path), url)
+    return _read_retried(url)
 
 
 def write_bytes_atomic(url: str, data: bytes) -> None:
@@ -278,14 +458,17 @@ def size_or_none(url: str) -> int | None:
 
 
 def read_range(url: str, start: int, end: int) -> bytes:
-    """Bytes ``[start, end)`` of the object at ``url`` in one ranged request (retried).
+    """Bytes ``[start, end)`` of the object at ``url`` in one ranged request.
+
+    Transient errors (5xx, resets, responses cut short) are retried with backoff until
+    :func:`read_deadline_s`; then a :class:`ShardsError` names ``url``. A short answer
+    is an error, never returned: callers get all the bytes or none.
 
     Example:
         >>> read_range("/etc/hostname", 0, 1) != b""
         True
     """
-    fs, path = filesystem(url)
-    data = with_retries(lambda: fs.cat_file(path, start=start, end=end), url)
+    data = _read_retried(url, start, end)
     if len(data) != end - start:
         raise ShardsError(
             f"{redact(url)}: asked for bytes {start}-{end}, got {len(data)}; is it truncated?"

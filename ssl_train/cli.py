@@ -19,6 +19,25 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--workers", type=int, default=2)
     models = sub.add_parser("models", help="list the model presets with their parameter counts")
     models.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
+    bench = sub.add_parser(
+        "data-bench",
+        help="measure the input pipeline on your data: CPU and device stages, storage reads",
+        description="Run the training stream through a DataLoader for one warm-up batch and "
+        "--batches timed ones; print what each stage costs, then one JSON line.",
+    )
+    bench.add_argument(
+        "--data", required=True, help="shard set: a local path or s3://bucket/prefix"
+    )
+    bench.add_argument("--workers", type=int, default=2, help="DataLoader workers (default 2)")
+    bench.add_argument("--batches", type=int, default=10, help="timed batches (default 10)")
+    bench.add_argument("--image-size", type=int, default=224)
+    bench.add_argument("--global-batch-size", type=int, default=256)
+    bench.add_argument("--mode", choices=("pretrain", "finetune"), default="pretrain")
+    bench.add_argument(
+        "--partitions", type=int, help="plan partitions (default 32, or a divisor of the batch)"
+    )
+    bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument("--device", help="device of the augmentation stage (default cuda if any)")
     return parser
 
 
@@ -81,6 +100,10 @@ def main(argv: list[str] | None = None) -> None:
             run_demo(args.out, workers=args.workers)
         elif args.command == "models":
             list_models(args.json)
+        elif args.command == "data-bench":
+            from ssl_train.data.bench import main as data_bench
+
+            data_bench(args)
     except ShardsError as exc:
         print(f"ssl-train: error: {exc}", file=sys.stderr)
         sys.exit(2)

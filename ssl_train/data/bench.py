@@ -1,0 +1,416 @@
+"""`ssl-train data-bench`: measure the input pipeline a user actually has, on their data.
+
+Why a tool and not a guess: whether training is input-bound depends on the storage, the
+shard layout, the number of DataLoader workers and the CPU, all of which differ between
+clusters. This runs the real ``TrainStream`` through a real ``DataLoader`` and reports
+
+* CPU stage: two-view (pretrain) or one-view (finetune) samples/s, in total and per core
+  (total / min(workers, CPUs): it assumes every worker has a core of its own), plus the
+  CPU seconds the workers actually spent making batches (``time.process_time`` inside
+  each worker), which gives samples per CPU-second whatever else shares the machine;
+* device stage: seconds per batch of the batched augmentation (``SimCLRAugment``, or the
+  finetuning flip) on CUDA when available, else on the CPU;
+* storage: bytes and requests through ``shards.storage`` (``read_range`` for samples,
+  ``read_bytes`` for manifest and indexes), counted in every worker process.
+
+The stream is stopped after exactly ``1 + batches`` batches (one warm-up, not timed), so
+the byte counts cover what was consumed and nothing the DataLoader prefetched beyond it.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import json
+import multiprocessing
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, get_worker_info
+
+from shards import storage
+from ssl_train.data.augment import SimCLRAugment, apply_view_params, flip_params
+from ssl_train.data.plan import DEFAULT_PARTITIONS, EpochPlan
+from ssl_train.data.stream import LocalBatch, StreamConfig, StreamState, TrainStream
+
+_COUNTERS = (
+    "range_bytes",
+    "range_requests",
+    "meta_bytes",
+    "meta_requests",
+    "samples",
+    "sample_shard_bytes",
+    "worker_cpu_us",
+)
+
+
+class Counters:
+    """Shared integer counters, visible to DataLoader workers whether forked or spawned.
+
+    Workers are separate processes, so a plain attribute would count in the worker's copy
+    only; ``multiprocessing.Value`` lives in shared memory and travels to workers as an
+    argument of ``worker_init_fn``.
+
+    Example:
+        >>> c = Counters()
+        >>> c.add(range_bytes=10, range_requests=1)
+        >>> c.snapshot()["range_bytes"], c.snapshot()["samples"]
+        (10, 0)
+    """
+
+    def __init__(self) -> None:
+        ctx = multiprocessing.get_context()
+        self._values = {name: ctx.Value("q", 0) for name in _COUNTERS}
+
+    def add(self, **amounts: int) -> None:
+        for name, amount in amounts.items():
+            value = self._values[name]
+            with value.get_lock():
+                value.value += int(amount)
+
+    def snapshot(self) -> dict[str, int]:
+        return {name: int(value.value) for name, value in self._values.items()}
+
+
+_installed: Counters | None = None  # the counters this process's storage patch feeds
+
+
+def install_storage_counters(counters: Counters) -> None:
+    """Count every ``shards.storage`` read of this process into ``counters``.
+
+    The shard reader calls ``storage.read_range`` and ``storage.read_bytes`` through the
+    module, so wrapping the module attributes sees every request. Installing twice (e.g.
+    in a forked worker that inherited the patch) replaces the target, never double-counts.
+
+    Example:
+        >>> c = Counters()
+        >>> install_storage_counters(c)
+        >>> _ = storage.read_range("/etc/hostname", 0, 1)
+        >>> c.snapshot()["range_requests"], c.snapshot()["range_bytes"]
+        (1, 1)
+        >>> uninstall_storage_counters()
+    """
+    global _installed
+    if _installed is None:
+        read_range, read_bytes = storage.read_range, storage.read_bytes
+
+        @functools.wraps(read_range)
+        def counted_range(url: str, start: int, end: int) -> bytes:
+            data = read_range(url, start, end)
+            if _installed is not None:
+                _installed.add(range_bytes=len(data), range_requests=1)
+            return data
+
+        @functools.wraps(read_bytes)
+        def counted_bytes(url: str) -> bytes:
+            data = read_bytes(url)
+            if _installed is not None:
+                _installed.add(meta_bytes=len(data), meta_requests=1)
+            return data
+
+        counted_range.__wrapped_original__ = read_range  # type: ignore[attr-defined]
+        counted_bytes.__wrapped_original__ = read_bytes  # type: ignore[attr-defined]
+        storage.read_range, storage.read_bytes = counted_range, counted_bytes
+    _installed = counters
+
+
+def uninstall_storage_counters() -> None:
+    """Put the original storage functions back (in this process)."""
+    global _installed
+    for name in ("read_range", "read_bytes"):
+        original = getattr(getattr(storage, name), "__wrapped_original__", None)
+        if original is not None:
+            setattr(storage, name, original)
+    _installed = None
+
+
+def _worker_init(counters: Counters, worker_id: int) -> None:
+    install_storage_counters(counters)
+
+
+class CountingStream(TrainStream):
+    """The user's ``TrainStream``, stopped after ``limit`` batches, counting what it makes.
+
+    Stopping (rather than abandoning the DataLoader) means storage counts cover exactly
+    the batches consumed. ``batch`` is the real one; around it the worker adds the samples
+    made, their bytes in the shards, and its own CPU time, to the shared counters.
+    """
+
+    def __init__(
+        self,
+        config: StreamConfig,
+        state: StreamState,
+        limit: int,
+        counters: Counters,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        super().__init__(config, rank, world_size, state)
+        self.limit, self.counters = limit, counters
+
+    def __iter__(self) -> Iterator[LocalBatch]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        # TrainStream gives worker w the batches w, w + workers, ...: its share of `limit`
+        return itertools.islice(super().__iter__(), len(range(worker, self.limit, workers)))
+
+    def batch(self, plan: EpochPlan, step: int) -> LocalBatch:
+        cpu = time.process_time()
+        out = super().batch(plan, step)
+        cpu = time.process_time() - cpu
+        refs = plan.local_batch(step, self.rank, self.world_size)
+        shard_bytes = 0
+        selection = getattr(self, "_selection", None)  # a label subset maps positions
+        for ref in refs:
+            index = ref.index if selection is None else selection[ref.shard][ref.index]
+            record = self.shard_set.index(ref.shard).samples[index]
+            shard_bytes += record.end - record.offset
+        self.counters.add(
+            samples=len(refs), sample_shard_bytes=shard_bytes, worker_cpu_us=round(cpu * 1e6)
+        )
+        return out
+
+
+@dataclass
+class BenchResult:
+    """What ``run_data_bench`` measured; ``to_json`` is the CLI's last line."""
+
+    samples_per_s: float
+    samples_per_s_per_core: float
+    cpu_cores_used: int
+    samples_per_cpu_s: float
+    worker_cpu_s: float
+    first_batch_s: float
+    device: str
+    device_s_per_batch: float
+    bytes_read: int
+    bytes_per_epoch_ratio: float
+    requests: int
+    samples_per_request: float
+    range_bytes: int
+    range_requests: int
+    metadata_bytes: int
+    metadata_requests: int
+    samples_consumed: int
+    sample_shard_bytes: int
+    batches: int
+    global_batch_size: int
+    image_size: int
+    workers: int
+    mode: str
+    partitions: int
+    views: int
+    elapsed_s: float
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+
+def _device_stage(
+    views: torch.Tensor, keys: list[str], mode: str, seed: int, epoch: int, device: torch.device
+) -> Callable[[], Any]:
+    """One batch's device-stage work as a callable (the data already on the device)."""
+    views = views.to(device)
+    if mode == "pretrain":
+        augment = SimCLRAugment()
+        return lambda: augment(views[0], views[1], keys, seed, epoch)
+    return lambda: apply_view_params(views[0], flip_params(keys, seed, epoch, 0))
+
+
+def time_device_stage(
+    views: torch.Tensor,
+    keys: list[str],
+    mode: str,
+    seed: int = 0,
+    epoch: int = 0,
+    device: str | None = None,
+    repeats: int = 3,
+) -> tuple[str, float]:
+    """(device name, median seconds) of the device-stage augmentation of one batch.
+
+    ``views`` is a ``LocalBatch``'s uint8 (views, B, 3, S, S); the copy to the device is
+    not timed, since training overlaps it with compute.
+
+    Example:
+        >>> views = torch.randint(0, 256, (2, 4, 3, 16, 16), dtype=torch.uint8)
+        >>> name, seconds = time_device_stage(views, list("abcd"), "pretrain", device="cpu")
+        >>> name, seconds > 0
+        ('cpu', True)
+    """
+    where = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    work = _device_stage(views, keys, mode, seed, epoch, where)
+
+    def sync() -> None:
+        if where.type == "cuda":
+            torch.cuda.synchronize(where)
+
+    work()  # warm-up: kernels, allocator
+    sync()
+    times = []
+    for _ in range(max(1, repeats)):
+        start = time.perf_counter()
+        work()
+        sync()
+        times.append(time.perf_counter() - start)
+    name = torch.cuda.get_device_name(where) if where.type == "cuda" else "cpu"
+    return name, statistics.median(times)
+
+
+def run_data_bench(
+    data: str,
+    workers: int = 2,
+    batches: int = 10,
+    image_size: int = 224,
+    global_batch_size: int = 256,
+    mode: str = "pretrain",
+    partitions: int | None = None,
+    seed: int = 0,
+    state: StreamState | None = None,
+    device: str | None = None,
+    device_repeats: int = 3,
+    log: Callable[[str], None] | None = None,
+) -> BenchResult:
+    """Run the training stream for one warm-up batch and ``batches`` timed batches.
+
+    ``partitions`` defaults to the training default (32), lowered to the largest divisor
+    of the batch size when 32 does not divide it. ``device_repeats=0`` skips the device
+    stage (reported as 0 s).
+
+    Example:
+        >>> result = run_data_bench("s3://bucket/imagenet/train", workers=6)  # doctest: +SKIP
+        >>> result.samples_per_s, result.samples_per_request  # doctest: +SKIP
+        (1250.4, 128.0)
+    """
+    if batches < 1 or workers < 0:
+        raise ValueError("batches must be at least 1 and workers at least 0")
+    if partitions is None:
+        partitions = DEFAULT_PARTITIONS
+        while global_batch_size % partitions:
+            partitions -= 1
+    config = StreamConfig(data, global_batch_size, image_size, mode, seed, partitions)
+    counters = Counters()
+    install_storage_counters(counters)  # counts the main process too (and workers=0)
+    try:
+        stream = CountingStream(config, state or StreamState(), 1 + batches, counters)
+        loader = DataLoader(
+            stream,
+            batch_size=None,
+            num_workers=workers,
+            worker_init_fn=functools.partial(_worker_init, counters) if workers else None,
+        )
+        begin = time.perf_counter()
+        iterator = iter(loader)
+        last = next(iterator)
+        first_batch_s = time.perf_counter() - begin
+        start = time.perf_counter()
+        for last in iterator:  # noqa: B007 (the last batch feeds the device stage)
+            pass
+        elapsed = time.perf_counter() - start
+    finally:
+        uninstall_storage_counters()
+    counts = counters.snapshot()
+    views = last.views.shape[0]
+    local = last.views.shape[1]
+    timed_samples = batches * local
+    cores = max(1, min(workers, os.cpu_count() or 1))
+    samples_per_s = timed_samples / elapsed
+    worker_cpu_s = counts["worker_cpu_us"] / 1e6
+    device_name, device_s = "none", 0.0
+    if device_repeats > 0:
+        device_name, device_s = time_device_stage(
+            last.views, list(last.keys), mode, seed, last.epoch, device, device_repeats
+        )
+    bytes_read = counts["range_bytes"] + counts["meta_bytes"]
+    requests = counts["range_requests"] + counts["meta_requests"]
+    result = BenchResult(
+        samples_per_s=round(samples_per_s, 2),
+        samples_per_s_per_core=round(samples_per_s / cores, 2),
+        cpu_cores_used=cores,
+        samples_per_cpu_s=round(counts["samples"] / worker_cpu_s, 2) if worker_cpu_s else 0.0,
+        worker_cpu_s=round(worker_cpu_s, 3),
+        first_batch_s=round(first_batch_s, 4),
+        device=device_name,
+        device_s_per_batch=round(device_s, 5),
+        bytes_read=bytes_read,
+        bytes_per_epoch_ratio=round(bytes_read / max(1, counts["sample_shard_bytes"]), 4),
+        requests=requests,
+        samples_per_request=round(counts["samples"] / max(1, requests), 2),
+        range_bytes=counts["range_bytes"],
+        range_requests=counts["range_requests"],
+        metadata_bytes=counts["meta_bytes"],
+        metadata_requests=counts["meta_requests"],
+        samples_consumed=counts["samples"],
+        sample_shard_bytes=counts["sample_shard_bytes"],
+        batches=batches,
+        global_batch_size=global_batch_size,
+        image_size=image_size,
+        workers=workers,
+        mode=mode,
+        partitions=partitions,
+        views=views,
+        elapsed_s=round(elapsed, 4),
+    )
+    if log is not None:
+        for line in describe(result):
+            log(line)
+    return result
+
+
+def describe(result: BenchResult) -> list[str]:
+    """Human-readable lines for a result: what a user reads before the JSON line.
+
+    Example:
+        >>> r = BenchResult(100.0, 50.0, 2, 60.0, 1.0, 0.5, "cpu", 0.1, 1000, 1.01, 3, 33.3,
+        ...     900, 2, 100, 1, 100, 990, 2, 32, 16, 2, "pretrain", 4, 2, 0.64)
+        >>> describe(r)[0]
+        'CPU stage:    100.0 two-view samples/s with 2 workers = 50.0 per core (total / 2 cores)'
+    """
+    kind = "two-view" if result.views == 2 else "one-view"
+    mb = 1e6
+    return [
+        f"CPU stage:    {result.samples_per_s:.1f} {kind} samples/s with {result.workers} "
+        f"workers = {result.samples_per_s_per_core:.1f} per core "
+        f"(total / {result.cpu_cores_used} cores)",
+        f"              workers spent {result.worker_cpu_s:.2f} CPU-s on "
+        f"{result.samples_consumed} samples = {result.samples_per_cpu_s:.1f} samples per CPU-s",
+        f"              first batch after {result.first_batch_s:.2f} s (worker start, "
+        "manifest, indexes, one batch)",
+        f"device stage: {result.device_s_per_batch * 1e3:.1f} ms per batch of "
+        f"{result.global_batch_size} on {result.device}",
+        f"storage:      {result.bytes_read / mb:.2f} MB in {result.requests} requests "
+        f"({result.range_requests} sample ranges, {result.metadata_requests} manifest/index)",
+        f"              {result.bytes_per_epoch_ratio:.3f}x the shard bytes of the "
+        f"{result.samples_consumed} samples consumed, {result.samples_per_request:.1f} "
+        "samples per request",
+    ]
+
+
+def main(args: Any) -> None:
+    """The ``data-bench`` subcommand: human lines, then one JSON line (the last)."""
+    try:
+        result = _run_from_args(args)
+    except ValueError as exc:  # bad batch/partition/worker numbers: a usage error
+        print(f"ssl-train data-bench: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    print(result.to_json(), flush=True)
+
+
+def _run_from_args(args: Any) -> BenchResult:
+    return run_data_bench(
+        args.data,
+        workers=args.workers,
+        batches=args.batches,
+        image_size=args.image_size,
+        global_batch_size=args.global_batch_size,
+        mode=args.mode,
+        partitions=args.partitions,
+        seed=args.seed,
+        device=args.device,
+        log=lambda line: print(line, flush=True),
+    )
