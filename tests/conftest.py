@@ -58,9 +58,9 @@ def s3_bucket(s3_server: LocalS3Server, monkeypatch: pytest.MonkeyPatch) -> S3Bu
     s3_server.create_bucket(name)
     for key, value in s3_server.env.items():
         monkeypatch.setenv(key, value)
-    import fsspec
+    import s3fs
 
-    fsspec.AbstractFileSystem.clear_instance_cache()  # pick up the env, forget listings
+    s3fs.S3FileSystem.clear_instance_cache()  # each fsspec class caches its own instances
     return S3Bucket(s3_server, name)
 
 
