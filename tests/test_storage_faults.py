@@ -182,3 +182,23 @@ def _wrapped(outer: BaseException, cause: BaseException) -> BaseException:
 )
 def test_transient_errors_are_told_from_permanent_ones(exc: BaseException, transient: bool) -> None:
     assert storage._is_transient(exc) is transient
+
+
+def test_a_training_epoch_through_a_flaky_store_uses_every_key_once(
+    shard_set_url: str, flaky: ProxyFactory
+) -> None:
+    """The issue's acceptance at the stream level: 10% 500s and some resets, DataLoader
+    workers reading through them, and the epoch still holds every key exactly once."""
+    import itertools
+
+    from torch.utils.data import DataLoader
+
+    from ssl_train.data.stream import StreamConfig, StreamState, TrainStream
+
+    proxy = flaky(fail_rate=0.1, reset_rate=0.05, seed=11)
+    config = StreamConfig(shard_set_url, global_batch_size=18, image_size=8, partitions=3)
+    loader = DataLoader(TrainStream(config, 0, 1, StreamState()), batch_size=None, num_workers=2)
+    batches = list(itertools.islice(loader, 5))  # 90 samples / 18 = 5 steps: one epoch
+    keys = [k for b in batches for k in b.keys]
+    assert len(keys) == len(set(keys)) == 90
+    assert proxy.failures + proxy.resets > 0
