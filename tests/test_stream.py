@@ -143,3 +143,15 @@ def test_evaluation_streams_every_sample_once_in_order(mnist_on_s3: str) -> None
         first = shares[0][0]
         assert first.images.shape == (64, 3, 16, 16) and first.images.dtype == torch.uint8
         assert first.labels.tolist() == [r.cls for r in ShardSet(mnist_on_s3).index(0).samples[:64]]
+
+
+def test_the_loader_pins_memory_only_for_gpus_and_keeps_step_order(mnist_on_s3: str) -> None:
+    from ssl_train.data.loader import make_loader
+
+    config = StreamConfig(mnist_on_s3, 40, 12, partitions=8)
+    loader = make_loader(TrainStream(config, 0, 1, StreamState()), workers=2, device="cpu")
+    assert not loader.pin_memory and loader.persistent_workers and loader.prefetch_factor == 2
+    assert [b.step for b in itertools.islice(loader, 5)] == [0, 1, 2, 3, 4]
+    assert make_loader(TrainStream(config, 0, 1, StreamState()), 1, device="cuda").pin_memory
+    with pytest.raises(ValueError):
+        make_loader(TrainStream(config, 0, 1, StreamState()), -1)
