@@ -30,6 +30,7 @@ from collections.abc import Callable
 import torch
 import torchvision
 import torchvision.transforms.v2.functional as TF
+from machine import cpu_model  # bench/machine.py (scripts run from bench/)
 
 from ssl_train.data.augment import (
     SimCLRAugment,
@@ -40,17 +41,6 @@ from ssl_train.data.augment import (
 
 OPS = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
 FACTORS = ("brightness", "contrast", "saturation", "hue")
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def _torchvision_loop(images: torch.Tensor, params: ViewParams, kernel: int) -> torch.Tensor:
@@ -151,7 +141,7 @@ def main() -> int:
 
     machine = {
         "nproc": os.cpu_count(),
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "arch": platform.machine(),
         "python": platform.python_version(),
         "torch": torch.__version__,

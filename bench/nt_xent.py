@@ -26,21 +26,11 @@ import sys
 import time
 
 import torch
+from machine import cpu_model  # bench/machine.py (scripts run from bench/)
 
 from ssl_train.losses import nt_xent
 
 TARGET_RATIO = 1.0  # ours / lightly time: no slower
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def _forward_backward(loss_fn, z1: torch.Tensor, z2: torch.Tensor) -> float:
@@ -92,7 +82,7 @@ def main() -> int:
     ratio = median["ours"] / median["lightly"]
 
     print(
-        f"machine: {platform.machine()}, nproc {os.cpu_count()}, {_cpu_model()}, "
+        f"machine: {platform.machine()}, nproc {os.cpu_count()}, {cpu_model()}, "
         f"torch {torch.__version__} ({torch.get_num_threads()} threads), "
         f"lightly {lightly.__version__}"
     )
