@@ -130,22 +130,21 @@ def image_dims(path: Path) -> tuple[int, int]:
 # ----------------------------------------------------------------------------- cases
 
 
-def run_floor(tree: Path, scratch: Path) -> None:
+def _tar_into(tree: Path, hasher: str) -> None:
     subprocess.run(
-        f"tar cf - -C {tree.parent} {tree.name} | sha256sum > /dev/null",
+        f"tar cf - -C {tree.parent} {tree.name} | {hasher} > /dev/null",
         shell=True,
         check=True,
         executable="/bin/bash",
     )
+
+
+def run_floor(tree: Path, scratch: Path) -> None:
+    _tar_into(tree, "sha256sum")
 
 
 def run_floor_openssl(tree: Path, scratch: Path) -> None:
-    subprocess.run(
-        f"tar cf - -C {tree.parent} {tree.name} | openssl dgst -sha256 > /dev/null",
-        shell=True,
-        check=True,
-        executable="/bin/bash",
-    )
+    _tar_into(tree, "openssl dgst -sha256")
 
 
 def make_webdataset_loop(files, shard_bytes: int):

@@ -138,10 +138,8 @@ def verify(
     try:
         with ThreadPoolExecutor(max(1, workers)) as pool:
             checks = pool.map(lambda e: check_shard(url, manifest, e, decode), manifest.shards)
-            for check in checks:
-                progress.advance(
-                    check.samples, next(e.bytes for e in manifest.shards if e.name == check.name)
-                )
+            for entry, check in zip(manifest.shards, checks, strict=True):  # map keeps order
+                progress.advance(check.samples, entry.bytes)
                 if check.problems:
                     bad.append(check)
     finally:
