@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import json
+import logging
 import sys
 
 from ssl_train import __version__
@@ -38,7 +40,43 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--seed", type=int, default=0)
     bench.add_argument("--device", help="device of the augmentation stage (default cuda if any)")
+    add_stage_commands(sub)
     return parser
+
+
+STAGE_SUMMARIES = {
+    "pretrain": "SimCLRv2 contrastive pretraining on unlabelled images",
+    "finetune": "finetune a pretrained network on labelled images (e.g. 1% or 10% of them)",
+    "distill": "distill a finetuned teacher into a student on unlabelled images",
+    "linear-eval": "train a linear classifier on a frozen pretrained backbone",
+}
+
+
+def add_stage_commands(sub: argparse._SubParsersAction) -> None:
+    """The training stages, plus evaluating and exporting their results."""
+    from ssl_train.stages.flags import add_stage_parser
+
+    for stage, summary in STAGE_SUMMARIES.items():
+        add_stage_parser(sub, stage, summary)
+    evaluate = sub.add_parser(
+        "eval",
+        help="top-1/top-5 of a finished run's model on a shard set",
+        description="Evaluate RUN_DIR's final model on every sample of --data, in order.",
+    )
+    evaluate.add_argument("run_dir", metavar="RUN_DIR")
+    evaluate.add_argument("--data", required=True, help="shard set: a local path or s3://...")
+    evaluate.add_argument("--batch-size", type=int, default=256, help="per process (default 256)")
+    evaluate.add_argument("--image-size", type=int, help="default: the size the model trained at")
+    evaluate.add_argument("--workers", type=int, default=4)
+    evaluate.add_argument("--device", help="cpu or cuda (default: cuda when present)")
+    export = sub.add_parser(
+        "export",
+        help="write a run's newest checkpoint as model.safetensors + config.json",
+        description="Tensors only (safetensors) and a JSON config: loading runs no code.",
+    )
+    export.add_argument("run_dir", metavar="RUN_DIR")
+    export.add_argument("out_dir", metavar="OUT_DIR")
+    export.add_argument("--step", type=int, help="export this checkpoint step (default newest)")
 
 
 def list_models(as_json: bool) -> None:
@@ -91,10 +129,30 @@ def main(argv: list[str] | None = None) -> None:
         >>> main(["demo", "--out", "demo-out"])  # doctest: +SKIP
     """
     from shards.errors import ShardsError
+    from ssl_train.checkpoint import CheckpointError
+    from ssl_train.export import ExportError
+    from ssl_train.stages.loop import PREEMPTED_EXIT_CODE, Preempted
 
     args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     try:
-        if args.command == "demo":
+        if args.command in STAGE_SUMMARIES:
+            from ssl_train.stages.flags import config_from_args
+            from ssl_train.stages.loop import run_stage
+
+            summary = run_stage(config_from_args(args.command, args))
+            print(json.dumps(summary))
+        elif args.command == "eval":
+            from ssl_train.stages.commands import evaluate_run
+
+            print(json.dumps(evaluate_run(args)))
+        elif args.command == "export":
+            from ssl_train.stages.commands import export_run
+
+            export_run(args.run_dir, args.out_dir, args.step)
+        elif args.command == "demo":
             from ssl_train.demo import run_demo
 
             run_demo(args.out, workers=args.workers)
@@ -104,7 +162,10 @@ def main(argv: list[str] | None = None) -> None:
             from ssl_train.data.bench import main as data_bench
 
             data_bench(args)
-    except ShardsError as exc:
+    except Preempted as exc:
+        print(f"ssl-train: {exc}; the checkpoint is saved, run again to resume", file=sys.stderr)
+        sys.exit(PREEMPTED_EXIT_CODE)
+    except (ShardsError, CheckpointError, ExportError, ValueError) as exc:
         print(f"ssl-train: error: {exc}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:

@@ -44,6 +44,7 @@ class ProjectionHead(nn.Module):
 
     def __init__(self, in_dim: int, num_layers: int = 3, out_dim: int = 128) -> None:
         super().__init__()
+        self.in_dim = in_dim
         self.linears = nn.ModuleList()
         self.norms = nn.ModuleList()
         for j in range(num_layers):
@@ -51,16 +52,38 @@ class ProjectionHead(nn.Module):
             self.linears.append(_linear(in_dim, out_dim if last else in_dim, bias=False))
             self.norms.append(_head_bn(out_dim if last else in_dim, center=not last))
         self.out_dim = out_dim if num_layers else in_dim
+        # ReLU follows every layer but the projection's last, also after keep_layers.
+        self.activate = [j != num_layers - 1 for j in range(num_layers)]
+
+    def keep_layers(self, layers: int) -> None:
+        """Drop the layers above ``layers``: finetuning from layer 1 needs nothing above
+        it, and DDP refuses parameters that get no gradient. Kept layers compute exactly
+        what they did in the full head (ReLU included).
+
+        Example:
+            >>> head = ProjectionHead(8, num_layers=3, out_dim=4)
+            >>> x = torch.randn(2, 8)
+            >>> full = head(x)[1][1]
+            >>> head.keep_layers(1)
+            >>> torch.equal(head(x)[0], full)
+            True
+        """
+        if not 0 <= layers <= len(self.linears):
+            raise ValueError(f"can keep 0 to {len(self.linears)} head layers, not {layers}")
+        del self.linears[layers:]
+        del self.norms[layers:]
+        self.activate = self.activate[:layers]
+        self.out_dim = self.linears[-1].out_features if layers else self.layer_dim(0)
 
     def layer_dim(self, layer: int) -> int:
         """Width of ``hiddens[layer]`` (0 = the head's input)."""
-        return self.linears[layer - 1].out_features if layer else self.linears[0].in_features
+        return self.linears[layer - 1].out_features if layer else self.in_dim
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         hiddens = [x]
-        for j, (linear, norm) in enumerate(zip(self.linears, self.norms, strict=True)):
+        for linear, norm, activate in zip(self.linears, self.norms, self.activate, strict=True):
             x = norm(linear(x))
-            if j != len(self.linears) - 1:
+            if activate:
                 x = F.relu(x)
             hiddens.append(x)
         return x, hiddens
@@ -107,6 +130,24 @@ class SimCLRv2(nn.Module):
             if num_classes
             else None
         )
+
+    def keep_head_layers(self, layers: int) -> None:
+        """Keep the head up to layer ``layers`` (at least ``from_proj_layer``): what
+        finetuning, linear evaluation and distillation train. The projection output then
+        is the last kept layer's activation.
+
+        Example:
+            >>> from ssl_train.models.resnet import resnet
+            >>> model = SimCLRv2(resnet(18, 0.25, small_images=True), num_classes=10)
+            >>> model.keep_head_layers(1)
+            >>> len(model.head.linears), model(torch.randn(2, 3, 32, 32)).logits.shape
+            (1, torch.Size([2, 10]))
+        """
+        if layers < self.from_proj_layer:
+            raise ValueError(
+                f"the classifier reads head layer {self.from_proj_layer}: keep at least that many"
+            )
+        self.head.keep_layers(layers)
 
     def zero_init_classifier(self) -> None:
         """Finetuning starts from a zero classifier, as the paper does."""

@@ -1,0 +1,205 @@
+"""One configuration object per stage run, with the paper's defaults per stage.
+
+The configuration is saved in every checkpoint. Resuming compares it field by field:
+fields that shape the training trajectory (data, model, batch, schedule, seed) must
+match, because a checkpoint continued under other values is a different experiment;
+operational fields (workers, checkpoint cadence, trace file, ...) may change freely.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+STAGES = ("pretrain", "finetune", "distill", "linear-eval")
+PRECISIONS = ("fp32", "bf16")
+
+# Fields a resumed run may change without --allow-config-change.
+OPERATIONAL = frozenset(
+    {
+        "run_dir",
+        "workers",
+        "checkpoint_every_steps",
+        "checkpoint_every_minutes",
+        "keep_checkpoints",
+        "trace_samples",
+        "stop_at_step",
+        "allow_config_change",
+        "compile",
+        "channels_last",
+        "device",
+        "eval_data",
+        "eval_batch_size",
+        "log_every_steps",
+        "metrics_port",
+    }
+)
+
+# The paper's hyperparameters per stage (SimCLRv2 paper and the official tf2 code).
+STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "pretrain": {
+        "global_batch_size": 4096,
+        "epochs": 800.0,
+        "learning_rate": 0.075,
+        "lr_scaling": "sqrt",
+        "warmup_epochs": 10.0,
+        "weight_decay": 1e-4,
+        "temperature": 0.1,
+    },
+    "finetune": {  # epochs: 60 on the 1% subset, 30 otherwise (see resolved_epochs)
+        "global_batch_size": 1024,
+        "learning_rate": 0.005,
+        "lr_scaling": "sqrt",
+        "warmup_epochs": 0.0,
+        "weight_decay": 0.0,
+        "from_proj_layer": 1,
+    },
+    "distill": {  # pretraining's optimiser settings; the teacher's soft labels at tau=1
+        "global_batch_size": 4096,
+        "epochs": 400.0,
+        "learning_rate": 0.075,
+        "lr_scaling": "sqrt",
+        "warmup_epochs": 10.0,
+        "weight_decay": 1e-4,
+        "temperature": 1.0,
+    },
+    "linear-eval": {  # SimCLR's linear protocol: frozen backbone, momentum SGD, 90 epochs
+        "global_batch_size": 4096,
+        "epochs": 90.0,
+        "learning_rate": 0.1,
+        "lr_scaling": "linear",
+        "warmup_epochs": 0.0,
+        "weight_decay": 0.0,
+        "from_proj_layer": 0,
+    },
+}
+
+
+@dataclass
+class StageConfig:
+    """Everything one stage run needs; ``StageConfig.for_stage`` fills the paper's defaults.
+
+    Example:
+        >>> config = StageConfig.for_stage("pretrain", data="s3://b/train", run_dir="/tmp/r")
+        >>> config.global_batch_size, config.learning_rate, config.temperature
+        (4096, 0.075, 0.1)
+    """
+
+    stage: str
+    data: str
+    run_dir: str
+    preset: str | None = None
+    global_batch_size: int = 4096
+    epochs: float | None = None
+    max_steps: int | None = None
+    image_size: int = 224
+    seed: int = 0
+    learning_rate: float = 0.075
+    lr_scaling: str = "sqrt"
+    warmup_epochs: float = 0.0
+    weight_decay: float = 0.0
+    momentum: float = 0.9
+    temperature: float = 0.1
+    head_layers: int = 3
+    proj_dim: int = 128
+    from_proj_layer: int = 1
+    partitions: int | None = None
+    subset: str | None = None
+    pretrained: str | None = None
+    teacher: str | None = None
+    labeled_weight: float = 0.0
+    precision: str = "fp32"
+    channels_last: bool = False
+    compile: bool = False
+    device: str | None = None
+    workers: int = 4
+    checkpoint_every_steps: int | None = None
+    checkpoint_every_minutes: float | None = 10.0
+    keep_checkpoints: int = 3
+    trace_samples: str | None = None
+    stop_at_step: int | None = None
+    allow_config_change: bool = False
+    eval_data: str | None = None
+    eval_batch_size: int = 256
+    log_every_steps: int = 10
+    metrics_port: int = 0
+
+    @classmethod
+    def for_stage(cls, stage: str, **values: Any) -> StageConfig:
+        """The stage's paper defaults, overridden by ``values`` (None means default)."""
+        if stage not in STAGES:
+            raise ValueError(f"unknown stage {stage!r}; use one of {', '.join(STAGES)}")
+        merged = dict(STAGE_DEFAULTS[stage])
+        merged.update({k: v for k, v in values.items() if v is not None})
+        config = cls(stage=stage, **merged)
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        """Refuse values that would fail later, naming the flag."""
+        checks = [
+            (self.global_batch_size >= 1, "--global-batch-size must be at least 1"),
+            (self.image_size >= 8, "--image-size must be at least 8"),
+            (self.max_steps is None or self.max_steps >= 1, "--max-steps must be at least 1"),
+            (self.epochs is None or self.epochs > 0, "--epochs must be positive"),
+            (self.precision in PRECISIONS, f"--precision must be one of {', '.join(PRECISIONS)}"),
+            (self.lr_scaling in ("sqrt", "linear"), "--lr-scaling must be sqrt or linear"),
+            (self.keep_checkpoints >= 1, "--keep-checkpoints must be at least 1"),
+            (
+                self.checkpoint_every_steps is None or self.checkpoint_every_steps >= 1,
+                "--checkpoint-every-steps must be at least 1",
+            ),
+            (
+                self.checkpoint_every_minutes is None or self.checkpoint_every_minutes > 0,
+                "--checkpoint-every-minutes must be positive",
+            ),
+            (0.0 <= self.labeled_weight <= 1.0, "--labeled-weight must be between 0 and 1"),
+            (self.workers >= 0, "--workers must be 0 or more"),
+            (self.temperature > 0, "--temperature must be positive"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    def resolved_epochs(self) -> float:
+        """Epochs to train when --max-steps is not given."""
+        if self.epochs is not None:
+            return self.epochs
+        if self.stage == "finetune":
+            return 60.0 if self.subset == "1percent" else 30.0
+        return 100.0
+
+    def total_steps(self, steps_per_epoch: int) -> int:
+        """Training length: --max-steps, else whole epochs of the stream's steps."""
+        if self.max_steps is not None:
+            return self.max_steps
+        return max(1, math.ceil(self.resolved_epochs() * steps_per_epoch))
+
+    def warmup_steps(self, steps_per_epoch: int) -> int:
+        return round(self.warmup_epochs * steps_per_epoch)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> StageConfig:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+
+def config_changes(saved: dict[str, Any], current: StageConfig) -> list[str]:
+    """Fields that shape training and differ from the checkpoint's, as ``name: old -> new``.
+
+    Example:
+        >>> a = StageConfig.for_stage("pretrain", data="d", run_dir="/r")
+        >>> b = StageConfig.for_stage("pretrain", data="d", run_dir="/r", global_batch_size=512, workers=1)
+        >>> config_changes(a.to_dict(), b)
+        ['global_batch_size: 4096 -> 512']
+    """
+    now = current.to_dict()
+    return [
+        f"{name}: {saved.get(name)!r} -> {now[name]!r}"
+        for name in now
+        if name not in OPERATIONAL and saved.get(name) != now[name]
+    ]

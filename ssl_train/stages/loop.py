@@ -1,0 +1,376 @@
+"""The one training loop every stage runs, and what makes it safe to kill.
+
+A run is a sequence of global steps; step ``s`` of the run is step ``s % E`` of epoch
+``s // E`` of the data stream (E steps per epoch), so a checkpoint needs only ``s`` to
+put the stream, the schedule and the trace back where they were. Checkpoints are taken
+at step boundaries and written in the background. All ranks agree on when to save with
+one tiny all-reduce per step, which carries rank 0's clock (``--checkpoint-every-minutes``)
+and any rank's stop request (SIGTERM/SIGINT): a preempted job saves the step it reached
+and exits non-zero, so the scheduler retries it and the retry resumes from that step.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from shards import storage
+from shards.reader import ShardSet
+from ssl_train.checkpoint import AsyncCheckpointer, CheckpointStore, rng_state, set_rng_state
+from ssl_train.data.loader import make_loader
+from ssl_train.data.plan import DEFAULT_PARTITIONS
+from ssl_train.data.stream import StreamConfig, StreamState, TrainStream
+from ssl_train.dist import convert_to_global_bn
+from ssl_train.export import final_url, save_model
+from ssl_train.optim import WarmupCosineSchedule, scale_learning_rate
+from ssl_train.stages import runtime as rt
+from ssl_train.stages import trace
+from ssl_train.stages.config import StageConfig, config_changes
+from ssl_train.stages.evaluate import evaluate
+from ssl_train.stages.tasks import Task, build_task
+
+log = logging.getLogger(__name__)
+SUMMARY_FILE = "summary.json"
+CONFIG_FILE = "config.json"
+PREEMPTED_EXIT_CODE = 143  # what a process killed by SIGTERM reports: schedulers retry it
+
+
+class Preempted(Exception):
+    """Raised after the checkpoint of a stop request is safely written."""
+
+
+class ConfigMismatch(ValueError):
+    """The run dir holds a checkpoint of a different experiment."""
+
+
+@dataclass
+class Position:
+    """Steps per epoch and the run's length: where global step s lies."""
+
+    steps_per_epoch: int
+    total_steps: int
+
+    def stream_state(self, global_step: int) -> StreamState:
+        return StreamState(global_step // self.steps_per_epoch, global_step % self.steps_per_epoch)
+
+
+def read_summary(run_dir: str) -> dict[str, Any] | None:
+    """The summary a finished run leaves, or None while it is unfinished."""
+    url = storage.join(run_dir, SUMMARY_FILE)
+    if storage.size_or_none(url) is None:
+        return None
+    return json.loads(storage.read_bytes(url))
+
+
+def check_world_size(config: StageConfig, world_size: int) -> None:
+    """Before any work: the global batch must split evenly over the ranks."""
+    if config.global_batch_size % world_size:
+        raise ValueError(
+            f"--global-batch-size {config.global_batch_size} does not divide over {world_size} "
+            f"processes; use a multiple of {world_size} (the global batch stays what you ask for, "
+            "whatever the world size, so it must split evenly)"
+        )
+
+
+def _partitions(config: StageConfig) -> int:
+    if config.partitions:
+        return config.partitions
+    batch = config.global_batch_size
+    return DEFAULT_PARTITIONS if batch % DEFAULT_PARTITIONS == 0 else batch
+
+
+def _agree(flags: list[bool], runtime: rt.Runtime) -> list[bool]:
+    """Any rank's flag raised counts for all (one tiny all-reduce)."""
+    if not runtime.distributed:
+        return flags
+    device = runtime.device if runtime.device.type == "cuda" else torch.device("cpu")
+    tensor = torch.tensor([float(f) for f in flags], device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in tensor.tolist()]
+
+
+def _barrier(runtime: rt.Runtime) -> None:
+    if runtime.distributed:
+        dist.barrier()
+
+
+class Trainer:
+    """Runs one stage from its newest checkpoint (or the start) to the end."""
+
+    def __init__(self, config: StageConfig, runtime: rt.Runtime) -> None:
+        check_world_size(config, runtime.world_size)
+        self.config, self.runtime = config, runtime
+        shard_set = ShardSet(config.data)
+        self.classes = shard_set.manifest.classes
+        torch.manual_seed(config.seed)  # the same initial weights on every rank
+        self.task: Task = build_task(config, len(self.classes), runtime.device)
+        stream_config = StreamConfig(
+            config.data,
+            config.global_batch_size,
+            config.image_size,
+            self.task.mode,
+            config.seed,
+            _partitions(config),
+            config.subset if config.stage == "finetune" or config.stage == "linear-eval" else None,
+        )
+        self.stream = TrainStream(stream_config, runtime.rank, runtime.world_size, StreamState())
+        steps_per_epoch = self.stream.plan(0).steps
+        total = config.total_steps(steps_per_epoch)
+        self.position = Position(steps_per_epoch, total)
+        peak = scale_learning_rate(
+            config.learning_rate, config.global_batch_size, config.lr_scaling
+        )
+        warmup = min(config.warmup_steps(steps_per_epoch), total - 1)
+        self.schedule = WarmupCosineSchedule(self.task.optimizer, peak, warmup, total)
+        self.store = CheckpointStore(config.run_dir, keep=config.keep_checkpoints)
+        self.step = 0
+        self.saved_step: int | None = None
+        model = self.task.model
+        if config.channels_last:
+            model.to(memory_format=torch.channels_last)
+        if runtime.distributed:
+            model = convert_to_global_bn(model)
+            self.task.model = model
+        self.trained = model  # unwrapped: what checkpoints hold
+        if runtime.distributed:
+            device_ids = [runtime.device] if runtime.device.type == "cuda" else None
+            model = DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
+        self.forward_model = torch.compile(model) if config.compile else model
+
+    # --- checkpoints --------------------------------------------------------------------
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "model": self.trained.state_dict(),
+            "optimizer": self.task.optimizer.state_dict(),
+            "schedule": self.schedule.state_dict(),
+            "stream": self.position.stream_state(self.step).to_dict(),
+            "rng": rng_state(),
+            "config": self.config.to_dict(),
+            "model_config": self.task.model_config,
+            "world_size": self.runtime.world_size,
+        }
+
+    def resume(self) -> None:
+        """Load the newest complete checkpoint, if any, refusing another experiment's."""
+        latest = self.store.latest()
+        if latest is None:
+            return
+        state = self.store.load(latest)
+        changes = config_changes(state["config"], self.config)
+        if changes and not self.config.allow_config_change:
+            raise ConfigMismatch(
+                f"{storage.redact(self.config.run_dir)} holds a checkpoint of another "
+                f"configuration ({'; '.join(changes)}): use a new --run-dir, restore those "
+                "values, or pass --allow-config-change to continue anyway"
+            )
+        if changes:
+            log.warning("continuing with changed configuration: %s", "; ".join(changes))
+        self.trained.load_state_dict(state["model"])
+        self.task.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
+        set_rng_state(state["rng"])
+        self.step = self.saved_step = int(state["step"])
+        log.info("resumed from step %d (saved on %s ranks)", self.step, state.get("world_size"))
+
+    # --- the loop ----------------------------------------------------------------------
+
+    def run(self) -> dict[str, Any]:
+        config, runtime = self.config, self.runtime
+        finished = read_summary(config.run_dir)
+        if finished is not None and finished.get("finished"):
+            log.info("%s already finished: nothing to do", storage.redact(config.run_dir))
+            return finished
+        if runtime.is_main:
+            storage.write_bytes_atomic(
+                storage.join(config.run_dir, CONFIG_FILE),
+                json.dumps(config.to_dict(), indent=2).encode() + b"\n",
+            )
+        self.resume()
+        if config.trace_samples and runtime.is_main:
+            dropped = trace.rewind(config.trace_samples, self.step)
+            if dropped:
+                log.info("trace: dropped %d lines of steps lost since the checkpoint", dropped)
+        _barrier(runtime)
+        self.stream.state = self.position.stream_state(self.step)
+        checkpointer = AsyncCheckpointer(self.store)
+        try:
+            with rt.StopRequest() as stop_request:
+                self._train(checkpointer, stop_request)
+            checkpointer.wait()
+        finally:
+            checkpointer.close()
+        return self._finish()
+
+    def _train(self, checkpointer: AsyncCheckpointer, stop_request: rt.StopRequest) -> None:
+        config, runtime, position = self.config, self.runtime, self.position
+        stop_at = config.stop_at_step if config.stop_at_step is not None else position.total_steps
+        stop_at = min(stop_at, position.total_steps)
+        every_s = (
+            None
+            if config.checkpoint_every_minutes is None
+            else config.checkpoint_every_minutes * 60
+        )
+        last_save = time.monotonic()
+        batches = (
+            iter(make_loader(self.stream, config.workers, runtime.device))
+            if self.step < stop_at
+            else None
+        )
+        started, started_step = time.monotonic(), self.step
+        self.task.train_mode()
+        while self.step < stop_at:
+            try:
+                batch = next(batches)
+            except Exception:
+                if not stop_request.requested:  # data workers die with the preempted pod
+                    raise
+                batch = None
+            time_due = (
+                runtime.is_main and every_s is not None and time.monotonic() - last_save >= every_s
+            )
+            stop, time_due = _agree([stop_request.requested or batch is None, time_due], runtime)
+            if stop:
+                self._save(checkpointer, wait=True)
+                raise Preempted(
+                    f"stopped by {stop_request.signal_name or 'another rank'} at step {self.step}"
+                )
+            metrics = self._step(batch)
+            if config.trace_samples:
+                trace.append(
+                    config.trace_samples,
+                    self.step - 1,
+                    batch.epoch,
+                    batch.step,
+                    runtime.rank,
+                    runtime.world_size,
+                    batch.keys,
+                )
+            by_steps = (
+                config.checkpoint_every_steps and self.step % config.checkpoint_every_steps == 0
+            )
+            if (by_steps or time_due) and self.step < stop_at:
+                self._save(checkpointer, wait=False)
+                last_save = time.monotonic()
+            if runtime.is_main and (
+                self.step % config.log_every_steps == 0 or self.step == stop_at
+            ):
+                rate = (
+                    (self.step - started_step)
+                    * config.global_batch_size
+                    / (time.monotonic() - started)
+                )
+                log.info(
+                    "step %d/%d epoch %d loss %.4f %s lr %.4g %.1f samples/s",
+                    self.step,
+                    position.total_steps,
+                    batch.epoch,
+                    metrics["loss"],
+                    " ".join(f"{k} {v:.3f}" for k, v in metrics.items() if k not in ("loss", "lr")),
+                    metrics["lr"],
+                    rate,
+                )
+        self._save(checkpointer, wait=True)
+
+    def _step(self, batch: Any) -> dict[str, float]:
+        expected = self.position.stream_state(self.step)
+        if (batch.epoch, batch.step) != (expected.epoch, expected.step):
+            raise RuntimeError(
+                f"stream out of step: got epoch {batch.epoch} step {batch.step}, expected "
+                f"{expected.epoch}/{expected.step} (global step {self.step})"
+            )
+        device, config = self.runtime.device, self.config
+        views = batch.views.to(device, non_blocking=True)
+        labels = batch.labels.to(device, non_blocking=True)
+        images = self.task.device_views(views, batch.keys, batch.epoch)
+        if config.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        lr = self.schedule.step_to(self.step)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16"):
+            loss, extra = self.task.loss(self.forward_model, images, labels)
+        self.task.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.task.optimizer.step()
+        self.step += 1
+        return {"loss": float(loss.detach()), "lr": lr, **{k: float(v) for k, v in extra.items()}}
+
+    def _save(self, checkpointer: AsyncCheckpointer, wait: bool) -> None:
+        """Rank 0 writes (every rank holds the same weights); ``wait`` also blocks the
+        other ranks until the checkpoint is complete, so none exits before it is."""
+        if self.runtime.is_main and self.saved_step != self.step:
+            checkpointer.save(self.step, self.state())
+            self.saved_step = self.step
+            if wait:
+                checkpointer.wait()
+        if wait:
+            _barrier(self.runtime)
+
+    def _finish(self) -> dict[str, Any]:
+        config, runtime = self.config, self.runtime
+        if self.step < self.position.total_steps:
+            log.info(
+                "stopped at step %d of %d (--stop-at-step): run again to continue",
+                self.step,
+                self.position.total_steps,
+            )
+            return {"finished": False, "steps": self.step}
+        summary: dict[str, Any] = {
+            "finished": True,
+            "stage": config.stage,
+            "steps": self.step,
+            "epochs": self.step / self.position.steps_per_epoch,
+            "global_batch_size": config.global_batch_size,
+            "world_size": runtime.world_size,
+        }
+        self.trained.eval()
+        if config.eval_data:
+            summary["eval"] = evaluate(
+                self.trained,
+                config.eval_data,
+                config.image_size,
+                config.eval_batch_size,
+                runtime,
+                config.workers,
+            )
+        if runtime.is_main:
+            about = {
+                "stage": config.stage,
+                "image_size": config.image_size,
+                "classes": self.classes,
+            }
+            save_model(
+                self.trained.state_dict(),
+                {**self.task.model_config, **about},
+                final_url(config.run_dir),
+            )
+            storage.write_bytes_atomic(
+                storage.join(config.run_dir, SUMMARY_FILE),
+                json.dumps(summary, indent=2).encode() + b"\n",
+            )
+        _barrier(runtime)
+        return summary
+
+
+def run_stage(config: StageConfig) -> dict[str, Any]:
+    """Train one stage to its end (or ``--stop-at-step``), resuming from the run dir.
+
+    Example:
+        >>> config = StageConfig.for_stage("pretrain", data="s3://b/train", run_dir="s3://b/runs/p", preset="tiny")
+        >>> run_stage(config)  # doctest: +SKIP
+        {'finished': True, 'stage': 'pretrain', 'steps': 78000, ...}
+    """
+    check_world_size(config, int(os.environ.get("WORLD_SIZE", "1")))
+    runtime = rt.start(config.device)
+    try:
+        return Trainer(config, runtime).run()
+    finally:
+        rt.stop(runtime)

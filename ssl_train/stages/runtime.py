@@ -1,0 +1,106 @@
+"""Where a stage runs: one process or torchrun's ranks, which device, and preemption.
+
+The same command runs under plain ``python``, ``torchrun`` (any nodes x processes) and
+TorchX: torchrun's environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
+``MASTER_ADDR``...) selects the distributed path; without it the run is one process.
+GPUs talk over NCCL, CPUs over gloo.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import types
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """This process's place in the job."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def start(device: str | None = None) -> Runtime:
+    """Join torchrun's process group when launched by it; pick this rank's device.
+
+    Example:
+        >>> runtime = start("cpu")  # a plain process
+        >>> runtime.rank, runtime.world_size, runtime.device.type
+        (0, 1, 'cpu')
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    chosen = torch.device(device)
+    if chosen.type == "cuda" and chosen.index is None:
+        chosen = torch.device("cuda", local_rank)
+    if chosen.type == "cuda":
+        torch.cuda.set_device(chosen)
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if chosen.type == "cuda" else "gloo"
+        dist.init_process_group(backend, device_id=chosen if chosen.type == "cuda" else None)
+    return Runtime(rank, world, local_rank, chosen)
+
+
+def stop(runtime: Runtime) -> None:
+    """Leave the process group cleanly (a no-op for one process)."""
+    if runtime.distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+class StopRequest:
+    """Turns SIGTERM (preemption; torchrun forwards it to every worker) and SIGINT into a
+    flag that the training loop checks between steps, so the run saves a checkpoint at a
+    step boundary instead of dying mid-step.
+
+    Example:
+        >>> with StopRequest() as request:
+        ...     request.signal_name is None
+        True
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.signal_name: str | None = None
+        self._previous: dict[int, object] = {}
+
+    def _handle(self, signum: int, frame: types.FrameType | None) -> None:
+        if self.signal_name is None:
+            log.warning(
+                "%s received: saving a checkpoint at the next step", signal.Signals(signum).name
+            )
+        self.signal_name = signal.Signals(signum).name
+
+    @property
+    def requested(self) -> bool:
+        return self.signal_name is not None
+
+    def __enter__(self) -> StopRequest:
+        for sig in self.SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)  # type: ignore[arg-type]

@@ -1,0 +1,174 @@
+"""What differs between the stages: the model they train, its optimiser, the views they
+read and the loss. Everything else (data stream, schedule, checkpoints, preemption,
+tracing) is the one training loop in ``ssl_train.stages.loop``.
+
+- pretrain: two augmented views per image, NT-Xent over the global batch.
+- finetune: the pretrained network up to head layer ``from_proj_layer``, a zero
+  classifier, cross-entropy on the labelled subset (crop + flip).
+- distill: a frozen teacher's soft labels on all training images, learned by a fresh
+  student that sees the very same view.
+- linear-eval: a linear classifier on the frozen backbone's features.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ssl_train.data.augment import SimCLRAugment, apply_view_params, flip_params
+from ssl_train.export import final_url, load_model, model_config
+from ssl_train.losses import contrastive_accuracy, distillation_loss, nt_xent
+from ssl_train.models import SimCLRv2, build_model
+from ssl_train.optim import LARS, lars_param_groups
+from ssl_train.stages.config import StageConfig
+
+
+def _is_classifier(name: str, param: nn.Parameter) -> bool:
+    return name.startswith("classifier.")
+
+
+@dataclass
+class Task:
+    """One stage's model, optimiser and loss; ``loss`` gets the (DDP-wrapped) model."""
+
+    config: StageConfig
+    model: SimCLRv2
+    optimizer: torch.optim.Optimizer
+    mode: str  # the stream's: "pretrain" (two crops) or "finetune" (one)
+    model_config: dict[str, Any]
+    frozen: list[nn.Module] = field(default_factory=list)  # stay in eval mode
+
+    def train_mode(self) -> None:
+        self.model.train()
+        for module in self.frozen:
+            module.eval()
+
+    def device_views(self, views: Tensor, keys: list[str], epoch: int) -> Tensor:
+        """The device stage of augmentation: uint8 crops in, float network input out.
+        Pretraining stacks view 0 of every sample, then view 1."""
+        seed = self.config.seed
+        if self.mode == "pretrain":
+            first, second = SimCLRAugment()(views[0], views[1], keys, seed, epoch)
+            return torch.cat([first, second])
+        return apply_view_params(views[0], flip_params(keys, seed, epoch, view=0))
+
+    def loss(self, model: nn.Module, images: Tensor, labels: Tensor) -> tuple[Tensor, dict]:
+        raise NotImplementedError
+
+
+class PretrainTask(Task):
+    def loss(self, model: nn.Module, images: Tensor, labels: Tensor) -> tuple[Tensor, dict]:
+        z1, z2 = model(images).projection.chunk(2)
+        loss = nt_xent(z1, z2, self.config.temperature)
+        return loss, {"contrastive_top1": contrastive_accuracy(z1.detach(), z2.detach())}
+
+
+def _classification(logits: Tensor, labels: Tensor) -> tuple[Tensor, dict]:
+    loss = F.cross_entropy(logits.float(), labels)
+    return loss, {"top1": (logits.detach().argmax(1) == labels).float().mean()}
+
+
+class FinetuneTask(Task):
+    def loss(self, model: nn.Module, images: Tensor, labels: Tensor) -> tuple[Tensor, dict]:
+        return _classification(model(images).logits, labels)
+
+
+class DistillTask(Task):
+    teacher: SimCLRv2
+
+    def loss(self, model: nn.Module, images: Tensor, labels: Tensor) -> tuple[Tensor, dict]:
+        with torch.no_grad():
+            teacher_logits = self.teacher(images).logits
+        student_logits = model(images).logits
+        config = self.config
+        loss = distillation_loss(
+            student_logits,
+            teacher_logits,
+            config.temperature,
+            labels if config.labeled_weight > 0 else None,
+            config.labeled_weight,
+        )
+        agreement = (student_logits.detach().argmax(1) == teacher_logits.argmax(1)).float().mean()
+        return loss, {"teacher_agreement": agreement}
+
+
+def _lars(model: nn.Module, config: StageConfig) -> LARS:
+    groups = lars_param_groups(model, config.weight_decay, exclude=_is_classifier)
+    return LARS(groups, lr=0.0, momentum=config.momentum)
+
+
+def _pretrained(url: str, what: str, device: torch.device) -> tuple[SimCLRv2, dict[str, Any]]:
+    model, saved = load_model(final_url(url), device)
+    if saved.get("kept_head_layers") != saved.get("head_layers"):
+        raise ValueError(f"{what} {url}: its projection head was cut; pass a pretraining run")
+    return model, saved
+
+
+def build_task(config: StageConfig, num_classes: int, device: torch.device) -> Task:
+    """The stage's task on ``device``; reads the previous stage's model where needed.
+
+    Example:
+        >>> config = StageConfig.for_stage("pretrain", data="d", run_dir="/r", preset="tiny")
+        >>> task = build_task(config, num_classes=10, device=torch.device("cpu"))
+        >>> task.mode, task.model.classifier is None
+        ('pretrain', True)
+    """
+    stage = config.stage
+    if stage == "pretrain":
+        if not config.preset:
+            raise ValueError("pretrain needs --preset (see `ssl-train models`)")
+        model = build_model(config.preset, None, config.head_layers, config.proj_dim, device=device)
+        described = model_config(
+            config.preset, None, config.head_layers, config.proj_dim, 0, config.head_layers
+        )
+        return PretrainTask(config, model, _lars(model, config), "pretrain", described)
+    if stage in ("finetune", "linear-eval"):
+        if not config.pretrained:
+            raise ValueError(f"{stage} needs --pretrained RUN_DIR (a finished pretrain run)")
+        base, saved = _pretrained(config.pretrained, "--pretrained", device)
+        layer = config.from_proj_layer
+        model = SimCLRv2(base.backbone, saved["head_layers"], saved["proj_dim"], num_classes, layer)
+        model.head = base.head
+        model.keep_head_layers(layer)
+        model.zero_init_classifier()
+        model.to(device)
+        described = model_config(
+            saved["preset"], num_classes, saved["head_layers"], saved["proj_dim"], layer, layer
+        )
+        if stage == "finetune":
+            return FinetuneTask(config, model, _lars(model, config), "finetune", described)
+        for param in list(model.backbone.parameters()) + list(model.head.parameters()):
+            param.requires_grad_(False)
+        optimizer = torch.optim.SGD(
+            model.classifier.parameters(), lr=0.0, momentum=config.momentum, nesterov=True
+        )
+        return FinetuneTask(
+            config, model, optimizer, "finetune", described, frozen=[model.backbone, model.head]
+        )
+    if stage == "distill":
+        if not config.teacher:
+            raise ValueError("distill needs --teacher RUN_DIR (a finished finetune run)")
+        if not config.preset:
+            raise ValueError("distill needs --student PRESET (see `ssl-train models`)")
+        teacher, saved = load_model(final_url(config.teacher), device)
+        if teacher.classifier is None or saved["num_classes"] != num_classes:
+            raise ValueError(
+                f"--teacher {config.teacher} has no classifier for the {num_classes} classes "
+                "of --data: pass a finetune run on the same classes"
+            )
+        teacher.eval().requires_grad_(False)
+        model = build_model(
+            config.preset, num_classes, config.head_layers, config.proj_dim, 0, device
+        )
+        model.keep_head_layers(0)
+        described = model_config(
+            config.preset, num_classes, config.head_layers, config.proj_dim, 0, 0
+        )
+        task = DistillTask(config, model, _lars(model, config), "finetune", described)
+        task.teacher = teacher
+        return task
+    raise ValueError(f"unknown stage {stage!r}")
