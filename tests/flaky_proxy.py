@@ -54,7 +54,9 @@ class FlakyProxy:
     ``fail_rate`` of requests get an S3-style ``500 InternalError``; ``reset_rate`` get
     their connection reset (at once, after the status line and headers, or halfway
     through the body); any request whose path contains one of ``always_fail`` gets a
-    500 every time. Draws come from ``random.Random(seed)``, so a run is repeatable up
+    500 every time. A write (PUT/POST) whose path contains one of ``hold_writes`` waits,
+    with ``holding`` set, until ``release`` is set: a writer frozen mid-write, to kill.
+    Draws come from ``random.Random(seed)``, so a run is repeatable up
     to thread scheduling. Counters: ``requests``, ``failures`` (500s), ``resets``.
 
     Example:
@@ -71,6 +73,7 @@ class FlakyProxy:
         reset_rate: float = 0.0,
         always_fail: Iterable[str] = (),
         seed: int = 0,
+        hold_writes: Iterable[str] = (),
     ) -> None:
         parts = urlsplit(upstream)
         self.upstream_host = parts.hostname or "127.0.0.1"
@@ -78,6 +81,9 @@ class FlakyProxy:
         self.fail_rate = fail_rate
         self.reset_rate = reset_rate
         self.always_fail = set(always_fail)
+        self.hold_writes = set(hold_writes)
+        self.holding = threading.Event()  # set once a write is being held
+        self.release = threading.Event()  # set to let held writes through
         self.requests = 0
         self.failures = 0
         self.resets = 0
@@ -136,6 +142,9 @@ def _make_handler(proxy: FlakyProxy) -> type[BaseHTTPRequestHandler]:
 
         def _relay(self) -> None:
             body = self._read_body()
+            if self.command in ("PUT", "POST") and any(p in self.path for p in proxy.hold_writes):
+                proxy.holding.set()  # a writer is now stuck mid-write, as on a stalled network
+                proxy.release.wait()
             action = proxy.decide(self.path)
             if action == "reset-now":
                 self._reset()

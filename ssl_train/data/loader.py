@@ -7,8 +7,18 @@ number of workers is the number of CPU cores given to decoding.
 
 from __future__ import annotations
 
+import signal
+
 import torch
 from torch.utils.data import DataLoader, IterableDataset
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Workers leave SIGTERM/SIGINT to the training process, which checkpoints at the
+    next step and then stops them; dying first would fail the batch it is waiting for.
+    They still exit with their parent (the DataLoader's watchdog)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def make_loader(
@@ -32,4 +42,5 @@ def make_loader(
         pin_memory=on_gpu,  # page-locked batches copy to the GPU asynchronously
         prefetch_factor=prefetch if workers else None,
         persistent_workers=workers > 0,
+        worker_init_fn=_ignore_stop_signals if workers else None,
     )
