@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import logging
+import signal
 import sys
 
 from ssl_train import __version__
@@ -134,6 +136,7 @@ def main(argv: list[str] | None = None) -> None:
     from ssl_train.stages.loop import PREEMPTED_EXIT_CODE, Preempted
 
     args = build_parser().parse_args(argv)
+    faulthandler.register(signal.SIGUSR1)  # `kill -USR1 <pid>`: where is this rank stuck?
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

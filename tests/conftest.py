@@ -156,3 +156,38 @@ def truncate_first_image(shard_set: Path) -> str:
     )
     (shard_set / "manifest.json").write_text(manifest.to_json())
     return samples[0].key
+
+
+@dataclass
+class TinyShards:
+    """A small labelled shard set for training runs and a held-out one to evaluate on."""
+
+    train: Path
+    test: Path
+    keys: set[str]  # every training key
+    labels: dict[str, int]  # training key -> class index
+
+
+@pytest.fixture(scope="session")
+def tiny_shards(tmp_path_factory: pytest.TempPathFactory) -> TinyShards:
+    """4 classes x 40 photo-like training JPEGs in 4 shards (16-sample batches make 10
+    steps an epoch), and 4 x 10 test JPEGs with the same classes."""
+    from shards.create import CreateOptions, create
+    from shards.manifest import read_index, read_manifest
+
+    root = tmp_path_factory.mktemp("tiny-shards")
+    make_imagenet_train(str(root / "src-train"), classes=4, per_class=40, size=(40, 32))
+    make_imagenet_train(str(root / "src-test"), classes=4, per_class=10, size=(40, 32), seed=1)
+    for split in ("train", "test"):
+        create(
+            CreateOptions(
+                src=str(root / f"src-{split}"), dest=str(root / split), shard_samples=40, workers=1
+            )
+        )
+    manifest = read_manifest(str(root / "train"))
+    labels = {
+        record.key: record.cls
+        for entry in manifest.shards
+        for record in read_index(str(root / "train"), entry).samples
+    }
+    return TinyShards(root / "train", root / "test", set(labels), labels)

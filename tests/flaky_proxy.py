@@ -55,7 +55,8 @@ class FlakyProxy:
     their connection reset (at once, after the status line and headers, or halfway
     through the body); any request whose path contains one of ``always_fail`` gets a
     500 every time. A write (PUT/POST) whose path contains one of ``hold_writes`` waits,
-    with ``holding`` set, until ``release`` is set: a writer frozen mid-write, to kill.
+    with ``holding`` set, until ``release`` is set (then goes on, or is dropped when
+    ``drop_held``): a writer frozen mid-write, to kill.
     Draws come from ``random.Random(seed)``, so a run is repeatable up
     to thread scheduling. Counters: ``requests``, ``failures`` (500s), ``resets``.
 
@@ -83,7 +84,8 @@ class FlakyProxy:
         self.always_fail = set(always_fail)
         self.hold_writes = set(hold_writes)
         self.holding = threading.Event()  # set once a write is being held
-        self.release = threading.Event()  # set to let held writes through
+        self.release = threading.Event()  # set to let held writes go on
+        self.drop_held = False  # on release, drop held writes instead of forwarding them
         self.requests = 0
         self.failures = 0
         self.resets = 0
@@ -145,6 +147,9 @@ def _make_handler(proxy: FlakyProxy) -> type[BaseHTTPRequestHandler]:
             if self.command in ("PUT", "POST") and any(p in self.path for p in proxy.hold_writes):
                 proxy.holding.set()  # a writer is now stuck mid-write, as on a stalled network
                 proxy.release.wait()
+                if proxy.drop_held:  # its client is gone: the write never happened
+                    self._reset()
+                    return
             action = proxy.decide(self.path)
             if action == "reset-now":
                 self._reset()

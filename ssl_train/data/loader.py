@@ -7,17 +7,28 @@ number of workers is the number of CPU cores given to decoding.
 
 from __future__ import annotations
 
+import os
 import signal
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 
-def _ignore_stop_signals(worker_id: int) -> None:
-    """Workers leave SIGTERM/SIGINT to the training process, which checkpoints at the
-    next step and then stops them; dying first would fail the batch it is waiting for.
-    They still exit with their parent (the DataLoader's watchdog)."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+def _quiet_exit(signum: int, frame: object) -> None:
+    os._exit(0)
+
+
+def _worker_signals(worker_id: int) -> None:
+    """Stop signals, the way the training process needs them.
+
+    SIGTERM (preemption reaches the whole process group; the DataLoader and
+    multiprocessing also stop workers with it) ends a worker at once with status 0: a
+    worker killed by a signal makes torch raise in the training process wherever it is,
+    possibly mid-step, while a clean exit only fails a wait for data, which the trainer
+    expects once it has been asked to stop. Ctrl-C is left to the training process,
+    which checkpoints and then stops its workers.
+    """
+    signal.signal(signal.SIGTERM, _quiet_exit)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
@@ -42,5 +53,5 @@ def make_loader(
         pin_memory=on_gpu,  # page-locked batches copy to the GPU asynchronously
         prefetch_factor=prefetch if workers else None,
         persistent_workers=workers > 0,
-        worker_init_fn=_ignore_stop_signals if workers else None,
+        worker_init_fn=_worker_signals if workers else None,
     )

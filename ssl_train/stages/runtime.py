@@ -58,8 +58,39 @@ def start(device: str | None = None) -> Runtime:
         torch.cuda.set_device(chosen)
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if chosen.type == "cuda" else "gloo"
-        dist.init_process_group(backend, device_id=chosen if chosen.type == "cuda" else None)
+        store, rank, world = next(dist.rendezvous("env://"))
+        dist.init_process_group(
+            backend,
+            store=_store_for_this_attempt(store, world),
+            rank=rank,
+            world_size=world,
+            device_id=chosen if chosen.type == "cuda" else None,
+        )
     return Runtime(rank, world, local_rank, chosen)
+
+
+def _store_for_this_attempt(store: dist.Store, world: int) -> dist.Store:
+    """Keep a restarted worker group from reading its predecessor's addresses.
+
+    torchrun shares its rendezvous store with the workers by default and keeps it across
+    restarts, so the keys the dead group published (gloo/NCCL peer addresses) are still
+    there when the new group starts: a rank can connect to a dead peer's port and fail
+    (pytorch/pytorch#135712). On one node every worker is restarted together and sees the
+    same TORCHELASTIC_RESTART_COUNT, which makes a safe key prefix. Across nodes that
+    count can differ, so there the fix is torchrun's own: TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
+    (the TorchX components set it), which gives every rendezvous round a fresh store.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return store  # a fresh store per round, or no torchrun at all
+    if int(os.environ.get("LOCAL_WORLD_SIZE", "0")) == world:
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        return dist.PrefixStore(f"ssl-train/attempt-{attempt}", store)
+    if int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0 and os.environ.get("RANK") == "0":
+        log.warning(
+            "torchrun shares its store with the workers across restarts: set "
+            "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 for torchrun so that restarted workers connect"
+        )
+    return store
 
 
 def stop(runtime: Runtime) -> None:

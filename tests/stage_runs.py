@@ -1,0 +1,141 @@
+"""Run the real ``ssl-train`` stage commands in tests, alone or under real ``torchrun``,
+and look at what they leave behind: final weights, checkpoints, sample traces.
+
+Each run is its own session (so a test can kill torchrun with all its workers) and
+writes its output to a log file that failures print. Nothing here waits without a
+deadline.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import safetensors.torch
+import torch
+
+TINY = ["--preset", "tiny", "--image-size", "16", "--log-every-steps", "1"]
+
+
+@dataclass
+class Run:
+    proc: subprocess.Popen
+    log: Path
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def wait(self, timeout: float = 120) -> int:
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise AssertionError(f"run still going after {timeout}s:\n{self.output()[-3000:]}")
+
+    def kill(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=10)
+
+    def check(self, timeout: float = 120) -> str:
+        code = self.wait(timeout)
+        assert code == 0, f"exit {code}:\n{self.output()[-4000:]}"
+        return self.output()
+
+
+def command(stage: str, *args: str, nprocs: int | None = None, max_restarts: int = 0) -> list[str]:
+    """``ssl-train STAGE ARGS`` as one process, or under torchrun with ``nprocs`` ranks."""
+    cli = ["-m", "ssl_train.cli", stage, *args]
+    if nprocs is None:
+        return [sys.executable, *cli]
+    launcher = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone",
+        f"--nproc-per-node={nprocs}", f"--max-restarts={max_restarts}", "--monitor-interval=0.2",
+    ]  # fmt: skip
+    return [*launcher, *cli]
+
+
+def start(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> Run:
+    environment = {**(env if env is not None else os.environ), "OMP_NUM_THREADS": "1"}
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(
+            cmd, stdout=out, stderr=subprocess.STDOUT, env=environment, start_new_session=True
+        )
+    return Run(proc, log)
+
+
+def run(cmd: list[str], log: Path, env: dict[str, str] | None = None, timeout: float = 120) -> str:
+    """Run to completion; fail the test with the output on a non-zero exit."""
+    return start(cmd, log, env).check(timeout)
+
+
+def children(pid: int) -> list[int]:
+    """Direct child processes of ``pid`` (torchrun's workers), from /proc."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            stat = (entry / "stat").read_text()
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry.name))
+    return sorted(found)
+
+
+def trace(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def wait_for_step(path: Path, step: int, run: Run, timeout: float = 90) -> None:
+    """Until the trace shows global step ``step`` done (or fail, with the run's output)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any(line["global_step"] >= step for line in trace(path)):
+            return
+        if run.proc.poll() is not None:
+            raise AssertionError(f"run ended before step {step}:\n{run.output()[-3000:]}")
+        time.sleep(0.05)
+    run.kill()
+    raise AssertionError(f"no step {step} within {timeout}s:\n{run.output()[-3000:]}")
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return safetensors.torch.load_file(str(run_dir / "final" / "model.safetensors"))
+
+
+def assert_bitwise_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+
+
+def assert_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], rtol: float) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        if a[key].is_floating_point():
+            torch.testing.assert_close(a[key], b[key], rtol=rtol, atol=rtol, msg=key)
+        else:
+            assert torch.equal(a[key], b[key]), key
+
+
+def assert_exactly_once(lines: list[dict], keys: set[str], steps_per_epoch: int) -> None:
+    """Every step of the trace once, and per whole epoch every key exactly once."""
+    steps = Counter((line["global_step"], line["rank"], line["world_size"]) for line in lines)
+    assert all(n == 1 for n in steps.values()), "a step was traced twice by one rank"
+    by_epoch: dict[int, Counter] = {}
+    for line in lines:
+        assert line["epoch"] * steps_per_epoch + line["step"] == line["global_step"]
+        by_epoch.setdefault(line["epoch"], Counter()).update(line["keys"])
+    for epoch, seen in by_epoch.items():
+        assert set(seen) == keys, f"epoch {epoch}: {len(keys - set(seen))} keys never seen"
+        assert max(seen.values()) == 1, f"epoch {epoch}: {seen.most_common(2)} seen twice"
