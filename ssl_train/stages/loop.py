@@ -97,6 +97,16 @@ def _agree(flags: list[bool], runtime: rt.Runtime) -> list[bool]:
     return [bool(v) for v in tensor.tolist()]
 
 
+def _mean_over_ranks(metrics: dict[str, float], runtime: rt.Runtime) -> dict[str, float]:
+    """The global batch's loss and accuracies (each rank holds its share's)."""
+    if not runtime.distributed:
+        return metrics
+    device = runtime.device if runtime.device.type == "cuda" else torch.device("cpu")
+    values = torch.tensor(list(metrics.values()), dtype=torch.float64, device=device)
+    dist.all_reduce(values)
+    return dict(zip(metrics, (values / runtime.world_size).tolist(), strict=True))
+
+
 def _barrier(runtime: rt.Runtime) -> None:
     if runtime.distributed:
         dist.barrier()
@@ -261,24 +271,23 @@ class Trainer:
             if (by_steps or time_due) and self.step < stop_at:
                 self._save(checkpointer, wait=False)
                 last_save = time.monotonic()
-            if runtime.is_main and (
-                self.step % config.log_every_steps == 0 or self.step == stop_at
-            ):
-                rate = (
-                    (self.step - started_step)
-                    * config.global_batch_size
-                    / (time.monotonic() - started)
-                )
-                log.info(
-                    "step %d/%d epoch %d loss %.4f %s lr %.4g %.1f samples/s",
-                    self.step,
-                    position.total_steps,
-                    batch.epoch,
-                    metrics["loss"],
-                    " ".join(f"{k} {v:.3f}" for k, v in metrics.items() if k not in ("loss", "lr")),
-                    metrics["lr"],
-                    rate,
-                )
+            if self.step % config.log_every_steps == 0 or self.step == stop_at:
+                metrics = _mean_over_ranks(metrics, runtime)
+                if runtime.is_main:
+                    elapsed = time.monotonic() - started
+                    rate = (self.step - started_step) * config.global_batch_size / elapsed
+                    log.info(
+                        "step %d/%d epoch %d loss %.4f %s lr %.4g %.1f samples/s",
+                        self.step,
+                        position.total_steps,
+                        batch.epoch,
+                        metrics["loss"],
+                        " ".join(
+                            f"{k} {v:.3f}" for k, v in metrics.items() if k not in ("loss", "lr")
+                        ),
+                        metrics["lr"],
+                        rate,
+                    )
         self._save(checkpointer, wait=True)
 
     def _step(self, batch: Any) -> dict[str, float]:
