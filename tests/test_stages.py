@@ -138,7 +138,9 @@ def test_eval_counts_every_sample_once_and_matches_a_hand_count(
     subset_file = subset.file
     ft_dir = tmp_path / "ft"
     args = finetune_args(tiny_shards.train, pretrained, ft_dir, subset_file)
-    run(command("finetune", *args, "--max-steps", "20", "--learning-rate", "0.05"), tmp_path / "log")
+    run(
+        command("finetune", *args, "--max-steps", "20", "--learning-rate", "0.05"), tmp_path / "log"
+    )
 
     # By hand: every test sample in manifest order, one at a time.
     model, _ = load_model(final_url(str(ft_dir)))
@@ -279,3 +281,20 @@ def test_a_crafted_pickle_checkpoint_is_refused_without_running_it(
     assert refused.returncode == 2, refused.stderr
     assert "not a safetensors file" in refused.stderr and "step-000000002" in refused.stderr
     assert not marker.exists()
+
+
+def test_bf16_and_channels_last_train_under_torchrun(
+    tiny_shards: TinyShards, tmp_path: Path
+) -> None:
+    """The GPU code paths (bf16 autocast, channels-last) also run on CPU, so they are
+    exercised here; torch.compile and NCCL need the GPU benchmark (bench/gpu_step.py)."""
+    args = ["--data", str(tiny_shards.train), "--run-dir", str(tmp_path / "run"), *TINY]
+    args += ["--workers", "0", "--max-steps", "3", "--global-batch-size", "16"]
+    out = run(
+        command("pretrain", *args, "--precision", "bf16", "--channels-last", nprocs=2),
+        tmp_path / "log",
+    )
+    losses = [
+        float(line.split(" loss ")[1].split()[0]) for line in out.splitlines() if " loss " in line
+    ]
+    assert len(losses) == 3 and all(0 < loss < 100 for loss in losses), losses
