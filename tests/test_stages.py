@@ -298,3 +298,22 @@ def test_bf16_and_channels_last_train_under_torchrun(
         float(line.split(" loss ")[1].split()[0]) for line in out.splitlines() if " loss " in line
     ]
     assert len(losses) == 3 and all(0 < loss < 100 for loss in losses), losses
+
+
+def test_linear_eval_trains_only_a_classifier_on_the_frozen_backbone(
+    tiny_shards: TinyShards, pretrained: Path, tmp_path: Path
+) -> None:
+    import safetensors.torch
+
+    args = ["--data", str(tiny_shards.train), "--pretrained", str(pretrained)]
+    args += ["--run-dir", str(tmp_path / "le"), "--image-size", "16", "--workers", "0"]
+    run(
+        command("linear-eval", *args, "--global-batch-size", "16", "--max-steps", "3"),
+        tmp_path / "log",
+    )
+    trained = safetensors.torch.load_file(str(tmp_path / "le" / "final" / "model.safetensors"))
+    source = safetensors.torch.load_file(str(pretrained / "final" / "model.safetensors"))
+    backbone = [name for name in trained if name.startswith("backbone.")]
+    assert backbone and all(torch.equal(trained[n], source[n]) for n in backbone)  # BN stats too
+    assert not any(name.startswith("head.") for name in trained)  # reads the features
+    assert trained["classifier.weight"].any()
