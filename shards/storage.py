@@ -271,6 +271,29 @@ def read_deadline_s() -> float:
     return seconds
 
 
+# Who wants to count storage traffic (ssl_train's metrics); shards itself keeps no state.
+_listeners: list[Callable[[str, int], None]] = []
+
+
+def add_listener(listener: Callable[[str, int], None]) -> None:
+    """Call ``listener(event, amount)`` for ``requests``, ``read_bytes``, ``retries`` and
+    ``read_errors``, in whichever process reads (data-loading workers included).
+
+    Example:
+        >>> seen = []
+        >>> add_listener(lambda event, amount: seen.append(event))
+        >>> _ = read_bytes("/etc/hostname"); seen[:2]
+        ['requests', 'read_bytes']
+        >>> _listeners.clear()
+    """
+    _listeners.append(listener)
+
+
+def _emit(event: str, amount: int = 1) -> None:
+    for listener in _listeners:
+        listener(event, amount)
+
+
 def with_retries(
     action: Callable[[], T],
     url: str,
@@ -313,6 +336,7 @@ def with_retries(
             out_of_tries = attempts is not None and attempt >= attempts
             out_of_time = deadline_s is not None and elapsed + delay >= deadline_s
             if not (out_of_tries or out_of_time):
+                _emit("retries")
                 time.sleep(delay)
                 delay = min(delay * 2, MAX_RETRY_DELAY_S)
                 continue
@@ -343,11 +367,18 @@ def _read_retried(url: str, start: int | None = None, end: int | None = None) ->
         options: dict[str, float] = {}
         if isinstance(fs, AsyncFileSystem):
             options["timeout"] = max(ends_at - time.monotonic(), 1.0)
+        _emit("requests")
         if start is None:
             return fs.cat_file(path, **options)
         return fs.cat_file(path, start=start, end=end, **options)
 
-    return with_retries(attempt, url, attempts=None, deadline_s=deadline_s)
+    try:
+        data = with_retries(attempt, url, attempts=None, deadline_s=deadline_s)
+    except ShardsError:
+        _emit("read_errors")
+        raise
+    _emit("read_bytes", len(data))
+    return data
 
 
 def check_reachable(url: str, for_writing: bool) -> None:

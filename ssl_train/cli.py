@@ -42,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--seed", type=int, default=0)
     bench.add_argument("--device", help="device of the augmentation stage (default cuda if any)")
+    sub.add_parser("metrics", help="list every Prometheus metric (a Markdown table)")
     add_stage_commands(sub)
     return parser
 
@@ -159,6 +160,10 @@ def main(argv: list[str] | None = None) -> None:
             from ssl_train.demo import run_demo
 
             run_demo(args.out, workers=args.workers)
+        elif args.command == "metrics":
+            from ssl_train.metrics import markdown_table
+
+            print(markdown_table())
         elif args.command == "models":
             list_models(args.json)
         elif args.command == "data-bench":

@@ -38,7 +38,7 @@ class Run:
             return self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             self.kill()
-            raise AssertionError(f"run still going after {timeout}s:\n{self.output()[-3000:]}")
+            raise AssertionError(f"run still going after {timeout}s:\n{self.output()[-3000:]}") from None
 
     def kill(self) -> None:
         with contextlib.suppress(ProcessLookupError):

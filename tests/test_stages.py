@@ -111,7 +111,7 @@ def test_distill_never_updates_the_teacher(
     config = StageConfig.for_stage(
         "distill", data=str(tiny_shards.train), run_dir=str(tmp_path / "student"),
         teacher=str(teacher_dir), preset="tiny_student", image_size=16, global_batch_size=16,
-        max_steps=3, workers=0, labeled_weight=0.3,
+        max_steps=3, workers=0, labeled_weight=0.3, metrics_port=0,
     )  # fmt: skip
     trainer = Trainer(config, start_runtime("cpu"))
     student_before = {k: v.clone() for k, v in trainer.task.model.state_dict().items()}

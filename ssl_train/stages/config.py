@@ -12,6 +12,8 @@ import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+from ssl_train.metrics import DEFAULT_PORT
+
 STAGES = ("pretrain", "finetune", "distill", "linear-eval")
 PRECISIONS = ("fp32", "bf16")
 
@@ -123,7 +125,7 @@ class StageConfig:
     eval_data: str | None = None
     eval_batch_size: int = 256
     log_every_steps: int = 10
-    metrics_port: int = 0
+    metrics_port: int = DEFAULT_PORT  # 0 = no metrics
 
     @classmethod
     def for_stage(cls, stage: str, **values: Any) -> StageConfig:

@@ -71,6 +71,12 @@ COMMON: list[tuple[str, str, Any, str]] = [
     ("--eval-data", "eval_data", str, "shard set to report top-1/top-5 on at the end"),
     ("--eval-batch-size", "eval_batch_size", int, "evaluation batch per process (default 256)"),
     ("--log-every-steps", "log_every_steps", int, "progress line every N steps (default 10)"),
+    (
+        "--metrics-port",
+        "metrics_port",
+        int,
+        "serve Prometheus /metrics for this node on PORT + node rank (default 9732; 0 = off)",
+    ),
 ]
 
 PER_STAGE: dict[str, list[tuple[str, str, Any, str]]] = {

@@ -30,6 +30,7 @@ from ssl_train.data.plan import DEFAULT_PARTITIONS
 from ssl_train.data.stream import StreamConfig, StreamState, TrainStream
 from ssl_train.dist import convert_to_global_bn
 from ssl_train.export import final_url, save_model
+from ssl_train.metrics import METRICS_NOW, run_label
 from ssl_train.optim import WarmupCosineSchedule, scale_learning_rate
 from ssl_train.stages import runtime as rt
 from ssl_train.stages import trace
@@ -143,6 +144,7 @@ class Trainer:
         self.store = CheckpointStore(config.run_dir, keep=config.keep_checkpoints)
         self.step = 0
         self.saved_step: int | None = None
+        self.recorded_checkpoint: int | None = None
         model = self.task.model
         if config.channels_last:
             model.to(memory_format=torch.channels_last)
@@ -191,6 +193,8 @@ class Trainer:
         set_rng_state(state["rng"])
         self.step = self.saved_step = int(state["step"])
         log.info("resumed from step %d (saved on %s ranks)", self.step, state.get("world_size"))
+        METRICS_NOW.inc("resumes_total")
+        METRICS_NOW.set("global_step", self.step)
 
     # --- the loop ----------------------------------------------------------------------
 
@@ -238,6 +242,7 @@ class Trainer:
         )
         started, started_step = time.monotonic(), self.step
         self.task.train_mode()
+        step_began = time.monotonic()
         while self.step < stop_at:
             try:
                 batch = next(batches)
@@ -245,6 +250,7 @@ class Trainer:
                 if not stop_request.requested:  # data workers die with the preempted pod
                     raise
                 batch = None
+            data_wait = time.monotonic() - step_began
             time_due = (
                 runtime.is_main and every_s is not None and time.monotonic() - last_save >= every_s
             )
@@ -255,6 +261,10 @@ class Trainer:
                     f"stopped by {stop_request.signal_name or 'another rank'} at step {self.step}"
                 )
             metrics = self._step(batch)
+            self._record_step(
+                batch, metrics, data_wait, time.monotonic() - step_began, checkpointer
+            )
+            step_began = time.monotonic()
             if config.trace_samples:
                 trace.append(
                     config.trace_samples,
@@ -273,6 +283,9 @@ class Trainer:
                 last_save = time.monotonic()
             if self.step % config.log_every_steps == 0 or self.step == stop_at:
                 metrics = _mean_over_ranks(metrics, runtime)
+                for name in ("loss", "contrastive_top1", "top1"):
+                    if name in metrics:
+                        METRICS_NOW.set("train_top1" if name == "top1" else name, metrics[name])
                 if runtime.is_main:
                     elapsed = time.monotonic() - started
                     rate = (self.step - started_step) * config.global_batch_size / elapsed
@@ -289,6 +302,37 @@ class Trainer:
                         rate,
                     )
         self._save(checkpointer, wait=True)
+        self._record_checkpoint(checkpointer)
+
+    def _record_step(
+        self,
+        batch: Any,
+        metrics: dict[str, float],
+        data_wait: float,
+        duration: float,
+        checkpointer: AsyncCheckpointer,
+    ) -> None:
+        """Per-step metrics: cheap (memory-mapped counters), so every step records."""
+        record = METRICS_NOW
+        record.inc("steps_total")
+        record.inc("samples_total", len(batch.keys))
+        record.inc("corrupt_samples_total", len(batch.corrupt))
+        record.set("global_step", self.step)
+        record.set("epoch", batch.epoch)
+        record.set("learning_rate", metrics["lr"])
+        record.observe("data_wait_seconds", data_wait)
+        record.observe("step_duration_seconds", duration)
+        record.record_gpu_memory()
+        self._record_checkpoint(checkpointer)
+
+    def _record_checkpoint(self, checkpointer: AsyncCheckpointer) -> None:
+        """Report a checkpoint once its background write has completed."""
+        if checkpointer.last_step is None or checkpointer.last_step == self.recorded_checkpoint:
+            return
+        self.recorded_checkpoint = checkpointer.last_step
+        METRICS_NOW.observe("checkpoint_save_seconds", checkpointer.last_duration_s or 0.0)
+        METRICS_NOW.set("checkpoint_size_bytes", checkpointer.last_bytes or 0)
+        METRICS_NOW.set("last_checkpoint_timestamp_seconds", time.time())
 
     def _step(self, batch: Any) -> dict[str, float]:
         expected = self.position.stream_state(self.step)
@@ -350,6 +394,8 @@ class Trainer:
                 runtime,
                 config.workers,
             )
+            METRICS_NOW.set("eval_top1", summary["eval"]["top1"])
+            METRICS_NOW.set("eval_top5", summary["eval"]["top5"])
         if runtime.is_main:
             about = {
                 "stage": config.stage,
@@ -379,7 +425,18 @@ def run_stage(config: StageConfig) -> dict[str, Any]:
     """
     check_world_size(config, int(os.environ.get("WORLD_SIZE", "1")))
     runtime = rt.start(config.device)
-    try:
-        return Trainer(config, runtime).run()
-    finally:
-        rt.stop(runtime)
+    if config.metrics_port:
+        start_metrics(config, runtime)
+    summary = Trainer(config, runtime).run()
+    rt.stop(runtime)  # not on errors: leaving a group whose peers died can hang
+    return summary
+
+
+def start_metrics(config: StageConfig, runtime: rt.Runtime) -> None:
+    """Record this process's metrics (and its data workers'); local rank 0 serves the node."""
+    METRICS_NOW.enable(
+        config.stage, run_label(config.run_dir), runtime.rank, config.preset, runtime.world_size
+    )
+    storage.add_listener(METRICS_NOW.storage_event)
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        METRICS_NOW.serve(config.metrics_port)
