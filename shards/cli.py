@@ -104,6 +104,17 @@ def build_parser() -> argparse.ArgumentParser:
     copy.add_argument("src", metavar="SRC")
     copy.add_argument("dst", metavar="DST")
     copy.add_argument("--workers", type=_positive_int, default=4)
+    for command in (create, verify, copy):
+        command.add_argument(
+            "--metrics-port",
+            type=int,
+            help="serve progress for Prometheus at http://HOST:PORT/metrics while running",
+        )
+        command.add_argument(
+            "--pushgateway",
+            help="push progress to this Prometheus Pushgateway (e.g. http://pushgateway:9091); "
+            "default $SHARDS_PUSHGATEWAY",
+        )
     return parser
 
 
@@ -137,6 +148,10 @@ def _info(url: str, as_json: bool) -> None:
 
 def run(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in ("create", "verify", "copy"):
+        from shards import progress_metrics
+
+        progress_metrics.configure(args.metrics_port, args.pushgateway)
     if args.command == "create":
         from shards.create import CreateOptions, create
 

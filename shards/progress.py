@@ -9,6 +9,8 @@ from typing import TextIO
 
 from tqdm import tqdm
 
+from shards import progress_metrics
+
 
 def human_bytes(n: float) -> str:
     """Bytes for people.
@@ -39,6 +41,9 @@ class Progress:
         self.stream = stream if stream is not None else sys.stderr
         self.done = self.samples = self.nbytes = 0
         self.started = self._last_line = time.monotonic()
+        self.metrics = progress_metrics.for_command(what)
+        if self.metrics is not None:
+            self.metrics.update(0, total, 0, 0)
         self._bar = (
             tqdm(
                 total=total,
@@ -57,6 +62,8 @@ class Progress:
         self.done += shards
         self.samples += samples
         self.nbytes += nbytes
+        if self.metrics is not None:
+            self.metrics.update(self.done, self.total, self.samples, self.nbytes)
         if self._bar is not None:
             self._bar.update(shards)
             self._bar.set_postfix_str(f"{self.samples} samples, {human_bytes(self.nbytes)}")
@@ -73,5 +80,7 @@ class Progress:
             )
 
     def close(self) -> None:
+        if self.metrics is not None:
+            self.metrics.close()
         if self._bar is not None:
             self._bar.close()
