@@ -187,3 +187,34 @@ def test_prometheus_sees_progress_on_both_ranks_and_the_restart(
             job.proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             job.kill()
+
+
+def test_two_nodes_on_one_host_serve_their_own_ranks(
+    tiny_shards: TinyShards, tmp_path: Path
+) -> None:
+    """Two torchrun agents (nodes) on one host: node r serves on PORT + r, its own rank."""
+    import sys
+
+    port, rendezvous, trace_file = free_port(), free_port(), tmp_path / "trace"
+    args = pretrain(tiny_shards.train, tmp_path / "run", "--max-steps", "100000", "--workers", "0")
+    args += ["--metrics-port", str(port), "--trace-samples", str(trace_file)]
+    launcher = [
+        sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1",
+        "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{rendezvous}", "--rdzv-id=two-nodes",
+    ]  # fmt: skip
+    nodes = [
+        start([*launcher, "-m", "ssl_train.cli", "pretrain", *args], tmp_path / f"log{n}")
+        for n in range(2)
+    ]
+    try:
+        wait_for_step(trace_file, 3, nodes[0])
+        seen = []
+        for node in range(2):
+            text = scrape(port + node)
+            steps = [line for line in text.splitlines() if line.startswith("ssl_train_steps_total")]
+            assert len(steps) == 1, text  # one node, one rank: not the other node's as well
+            seen.append(steps[0].split('rank="')[1].split('"')[0])
+        assert sorted(seen) == ["0", "1"]
+    finally:
+        for node in nodes:
+            node.kill()
