@@ -41,8 +41,14 @@ class Run:
             raise AssertionError(f"run still going after {timeout}s:\n{self.output()[-3000:]}") from None
 
     def kill(self) -> None:
+        """SIGKILL the run and every worker: torchrun starts each worker in a session of
+        its own, so killing torchrun's group alone would leave them running."""
+        workers = children(self.proc.pid)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGKILL)
+        for worker in workers:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(worker, signal.SIGKILL)
         self.proc.wait(timeout=10)
 
     def check(self, timeout: float = 120) -> str:
