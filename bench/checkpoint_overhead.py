@@ -38,17 +38,22 @@ per checkpoint, measured extra time e = (window(ckpt) - window(off)) / checkpoin
 write wall time w:
 
   aggressive overhead  window(ckpt) / window(off) - 1, at a checkpoint every K steps
-  default overhead     max(b, e) / (steps per 10 min x t): the estimate
-  default bound        (b + w) / (steps per 10 min x t): a checkpoint cannot cost more
-                       than blocking plus stopping training for the whole write
+  default, measured    max(b, e) / (steps per 10 min x t): what one checkpoint was
+                       measured to cost, spread over the 10 minutes of steps it covers
+  default, modelled    (b + w) / (steps per 10 min x t): blocking plus training stopped
+                       for the whole background write (a model, not a strict bound:
+                       e can exceed it, e.g. when the moto server's CPU outlasts the write)
 
-The last line printed is one JSON object with every figure and PASS/FAIL (judged on the
-bound, the conservative figure).
+The machine may be shared: each run waits for quiet CPUs first and is rerun (up to
+--tries runs, the least disturbed kept) when other processes took more than --max-other
+of one core during it. The last line printed is one JSON object with every figure and
+PASS/FAIL, judged on the larger of the two default-cadence figures.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -59,6 +64,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -111,6 +117,10 @@ class RunRecord:
     writes: list[Write] = field(default_factory=list)
     other_cpu_s: float = 0.0
     elapsed_s: float = 0.0
+    tries: int = 1  # runs made for this measurement (the least disturbed one is kept)
+    server_cpu_s: float = 0.0  # the local S3 server's CPU time during the run
+    cpu_s_per_step: float = 0.0  # these two are set by input_overhead.py's preloaded runs
+    decode_cpu_s_per_batch: float = 0.0
 
     def window(self, warmup: int) -> tuple[float, int]:
         """(seconds, steps) from the start of step ``warmup`` to the closing save."""
@@ -157,6 +167,15 @@ def instrument(trainer: Any, record: RunRecord) -> None:
     trainer._step, trainer._save, trainer.store._save_flat = step, save, write
 
 
+def server_cpu(machine: Machine | None) -> float:
+    """CPU seconds the local S3 server has used so far (0 without one)."""
+    if machine is None or not machine.server_pid:
+        return 0.0
+    with open(f"/proc/{machine.server_pid}/stat") as f:
+        stat = f.read().rsplit(")", 1)[1].split()
+    return (int(stat[11]) + int(stat[12])) / machine.tick
+
+
 def run_pretrain(
     data: str,
     run_dir: str,
@@ -196,14 +215,54 @@ def run_pretrain(
         trainer = Trainer(config, runtime)
         instrument(trainer, record)
         before = machine.snapshot() if machine else None
+        server_before = server_cpu(machine)
         start = time.perf_counter()
         trainer.run()
         record.elapsed_s = time.perf_counter() - start
         if machine and before:
             record.other_cpu_s = machine.other_cpu(before)
+            record.server_cpu_s = server_cpu(machine) - server_before
     finally:
         rt.stop(runtime)
     return record
+
+
+def run_and_clean(data: str, run_dir: str, *args: Any) -> RunRecord:
+    """:func:`run_pretrain`, then delete the run dir (local or on S3)."""
+    record = run_pretrain(data, run_dir, *args)
+    if run_dir.startswith("s3://"):
+        import fsspec
+
+        fs, path = fsspec.core.url_to_fs(run_dir)
+        fs.rm(path, recursive=True)
+    else:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    return record
+
+
+def quiet_run(
+    run: Callable[[], RunRecord], machine: Machine, wait_s: float, max_other: float, tries: int
+) -> RunRecord:
+    """``run()`` after waiting for quiet CPUs; again (up to ``tries`` runs) while other
+    processes took more than ``max_other`` of one core during it (the machine is shared).
+    The least disturbed run is kept."""
+    best: RunRecord | None = None
+    for attempt in range(1, tries + 1):
+        machine.wait_for_quiet(wait_s if attempt == 1 else 12 * wait_s)
+        record = run()
+        if best is None or record.other_cpu_s < best.other_cpu_s:
+            best = record
+        if record.other_cpu_s <= max_other * record.elapsed_s:
+            break
+        print(
+            f"  (other processes used {record.other_cpu_s:.1f} CPU-s in "
+            f"{record.elapsed_s:.0f} s: running it again)",
+            file=sys.stderr,
+            flush=True,
+        )
+    assert best is not None
+    best.tries = attempt  # runs made; the least disturbed one is returned
+    return best
 
 
 # ----------------------------------------------------------------------------- summary
@@ -238,6 +297,11 @@ def summarise(records: list[RunRecord], warmup: int) -> dict[str, Any]:
         "write_thread_cpu_s": round(_median([w.cpu_s for w in in_window]), 3),
         "checkpoint_bytes": writes[-1].nbytes if writes else None,
         "other_cpu_s": [round(r.other_cpu_s, 2) for r in records],
+        "elapsed_s": [round(r.elapsed_s, 1) for r in records],
+        "tries": [r.tries for r in records],
+        "s3_server_cpu_s_per_checkpoint": round(
+            _median([r.server_cpu_s / max(1, len(r.writes)) for r in records]), 3
+        ),
     }
 
 
@@ -250,17 +314,17 @@ def derive(off: dict[str, Any], ckpt: dict[str, Any]) -> dict[str, Any]:
     blocking = ckpt["blocking_s"]
     per_period = math.ceil(DEFAULT_CADENCE_S / step)  # steps between two checkpoints
     period_s = per_period * step
-    estimate = max(blocking, extra) / period_s
-    bound = (blocking + ckpt["write_wall_s"]) / period_s
+    measured = max(blocking, extra) / period_s
+    modelled = (blocking + ckpt["write_wall_s"]) / period_s
     return {
         "aggressive_overhead": round(ckpt["step_s"] / step - 1, 4),
         "extra_s_per_checkpoint": round(extra, 4),
         "blocking_s_per_checkpoint": blocking,
         "blocking_share_of_step": round(blocking / step, 4),
         "steps_per_10_min": per_period,
-        "default_overhead_estimate": round(estimate, 6),
-        "default_overhead_bound": round(bound, 6),
-        "verdict": "PASS" if bound <= TARGET else "FAIL",
+        "default_overhead_measured": round(measured, 6),
+        "default_overhead_modelled": round(modelled, 6),
+        "verdict": "PASS" if max(measured, modelled) <= TARGET else "FAIL",
     }
 
 
@@ -276,6 +340,13 @@ def main() -> int:
     parser.add_argument("--no-s3", action="store_true", help="skip the moto S3 variant")
     parser.add_argument("--no-large", action="store_true", help="skip r50_1x_sk0")
     parser.add_argument("--quiet-wait", type=float, default=5.0)
+    parser.add_argument(
+        "--max-other",
+        type=float,
+        default=0.1,
+        help="rerun a run in which other processes used more than this share of one core",
+    )
+    parser.add_argument("--tries", type=int, default=5, help="runs at most, per measurement")
     args = parser.parse_args()
 
     import fsspec
@@ -318,22 +389,25 @@ def main() -> int:
                         else str(scratch / f"{name}-{variant}-{repeat}")
                     )
                     every = None if variant == "off" else size["every"]
-                    machine.wait_for_quiet(args.quiet_wait)
-                    record = run_pretrain(data, run_dir, size, steps, every, args.workers, machine)
+                    record = quiet_run(
+                        functools.partial(
+                            run_and_clean, data, run_dir, size, steps, every, args.workers, machine
+                        ),
+                        machine,
+                        args.quiet_wait,
+                        args.max_other,
+                        args.tries,
+                    )
                     records.setdefault((name, variant), []).append(record)
                     seconds, count = record.window(args.warmup)
                     print(
                         f"  repeat {repeat + 1} {name:5} {variant:5}: {seconds / count:.3f} s/step, "
-                        f"{len(record.periodic_saves())} checkpoints, "
-                        f"other CPU {record.other_cpu_s:.1f} s",
+                        f"{len(record.periodic_saves())} checkpoints, other CPU "
+                        f"{record.other_cpu_s:.1f} s in {record.elapsed_s:.0f} s "
+                        f"({record.tries} run(s))",
                         file=sys.stderr,
                         flush=True,
                     )
-                    if variant == "s3":
-                        fs, path = fsspec.core.url_to_fs(run_dir)
-                        fs.rm(path, recursive=True)
-                    else:
-                        shutil.rmtree(run_dir, ignore_errors=True)
     finally:
         if server is not None:
             server.__exit__(None, None, None)
@@ -364,14 +438,14 @@ def main() -> int:
     print()
     print(
         "| size, storage | overhead every K steps | extra s/ckpt | blocking s/ckpt "
-        "| steps per 10 min | default-cadence estimate | default-cadence bound | target |"
+        "| steps per 10 min | default cadence, measured | default cadence, modelled | target |"
     )
     print("|---|---:|---:|---:|---:|---:|---:|---|")
     for key, d in derived.items():
         print(
             f"| {key} | {d['aggressive_overhead']:+.1%} | {d['extra_s_per_checkpoint']:.3f} "
             f"| {d['blocking_s_per_checkpoint']:.4f} | {d['steps_per_10_min']} "
-            f"| {d['default_overhead_estimate']:.3%} | {d['default_overhead_bound']:.3%} "
+            f"| {d['default_overhead_measured']:.3%} | {d['default_overhead_modelled']:.3%} "
             f"| <= 5% {d['verdict']} |"
         )
     settings = {
@@ -379,9 +453,7 @@ def main() -> int:
         "workers": args.workers,
         "warmup": args.warmup,
         "repeats": args.repeats,
-        "sizes": {
-            k: {**v, "steps": (v["periods"] + 1) * v["every"]} for k, v in sizes.items()
-        },
+        "sizes": {k: {**v, "steps": (v["periods"] + 1) * v["every"]} for k, v in sizes.items()},
         "precision": "fp32",
     }
     print(

@@ -8,7 +8,7 @@ restart (a dead process's files stay and are summed), and data-loading workers'
 storage reads and corrupt samples reach the scrape.
 
 ``METRICS`` is the one list of what exists: the code registers from it and the docs
-(``ssl-train metrics --markdown``) are generated from it. Labels are low-cardinality:
+(``ssl-train metrics``) are generated from it. Labels are low-cardinality:
 ``stage``, ``run`` (the run dir's last path component, never a URL with credentials)
 and ``rank``.
 """
@@ -212,14 +212,16 @@ class Metrics:
             self.set("gpu_memory_reserved_bytes", torch.cuda.memory_reserved())
 
     def serve(self, port: int) -> int | None:
-        """Serve every process of this node on ``port`` (+ node rank); returns the port,
-        or None when it is taken (the run goes on without an endpoint)."""
+        """Serve every process of this node on ``port``, plus the node rank where nodes
+        may share a host (not in Kubernetes pods, whose named port is one number for all
+        replicas). Returns the port, or None when it is taken (training goes on)."""
         import prometheus_client as prom
         from prometheus_client import multiprocess
 
         registry = prom.CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
-        port += int(os.environ.get("GROUP_RANK", "0"))
+        if "KUBERNETES_SERVICE_HOST" not in os.environ:  # a pod has its own IP: no offset
+            port += int(os.environ.get("GROUP_RANK", "0"))
         try:
             prom.start_http_server(port, registry=registry)
         except OSError as exc:
