@@ -11,7 +11,6 @@ never read their predecessors' addresses.
     torchx run -s kubernetes ssl.finetune -j 2:4x8 --h gpu.8 --pretrained s3://b/runs/p ...
 """
 
-
 from typing import Dict, List, Optional
 
 import torchx.specs as specs

@@ -38,7 +38,9 @@ class Run:
             return self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             self.kill()
-            raise AssertionError(f"run still going after {timeout}s:\n{self.output()[-3000:]}") from None
+            raise AssertionError(
+                f"run still going after {timeout}s:\n{self.output()[-3000:]}"
+            ) from None
 
     def kill(self) -> None:
         """SIGKILL the run and every worker: torchrun starts each worker in a session of
