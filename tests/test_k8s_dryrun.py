@@ -1,0 +1,88 @@
+"""`torchx run --dryrun -s kubernetes ssl.<stage>`: the Volcano Job every component
+would submit, checked against the Volcano CRD schema and its pods against Kubernetes'
+own schemas, without a cluster. Fake credentials sit in the environment and must appear
+nowhere in what would be sent."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+
+BIN = Path(sys.executable).parent
+CRD = Path(__file__).resolve().parent.parent / "k8s" / "crds" / "batch.volcano.sh_jobs.yaml"
+FAKE_KEY, FAKE_SECRET = "AKIAFAKEKEYFORTESTS0", "fake/Secret+Value/Nobody+Should=See"
+COMMON = ["--image", "registry.example.com/ssl-train:1.0", "-j", "2:4x8"]
+COMPONENTS = {
+    "ssl.pretrain": ["--data", "s3://b/train", "--run_dir", "s3://b/runs/p"],
+    "ssl.finetune": ["--data", "s3://b/train", "--run_dir", "s3://b/runs/f", "--pretrained", "s3://b/runs/p"],
+    "ssl.distill": ["--data", "s3://b/train", "--run_dir", "s3://b/runs/d", "--teacher", "s3://b/runs/f"],
+    "ssl.linear_eval": ["--data", "s3://b/train", "--run_dir", "s3://b/runs/l", "--pretrained", "s3://b/runs/p"],
+}  # fmt: skip
+
+
+def schema_of(crd_file: Path) -> dict:
+    crd = yaml.safe_load(crd_file.read_text())
+    return crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+
+
+def dryrun(component: str, args: list[str], tmp_path: Path) -> tuple[str, dict]:
+    env = {
+        **os.environ,
+        "AWS_ACCESS_KEY_ID": FAKE_KEY,
+        "AWS_SECRET_ACCESS_KEY": FAKE_SECRET,
+        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+    }
+    cmd = [
+        str(BIN / "torchx"), "run", "--workspace", "", "--dryrun", "-s", "kubernetes",
+        "-cfg", "queue=ssl-train,namespace=ml,secret=s3-credentials,grace_period_s=180",
+        component, *COMMON, *args,
+    ]  # fmt: skip
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    output = result.stdout + result.stderr
+    request = result.stdout.split("=== SCHEDULER REQUEST ===", 1)[1]
+    return output, yaml.safe_load(request)
+
+
+@pytest.mark.parametrize("component", sorted(COMPONENTS))
+def test_dryrun_job_is_valid_and_carries_no_credentials(component: str, tmp_path: Path) -> None:
+    import kubernetes_validate
+
+    output, job = dryrun(component, COMPONENTS[component], tmp_path)
+    assert FAKE_KEY not in output and FAKE_SECRET not in output
+    assert (job["apiVersion"], job["kind"]) == ("batch.volcano.sh/v1alpha1", "Job")
+    jsonschema.validate(job, schema_of(CRD))
+    assert job["spec"]["queue"] == "ssl-train"
+    tasks = job["spec"]["tasks"]
+    assert len(tasks) == 4  # max nodes
+    assert sum(task.get("minAvailable", 0) for task in tasks) == 2  # min nodes (elastic)
+    for task in tasks:
+        pod = {"apiVersion": "v1", "kind": "Pod", **task["template"]}
+        kubernetes_validate.validate(pod, kubernetes_validate.latest_version(), strict=True)
+        spec = pod["spec"]
+        assert spec["terminationGracePeriodSeconds"] == 180
+        (container,) = spec["containers"]
+        assert {"secretRef": {"name": "s3-credentials"}} in container["envFrom"]
+        ports = {port.get("name"): port["containerPort"] for port in container["ports"]}
+        assert ports["metrics"] == 9732
+        command = " ".join(container["command"])
+        assert "--nnodes 2:4" in command and "--metrics-port 9732" in command
+        env = {item["name"]: item.get("value") for item in container["env"]}
+        assert env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] == "1" and env["PET_MAX_RESTARTS"] == "3"
+        shm = [v for v in spec["volumes"] if v.get("emptyDir", {}).get("medium") == "Memory"]
+        assert shm and shm[0]["emptyDir"]["sizeLimit"] == "16Gi"
+
+
+def test_torchx_builtins_still_work_beside_the_ssl_components(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [str(BIN / "torchx"), "builtins"], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    for name in ("dist.ddp", "utils.echo", *COMPONENTS):
+        assert f" {name}\n" in result.stdout + "\n", name
