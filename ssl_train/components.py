@@ -55,7 +55,8 @@ def _stage(
         "LOGLEVEL": "INFO",
         **(env or {}),
     }
-    args = [stage, *stage_args, *_flag("metrics-port", metrics_port), *extra_args]
+    metrics = _flag("metrics-port", metrics_port) if stage != "eval" else []
+    args = [stage, *stage_args, *metrics, *extra_args]
     app = ddp(
         *args,
         m=CLI_MODULE,
@@ -348,4 +349,50 @@ def linear_eval(
     return _stage(
         "linear-eval", stage_args, extra_args, name, image, j, h, cpu, gpu, memMB,
         max_restarts, max_retries, metrics_port, env, mounts,
+    )  # fmt: skip
+
+
+def eval(
+    run_dir: str,
+    data: str,
+    batch_size: int = 256,
+    image_size: Optional[int] = None,
+    workers: int = 8,
+    name: str = "ssl-eval",
+    image: str = DEFAULT_IMAGE,
+    j: str = "1x1",
+    h: Optional[str] = None,
+    cpu: int = 8,
+    gpu: int = 0,
+    memMB: int = 16384,
+    max_retries: int = 1,
+    env: Optional[Dict[str, str]] = None,
+    mounts: Optional[List[str]] = None,
+) -> specs.AppDef:
+    """Top-1/top-5 of a finished run's model on every sample of a shard set, in order.
+
+    Args:
+        run_dir: run dir of a finished finetune, distill or linear-eval run
+        data: shard set to evaluate on (e.g. s3://b/imagenet/val)
+        batch_size: images per process and batch
+        image_size: evaluation size (default: what the model trained at)
+        workers: data-loading processes per process
+        name: job name
+        image: container image with ssl-train installed
+        j: nodes x processes per node
+        h: a registered named resource (overrides cpu, gpu, memMB)
+        cpu: CPUs per node
+        gpu: GPUs per node
+        memMB: memory per node in MB
+        max_retries: times the scheduler reschedules the job
+        env: extra environment variables
+        mounts: mounts (type=<bind/volume>,src=...,dst=...[,readonly])
+    """
+    stage_args = [
+        run_dir, *_flag("data", data), *_flag("batch-size", batch_size),
+        *_flag("image-size", image_size), *_flag("workers", workers),
+    ]  # fmt: skip
+    return _stage(
+        "eval", stage_args, (), name, image, j, h, cpu, gpu, memMB, 0, max_retries, 0, env,
+        mounts,
     )  # fmt: skip

@@ -24,6 +24,7 @@ COMPONENTS = {
     "ssl.distill": ["--data", "s3://b/train", "--run_dir", "s3://b/runs/d", "--teacher", "s3://b/runs/f"],
     "ssl.linear_eval": ["--data", "s3://b/train", "--run_dir", "s3://b/runs/l", "--pretrained", "s3://b/runs/p"],
 }  # fmt: skip
+EVAL = ["--run_dir", "s3://b/runs/f", "--data", "s3://b/val"]
 
 
 def schema_of(crd_file: Path) -> dict:
@@ -79,10 +80,23 @@ def test_dryrun_job_is_valid_and_carries_no_credentials(component: str, tmp_path
         assert shm and shm[0]["emptyDir"]["sizeLimit"] == "16Gi"
 
 
+def test_eval_component_runs_the_eval_command_on_every_node(tmp_path: Path) -> None:
+    import kubernetes_validate
+
+    output, job = dryrun("ssl.eval", EVAL, tmp_path)
+    assert FAKE_KEY not in output and FAKE_SECRET not in output
+    jsonschema.validate(job, schema_of(CRD))
+    for task in job["spec"]["tasks"]:
+        pod = {"apiVersion": "v1", "kind": "Pod", **task["template"]}
+        kubernetes_validate.validate(pod, kubernetes_validate.latest_version(), strict=True)
+        command = " ".join(pod["spec"]["containers"][0]["command"])
+        assert "ssl_train.cli eval s3://b/runs/f --data s3://b/val" in command
+
+
 def test_torchx_builtins_still_work_beside_the_ssl_components(tmp_path: Path) -> None:
     result = subprocess.run(
         [str(BIN / "torchx"), "builtins"], capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0, result.stderr
-    for name in ("dist.ddp", "utils.echo", *COMPONENTS):
+    for name in ("dist.ddp", "utils.echo", "ssl.eval", *COMPONENTS):
         assert f" {name}\n" in result.stdout + "\n", name
