@@ -8,6 +8,7 @@ import json
 import logging
 import signal
 import sys
+import time
 
 from ssl_train import __version__
 
@@ -43,6 +44,42 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--seed", type=int, default=0)
     bench.add_argument("--device", help="device of the augmentation stage (default cuda if any)")
     sub.add_parser("metrics", help="list every Prometheus metric (a Markdown table)")
+    pipeline = sub.add_parser(
+        "pipeline",
+        help="pretrain, finetune on label subsets, distill: each a TorchX job, resumable",
+        description="Run the SimCLRv2 recipe stage by stage as TorchX jobs. Stage run dirs "
+        "are ROOT/<stage>; finished stages are skipped, an unfinished one resumes.",
+    )
+    pipeline.add_argument("-s", "--scheduler", default="local_cwd", help="TorchX scheduler")
+    pipeline.add_argument("--cfg", default="", help="scheduler options, e.g. queue=ssl-train")
+    pipeline.add_argument("--data", required=True, help="training shard set URL")
+    pipeline.add_argument(
+        "--eval-data", help="shard set the finetuned and distilled models are evaluated on"
+    )
+    pipeline.add_argument(
+        "--root", required=True, help="URL under which every stage's run dir goes"
+    )
+    pipeline.add_argument(
+        "--subset",
+        action="append",
+        help="label subset (repeatable; default 1percent and 10percent)",
+    )
+    pipeline.add_argument("--preset", default="r50_1x_sk0", help="model to pretrain and finetune")
+    pipeline.add_argument("--student", default="r50_1x_sk0", help="distillation student preset")
+    pipeline.add_argument(
+        "--arg",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="component argument for every stage that takes it (e.g. j=2x8, image_size=224)",
+    )
+    pipeline.add_argument(
+        "--stage-arg",
+        action="append",
+        default=[],
+        metavar="STAGE:KEY=VALUE",
+        help="argument for one kind of stage (pretrain, finetune, distill), e.g. pretrain:epochs=100",
+    )
     add_stage_commands(sub)
     return parser
 
@@ -80,6 +117,34 @@ def add_stage_commands(sub: argparse._SubParsersAction) -> None:
     export.add_argument("run_dir", metavar="RUN_DIR")
     export.add_argument("out_dir", metavar="OUT_DIR")
     export.add_argument("--step", type=int, help="export this checkpoint step (default newest)")
+
+
+def run_pipeline_command(args: argparse.Namespace) -> None:
+    """``ssl-train pipeline``: the flags as a PipelinePlan, then run it."""
+    from ssl_train.pipeline import PipelinePlan, parse_assignments, run_pipeline
+
+    per_stage: dict[str, dict[str, str]] = {}
+    for item in args.stage_arg:
+        stage, sep, assignment = item.partition(":")
+        if not sep or stage not in ("pretrain", "finetune", "distill"):
+            raise ValueError(f"--stage-arg {item!r}: write pretrain|finetune|distill:KEY=VALUE")
+        per_stage.setdefault(stage, {}).update(parse_assignments([assignment], "--stage-arg"))
+    plan = PipelinePlan(
+        data=args.data,
+        root=args.root,
+        subsets=args.subset or ["1percent", "10percent"],
+        eval_data=args.eval_data,
+        preset=args.preset,
+        student=args.student,
+        common=parse_assignments(args.arg, "--arg"),
+        per_stage=per_stage,
+    )
+    cfg = parse_assignments([c for c in args.cfg.split(",") if c], "--cfg")
+    started = time.monotonic()
+    ran = run_pipeline(plan, args.scheduler, cfg)
+    print(
+        f"[pipeline] all stages finished ({len(ran)} run now) in {time.monotonic() - started:.0f} s"
+    )
 
 
 def list_models(as_json: bool) -> None:
@@ -134,6 +199,7 @@ def main(argv: list[str] | None = None) -> None:
     from shards.errors import ShardsError
     from ssl_train.checkpoint import CheckpointError
     from ssl_train.export import ExportError
+    from ssl_train.pipeline import PipelineError
     from ssl_train.stages.loop import PREEMPTED_EXIT_CODE, Preempted
 
     args = build_parser().parse_args(argv)
@@ -160,6 +226,8 @@ def main(argv: list[str] | None = None) -> None:
             from ssl_train.demo import run_demo
 
             run_demo(args.out, workers=args.workers)
+        elif args.command == "pipeline":
+            run_pipeline_command(args)
         elif args.command == "metrics":
             from ssl_train.metrics import markdown_table
 
@@ -173,7 +241,7 @@ def main(argv: list[str] | None = None) -> None:
     except Preempted as exc:
         print(f"ssl-train: {exc}; the checkpoint is saved, run again to resume", file=sys.stderr)
         sys.exit(PREEMPTED_EXIT_CODE)
-    except (ShardsError, CheckpointError, ExportError, ValueError) as exc:
+    except (ShardsError, CheckpointError, ExportError, PipelineError, ValueError) as exc:
         print(f"ssl-train: error: {exc}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
