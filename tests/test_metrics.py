@@ -179,8 +179,12 @@ def test_prometheus_sees_progress_on_both_ranks_and_the_restart(
             )
             assert restarted
             wait_for_step(trace_file, done + 3, job)  # training goes on after the restart
-            resumes = prometheus.query("sum(ssl_train_resumes_total)")
-            assert resumes and float(resumes[0]["value"][1]) >= 1
+
+            def resumed() -> bool:
+                found = prometheus.query("sum(ssl_train_resumes_total)")
+                return bool(found) and float(found[0]["value"][1]) >= 1
+
+            assert wait_until(resumed, 30, "a resume in the scrape")
     finally:
         job.proc.send_signal(signal.SIGTERM)
         try:
