@@ -64,10 +64,12 @@ def test_dryrun_job_is_valid_and_carries_no_credentials(component: str, tmp_path
     assert len(tasks) == 4  # max nodes
     assert sum(task.get("minAvailable", 0) for task in tasks) == 2  # min nodes (elastic)
     for task in tasks:
+        assert task["maxRetry"] == 3  # the scheduler's retries of the job (max_retries)
         pod = {"apiVersion": "v1", "kind": "Pod", **task["template"]}
         kubernetes_validate.validate(pod, kubernetes_validate.latest_version(), strict=True)
         spec = pod["spec"]
         assert spec["terminationGracePeriodSeconds"] == 180
+        assert spec["restartPolicy"] == "Never"  # torchrun restarts in the pod, Volcano the job
         (container,) = spec["containers"]
         assert {"secretRef": {"name": "s3-credentials"}} in container["envFrom"]
         ports = {port.get("name"): port["containerPort"] for port in container["ports"]}
