@@ -57,7 +57,6 @@ import functools
 import json
 import math
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -69,7 +68,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from machine import cpu_model  # bench/machine.py (scripts run from bench/)
+from machine import machine_info  # bench/machine.py (scripts run from bench/)
 from shards_create import Machine
 
 SHARDS = str(Path(sys.executable).with_name("shards"))
@@ -350,7 +349,6 @@ def main() -> int:
     args = parser.parse_args()
 
     import fsspec
-    import torch
 
     from shards.local_s3 import LocalS3Server
 
@@ -361,15 +359,7 @@ def main() -> int:
     sizes = {k: v for k, v in SIZES.items() if not (args.no_large and k == "large")}
     variants = ["off", "local"] + ([] if args.no_s3 else ["s3"])
     machine = Machine()
-    info = {
-        "nproc": os.cpu_count(),
-        "cpu": cpu_model(),
-        "arch": platform.machine(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "loadavg_before": round(os.getloadavg()[0], 2),
-    }
+    info = machine_info()
     records: dict[tuple[str, str], list[RunRecord]] = {}
     server = None if args.no_s3 else LocalS3Server()
     try:

@@ -43,7 +43,6 @@ import argparse
 import json
 import multiprocessing
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -52,7 +51,7 @@ from pathlib import Path
 from typing import Any
 
 from checkpoint_overhead import RunRecord, instrument, quiet_run
-from machine import cpu_model  # bench/machine.py (scripts run from bench/)
+from machine import machine_info  # bench/machine.py (scripts run from bench/)
 from shards_create import Machine
 
 TARGET = 0.10
@@ -221,20 +220,10 @@ def main() -> int:
     if len(os.sched_getaffinity(0)) < 2 and "isolated" in args.placements:
         raise SystemExit("the isolated placement needs at least 2 cores")
 
-    import torch
-
     work = Path(args.work)
     data = args.data or ensure_photo_shards(work)
     machine = Machine()
-    info = {
-        "nproc": os.cpu_count(),
-        "cpu": cpu_model(),
-        "arch": platform.machine(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "loadavg_before": round(os.getloadavg()[0], 2),
-    }
+    info = machine_info()
     records: dict[tuple[str, str], list[RunRecord]] = {}
     decode: list[float] = []
     for repeat in range(args.repeats):

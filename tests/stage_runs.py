@@ -85,17 +85,34 @@ def run(cmd: list[str], log: Path, env: dict[str, str] | None = None, timeout: f
     return start(cmd, log, env).check(timeout)
 
 
-def children(pid: int) -> list[int]:
-    """Direct child processes of ``pid`` (torchrun's workers), from /proc."""
-    found = []
+def _process_table() -> dict[int, tuple[int, str]]:
+    """pid -> (parent pid, command line) of every process, from /proc."""
+    table = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
-        with contextlib.suppress(OSError):
-            stat = (entry / "stat").read_text()
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                found.append(int(entry.name))
-    return sorted(found)
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            table[int(entry.name)] = (parent, cmdline)
+    return table
+
+
+def children(pid: int) -> list[int]:
+    """Direct child processes of ``pid`` (torchrun's workers), from /proc."""
+    return sorted(child for child, (parent, _) in _process_table().items() if parent == pid)
+
+
+def descendants(pid: int) -> list[tuple[int, str]]:
+    """(pid, command line) of every process below ``pid`` (TorchX's replicas and theirs)."""
+    table, found, frontier = _process_table(), [], [pid]
+    while frontier:
+        current = frontier.pop()
+        for child, (parent, cmdline) in table.items():
+            if parent == current:
+                found.append((child, cmdline))
+                frontier.append(child)
+    return found
 
 
 def trace(path: Path) -> list[dict]:

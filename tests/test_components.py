@@ -9,32 +9,11 @@ import signal
 import sys
 from pathlib import Path
 
-from stage_runs import assert_exactly_once, start, trace, wait_for_step
+from stage_runs import assert_exactly_once, descendants, start, trace, wait_for_step
 
 from conftest import TinyShards
 
 BIN = Path(sys.executable).parent
-
-
-def descendants(pid: int) -> list[tuple[int, str]]:
-    """(pid, command line) of every process below ``pid``."""
-    table = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-            except (OSError, ValueError):
-                continue
-            table[int(entry.name)] = (parent, cmdline)
-    found, frontier = [], [pid]
-    while frontier:
-        current = frontier.pop()
-        for child, (parent, cmdline) in table.items():
-            if parent == current:
-                found.append((child, cmdline))
-                frontier.append(child)
-    return found
 
 
 def test_torchx_local_cwd_pretrain_two_replicas_survives_a_killed_worker(

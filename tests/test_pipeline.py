@@ -13,28 +13,11 @@ import sys
 import time
 from pathlib import Path
 
+from stage_runs import descendants
+
 from conftest import TinyShards
 
 BIN = Path(sys.executable).parent
-
-
-def tree(pid: int) -> list[int]:
-    table = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                table[int(entry.name)] = int(
-                    (entry / "stat").read_text().rsplit(")", 1)[1].split()[1]
-                )
-            except (OSError, ValueError):
-                continue
-    found, frontier = [], [pid]
-    while frontier:
-        current = frontier.pop()
-        children = [child for child, parent in table.items() if parent == current]
-        found += children
-        frontier += children
-    return found
 
 
 def test_pipeline_runs_every_stage_and_a_rerun_skips_finished_ones(
@@ -63,7 +46,7 @@ def test_pipeline_runs_every_stage_and_a_rerun_skips_finished_ones(
         assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
         assert time.monotonic() < deadline, "pretrain did not finish in time"
         time.sleep(0.2)
-    for pid in [first.pid, *tree(first.pid)]:
+    for pid in [first.pid, *(child for child, _ in descendants(first.pid))]:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     first.wait(timeout=10)
