@@ -89,6 +89,7 @@ STAGE_SUMMARIES = {
     "finetune": "finetune a pretrained network on labelled images (e.g. 1% or 10% of them)",
     "distill": "distill a finetuned teacher into a student on unlabelled images",
     "linear-eval": "train a linear classifier on a frozen pretrained backbone",
+    "supervised": "the baseline: finetuning's network trained from random weights on labels only",
 }
 
 

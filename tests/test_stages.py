@@ -317,3 +317,37 @@ def test_linear_eval_trains_only_a_classifier_on_the_frozen_backbone(
     assert backbone and all(torch.equal(trained[n], source[n]) for n in backbone)  # BN stats too
     assert not any(name.startswith("head.") for name in trained)  # reads the features
     assert trained["classifier.weight"].any()
+
+
+def test_supervised_baseline_trains_finetunings_network_from_scratch_on_the_subset(
+    tiny_shards: TinyShards, subset: Subset, tmp_path: Path
+) -> None:
+    import safetensors.torch
+
+    run_dir, trace_file = tmp_path / "sup", tmp_path / "trace"
+    args = ["--data", str(tiny_shards.train), "--run-dir", str(run_dir), "--preset", "tiny"]
+    args += ["--subset", str(subset.file), "--image-size", "16", "--workers", "0"]
+    args += ["--global-batch-size", str(FINETUNE_BATCH), "--epochs", "1"]
+    out = run(
+        command(
+            "supervised",
+            *args,
+            "--trace-samples",
+            str(trace_file),
+            "--eval-data",
+            str(tiny_shards.test),
+        ),
+        tmp_path / "log",
+    )
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["finished"] and summary["eval"]["samples"] == 40
+    assert_exactly_once(trace(trace_file), subset.keys, len(subset.keys) // FINETUNE_BATCH)
+    config = json.loads((run_dir / "final" / "config.json").read_text())
+    assert (config["stage"], config["from_proj_layer"], config["kept_head_layers"]) == (
+        "supervised",
+        1,
+        1,
+    )
+    weights = safetensors.torch.load_file(str(run_dir / "final" / "model.safetensors"))
+    assert "head.linears.0.weight" in weights and "head.linears.1.weight" not in weights
+    assert weights["classifier.weight"].any()

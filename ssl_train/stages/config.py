@@ -14,7 +14,7 @@ from typing import Any
 
 from ssl_train.metrics import DEFAULT_PORT
 
-STAGES = ("pretrain", "finetune", "distill", "linear-eval")
+STAGES = ("pretrain", "finetune", "distill", "linear-eval", "supervised")
 PRECISIONS = ("fp32", "bf16")
 
 # Fields a resumed run may change without --allow-config-change.
@@ -65,6 +65,14 @@ STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
         "warmup_epochs": 10.0,
         "weight_decay": 1e-4,
         "temperature": 1.0,
+    },
+    "supervised": {  # the baseline: finetuning's network and recipe from random weights
+        "global_batch_size": 1024,
+        "learning_rate": 0.005,
+        "lr_scaling": "sqrt",
+        "warmup_epochs": 0.0,
+        "weight_decay": 1e-4,
+        "from_proj_layer": 1,
     },
     "linear-eval": {  # SimCLR's linear protocol: frozen backbone, momentum SGD, 90 epochs
         "global_batch_size": 4096,

@@ -100,6 +100,11 @@ PER_STAGE: dict[str, list[tuple[str, str, Any, str]]] = {
             "weight of a cross-entropy term on the true labels (0 = unlabelled only)",
         ),
     ],
+    "supervised": [
+        ("--preset", "preset", str, "model preset (see `ssl-train models`; default r50_1x_sk0)"),
+        ("--subset", "subset", str, "labelled subset: 1percent, 10percent or a list file"),
+        ("--from-proj-layer", "from_proj_layer", int, "head layer the classifier reads"),
+    ],
     "linear-eval": [
         ("--pretrained", "pretrained", str, "run dir of a finished pretrain run"),
         ("--subset", "subset", str, "train on a labelled subset only"),
@@ -112,6 +117,7 @@ REQUIRED = {
     "finetune": {"data", "run_dir", "pretrained"},
     "distill": {"data", "run_dir", "teacher", "preset"},
     "linear-eval": {"data", "run_dir", "pretrained"},
+    "supervised": {"data", "run_dir"},
 }
 DEFAULT_PRESET = "r50_1x_sk0"
 
@@ -147,6 +153,6 @@ def config_from_args(stage: str, args: argparse.Namespace) -> StageConfig:
     """
     names = {name for _, name, _, _ in PER_STAGE[stage] + COMMON}
     values = {name: getattr(args, name) for name in names}
-    if stage == "pretrain" and values.get("preset") is None:
+    if stage in ("pretrain", "supervised") and values.get("preset") is None:
         values["preset"] = DEFAULT_PRESET
     return StageConfig.for_stage(stage, **values)

@@ -130,7 +130,7 @@ class Trainer:
             self.task.mode,
             config.seed,
             _partitions(config),
-            config.subset if config.stage == "finetune" or config.stage == "linear-eval" else None,
+            config.subset if config.stage in ("finetune", "linear-eval", "supervised") else None,
         )
         self.stream = TrainStream(stream_config, runtime.rank, runtime.world_size, StreamState())
         steps_per_epoch = self.stream.plan(0).steps

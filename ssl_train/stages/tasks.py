@@ -8,6 +8,8 @@ tracing) is the one training loop in ``ssl_train.stages.loop``.
 - distill: a frozen teacher's soft labels on all training images, learned by a fresh
   student that sees the very same view.
 - linear-eval: a linear classifier on the frozen backbone's features.
+- supervised: the baseline the paper compares with: finetuning's network (backbone, head
+  up to ``from_proj_layer``, classifier) trained from random weights on the labels only.
 """
 
 from __future__ import annotations
@@ -126,6 +128,18 @@ def build_task(config: StageConfig, num_classes: int, device: torch.device) -> T
             config.preset, None, config.head_layers, config.proj_dim, 0, config.head_layers
         )
         return PretrainTask(config, model, _lars(model, config), "pretrain", described)
+    if stage == "supervised":
+        if not config.preset:
+            raise ValueError("supervised needs --preset (see `ssl-train models`)")
+        layer = config.from_proj_layer
+        model = build_model(
+            config.preset, num_classes, config.head_layers, config.proj_dim, layer, device
+        )
+        model.keep_head_layers(layer)
+        described = model_config(
+            config.preset, num_classes, config.head_layers, config.proj_dim, layer, layer
+        )
+        return FinetuneTask(config, model, _lars(model, config), "finetune", described)
     if stage in ("finetune", "linear-eval"):
         if not config.pretrained:
             raise ValueError(f"{stage} needs --pretrained RUN_DIR (a finished pretrain run)")
