@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import re
-import socket
 import statistics
 import subprocess
 import sys
@@ -28,6 +27,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import cpu_model
+
+from shards.local_s3 import free_port
 
 BENCH_DIR = Path(tempfile.gettempdir()) / "ssl-train-bench"
 LINE = re.compile(r"step (\d+)/\d+ .* ([0-9.]+) samples/s")
@@ -43,12 +44,6 @@ def shard_set() -> Path:
             check=True, capture_output=True,
         )  # fmt: skip
     return target
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def scrape_every_second(port: int, stop: threading.Event, counts: list[int]) -> None:

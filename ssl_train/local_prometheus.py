@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -16,6 +15,8 @@ import urllib.request
 from pathlib import Path
 from types import TracebackType
 from typing import Any
+
+from shards.local_s3 import free_port
 
 
 def available() -> bool:
@@ -26,12 +27,6 @@ def available() -> bool:
         True
     """
     return shutil.which("prometheus") is not None
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class LocalPrometheus:
@@ -45,7 +40,7 @@ class LocalPrometheus:
 
     def __init__(self, targets: list[str], interval_s: float = 1.0) -> None:
         self.targets, self.interval_s = targets, interval_s
-        self.port = _free_port()
+        self.port = free_port()
         self._folder = Path(tempfile.mkdtemp(prefix="ssl-train-prometheus-"))
         self._proc: subprocess.Popen | None = None
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import time
 import urllib.request
@@ -15,6 +14,7 @@ from pathlib import Path
 import pytest
 from stage_runs import TINY, children, command, run, start, trace, wait_for_step
 
+from shards.local_s3 import free_port
 from ssl_train.local_prometheus import LocalPrometheus, available
 from ssl_train.metrics import METRICS, markdown_table
 
@@ -27,12 +27,6 @@ CONDITIONAL = {
     "gpu_memory_allocated_bytes", "gpu_memory_reserved_bytes", "eval_top1", "eval_top5",
     "train_top1",
 }  # fmt: skip
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def scrape(port: int) -> str:
@@ -57,6 +51,11 @@ def pretrain(data: Path, run_dir: Path, *extra: str) -> list[str]:
     ]  # fmt: skip
 
 
+def metered(port: int, trace_file: Path, *extra: str) -> list[str]:
+    """Flags of a run that serves metrics on ``port`` and traces its steps."""
+    return ["--metrics-port", str(port), "--trace-samples", str(trace_file), *extra]
+
+
 def test_every_metric_is_exported_with_its_listed_type_and_documented(
     tiny_shards: TinyShards, tmp_path: Path
 ) -> None:
@@ -64,14 +63,7 @@ def test_every_metric_is_exported_with_its_listed_type_and_documented(
 
     port, trace_file = free_port(), tmp_path / "trace"
     args = pretrain(tiny_shards.train, tmp_path / "run", "--max-steps", "100000", "--workers", "0")
-    args += [
-        "--metrics-port",
-        str(port),
-        "--trace-samples",
-        str(trace_file),
-        "--checkpoint-every-steps",
-        "3",
-    ]
+    args += metered(port, trace_file, "--checkpoint-every-steps", "3")
     job = start(command("pretrain", *args), tmp_path / "log")
     try:
         wait_for_step(trace_file, 6, job)
@@ -137,14 +129,7 @@ def test_prometheus_sees_progress_on_both_ranks_and_the_restart(
 ) -> None:
     port, trace_file = free_port(), tmp_path / "trace"
     args = pretrain(tiny_shards.train, tmp_path / "run", "--max-steps", "100000", "--workers", "1")
-    args += [
-        "--metrics-port",
-        str(port),
-        "--trace-samples",
-        str(trace_file),
-        "--checkpoint-every-steps",
-        "2",
-    ]
+    args += metered(port, trace_file, "--checkpoint-every-steps", "2")
     job = start(command("pretrain", *args, nprocs=2, max_restarts=1), tmp_path / "log")
     try:
         with LocalPrometheus([f"127.0.0.1:{port}"], interval_s=1.0) as prometheus:
@@ -201,7 +186,7 @@ def test_two_nodes_on_one_host_serve_their_own_ranks(
 
     port, rendezvous, trace_file = free_port(), free_port(), tmp_path / "trace"
     args = pretrain(tiny_shards.train, tmp_path / "run", "--max-steps", "100000", "--workers", "0")
-    args += ["--metrics-port", str(port), "--trace-samples", str(trace_file)]
+    args += metered(port, trace_file)
     launcher = [
         sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1",
         "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{rendezvous}", "--rdzv-id=two-nodes",

@@ -4,7 +4,6 @@ Pushgateway (Debian package prometheus-pushgateway) that keeps the final figures
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import time
 import urllib.request
@@ -12,15 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from shards.local_s3 import free_port
 from shards.synthetic import make_imagenet_train
 
 from conftest import run_cli
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def get(url: str) -> str:
