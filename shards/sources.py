@@ -16,6 +16,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from shards import storage
 from shards.errors import ShardsError
 
 LAYOUTS = ("imagenet-train", "imagenet-val", "folders", "mnist5k")
@@ -360,14 +361,19 @@ def read_subset(spec: str) -> tuple[list[str], str]:
         (12811, 'n04235860_14959.JPEG')
     """
     if spec in OFFICIAL_SUBSETS:
-        path = _SUBSETS_DIR / f"{spec}.txt"
+        text = (_SUBSETS_DIR / f"{spec}.txt").read_text()
+    elif not storage.is_local(spec):  # a list beside the shards, e.g. s3://b/lists/mine.txt
+        if storage.size_or_none(spec) is None:
+            raise ShardsError(f"--subset {storage.redact(spec)}: no such list file")
+        text = storage.read_bytes(spec).decode()
     else:
         path = Path(spec)
         if not path.is_file():
             raise ShardsError(
                 f"--subset {spec}: neither 1percent, 10percent nor an existing list file"
             )
-    names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        text = path.read_text()
+    names = [line.strip() for line in text.splitlines() if line.strip()]
     return names, spec
 
 

@@ -67,18 +67,30 @@ def build_parser() -> argparse.ArgumentParser:
     pipeline.add_argument("--preset", default="r50_1x_sk0", help="model to pretrain and finetune")
     pipeline.add_argument("--student", default="r50_1x_sk0", help="distillation student preset")
     pipeline.add_argument(
+        "--supervised-baseline",
+        action="store_true",
+        help="also train the preset from random weights on each subset (the paper's baseline)",
+    )
+    pipeline.add_argument(
+        "--follow",
+        action="store_true",
+        help="echo each job's progress lines (steps, loss, throughput, final top-1)",
+    )
+    pipeline.add_argument(
         "--arg",
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="component argument for every stage that takes it (e.g. j=2x8, image_size=224)",
+        help="component argument or stage flag for every stage that takes it (e.g. j=2x8, "
+        "image_size=224, warmup_epochs=1)",
     )
     pipeline.add_argument(
         "--stage-arg",
         action="append",
         default=[],
         metavar="STAGE:KEY=VALUE",
-        help="argument for one kind of stage (pretrain, finetune, distill), e.g. pretrain:epochs=100",
+        help="argument for one kind of stage (pretrain, finetune, supervised, distill) or one "
+        "stage by name, e.g. pretrain:epochs=100, finetune-10percent:epochs=30",
     )
     add_stage_commands(sub)
     return parser
@@ -127,8 +139,8 @@ def run_pipeline_command(args: argparse.Namespace) -> None:
     per_stage: dict[str, dict[str, str]] = {}
     for item in args.stage_arg:
         stage, sep, assignment = item.partition(":")
-        if not sep or stage not in ("pretrain", "finetune", "distill"):
-            raise ValueError(f"--stage-arg {item!r}: write pretrain|finetune|distill:KEY=VALUE")
+        if not sep:
+            raise ValueError(f"--stage-arg {item!r}: write STAGE:KEY=VALUE")
         per_stage.setdefault(stage, {}).update(parse_assignments([assignment], "--stage-arg"))
     plan = PipelinePlan(
         data=args.data,
@@ -139,10 +151,12 @@ def run_pipeline_command(args: argparse.Namespace) -> None:
         student=args.student,
         common=parse_assignments(args.arg, "--arg"),
         per_stage=per_stage,
+        supervised_baseline=args.supervised_baseline,
     )
     cfg = parse_assignments([c for c in args.cfg.split(",") if c], "--cfg")
     started = time.monotonic()
-    ran = run_pipeline(plan, args.scheduler, cfg)
+    follow = (lambda stage, line: print(f"[{stage}] {line}", flush=True)) if args.follow else None
+    ran = run_pipeline(plan, args.scheduler, cfg, follow)
     print(
         f"[pipeline] all stages finished ({len(ran)} run now) in {time.monotonic() - started:.0f} s"
     )
@@ -208,6 +222,8 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    for chatty in ("botocore", "aiobotocore"):  # "found credentials in ..." on every client
+        logging.getLogger(chatty).setLevel(logging.WARNING)
     try:
         if args.command in STAGE_SUMMARIES:
             from ssl_train.stages.flags import config_from_args
@@ -226,7 +242,7 @@ def main(argv: list[str] | None = None) -> None:
         elif args.command == "demo":
             from ssl_train.demo import run_demo
 
-            run_demo(args.out, workers=args.workers)
+            sys.exit(run_demo(args.out, workers=args.workers))
         elif args.command == "pipeline":
             run_pipeline_command(args)
         elif args.command == "metrics":

@@ -159,6 +159,7 @@ def finetune(
     epochs: Optional[float] = None,
     max_steps: Optional[int] = None,
     image_size: int = 224,
+    learning_rate: Optional[float] = None,
     from_proj_layer: int = 1,
     precision: str = "bf16",
     workers: int = 8,
@@ -188,6 +189,7 @@ def finetune(
         epochs: training length (default: 60 for 1percent, 30 otherwise)
         max_steps: training length in steps (overrides epochs)
         image_size: crop side in pixels
+        learning_rate: base learning rate before sqrt(B) scaling (default 0.005)
         from_proj_layer: projection-head layer the classifier reads
         precision: bf16 or fp32
         workers: data-loading processes per training process
@@ -209,8 +211,8 @@ def finetune(
         *_flag("subset", subset), *_flag("eval-data", eval_data),
         *_flag("global-batch-size", global_batch_size), *_flag("epochs", epochs),
         *_flag("max-steps", max_steps), *_flag("image-size", image_size),
-        *_flag("from-proj-layer", from_proj_layer), *_flag("precision", precision),
-        *_flag("workers", workers),
+        *_flag("learning-rate", learning_rate), *_flag("from-proj-layer", from_proj_layer),
+        *_flag("precision", precision), *_flag("workers", workers),
     ]  # fmt: skip
     return _stage(
         "finetune", stage_args, extra_args, name, image, j, h, cpu, gpu, memMB,
@@ -229,6 +231,7 @@ def distill(
     epochs: Optional[float] = None,
     max_steps: Optional[int] = None,
     image_size: int = 224,
+    learning_rate: Optional[float] = None,
     temperature: Optional[float] = None,
     labeled_weight: Optional[float] = None,
     precision: str = "bf16",
@@ -259,6 +262,7 @@ def distill(
         epochs: training length (default 400)
         max_steps: training length in steps (overrides epochs)
         image_size: crop side in pixels
+        learning_rate: base learning rate before sqrt(B) scaling (default 0.075)
         temperature: distillation temperature (default 1.0)
         labeled_weight: weight of a cross-entropy term on true labels (default 0)
         precision: bf16 or fp32
@@ -281,11 +285,84 @@ def distill(
         *_flag("student", student), *_flag("eval-data", eval_data),
         *_flag("global-batch-size", global_batch_size), *_flag("epochs", epochs),
         *_flag("max-steps", max_steps), *_flag("image-size", image_size),
-        *_flag("temperature", temperature), *_flag("labeled-weight", labeled_weight),
+        *_flag("learning-rate", learning_rate), *_flag("temperature", temperature),
+        *_flag("labeled-weight", labeled_weight),
         *_flag("precision", precision), *_flag("workers", workers),
     ]  # fmt: skip
     return _stage(
         "distill", stage_args, extra_args, name, image, j, h, cpu, gpu, memMB,
+        max_restarts, max_retries, metrics_port, env, mounts,
+    )  # fmt: skip
+
+
+def supervised(
+    *extra_args: str,
+    data: str,
+    run_dir: str,
+    preset: str = "r50_1x_sk0",
+    subset: str = "1percent",
+    eval_data: Optional[str] = None,
+    global_batch_size: int = 1024,
+    epochs: Optional[float] = None,
+    max_steps: Optional[int] = None,
+    image_size: int = 224,
+    learning_rate: Optional[float] = None,
+    from_proj_layer: int = 1,
+    precision: str = "bf16",
+    workers: int = 8,
+    name: str = "ssl-supervised",
+    image: str = DEFAULT_IMAGE,
+    j: str = "1x1",
+    h: Optional[str] = None,
+    cpu: int = 8,
+    gpu: int = 0,
+    memMB: int = 32768,
+    max_restarts: int = 3,
+    max_retries: int = 3,
+    metrics_port: int = DEFAULT_PORT,
+    env: Optional[Dict[str, str]] = None,
+    mounts: Optional[List[str]] = None,
+) -> specs.AppDef:
+    """The supervised-only baseline: finetuning's network from random weights, labels only.
+
+    Args:
+        extra_args: more `ssl-train supervised` flags, after `--`
+        data: training shard set URL
+        run_dir: where this run's checkpoints and final model go
+        preset: model preset (the one pretrained, for a like-for-like comparison)
+        subset: labels to use: 1percent, 10percent or a list file
+        eval_data: shard set to report top-1/top-5 on at the end
+        global_batch_size: samples per step over all processes
+        epochs: training length (default 100)
+        max_steps: training length in steps (overrides epochs)
+        image_size: crop side in pixels
+        learning_rate: base learning rate before sqrt(B) scaling (default 0.005)
+        from_proj_layer: projection-head layers kept under the classifier
+        precision: bf16 or fp32
+        workers: data-loading processes per training process
+        name: job name
+        image: container image with ssl-train installed
+        j: nodes x processes per node, elastic as min:max
+        h: a registered named resource (overrides cpu, gpu, memMB)
+        cpu: CPUs per node
+        gpu: GPUs per node
+        memMB: memory per node in MB
+        max_restarts: times torchrun restarts failed workers in place
+        max_retries: times the scheduler reschedules the whole job
+        metrics_port: Prometheus port (container port named "metrics"); 0 disables metrics
+        env: extra environment variables
+        mounts: mounts (type=<bind/volume>,src=...,dst=...[,readonly])
+    """
+    stage_args = [
+        *_flag("data", data), *_flag("run-dir", run_dir), *_flag("preset", preset),
+        *_flag("subset", subset), *_flag("eval-data", eval_data),
+        *_flag("global-batch-size", global_batch_size), *_flag("epochs", epochs),
+        *_flag("max-steps", max_steps), *_flag("image-size", image_size),
+        *_flag("learning-rate", learning_rate), *_flag("from-proj-layer", from_proj_layer),
+        *_flag("precision", precision), *_flag("workers", workers),
+    ]  # fmt: skip
+    return _stage(
+        "supervised", stage_args, extra_args, name, image, j, h, cpu, gpu, memMB,
         max_restarts, max_retries, metrics_port, env, mounts,
     )  # fmt: skip
 

@@ -1,54 +1,322 @@
-"""`ssl-train demo`: the SimCLRv2 recipe in miniature on one machine.
+"""`ssl-train demo`: the SimCLRv2 recipe in miniature, through the code path a cluster uses.
 
-Today it runs the part of the pipeline that exists: start a local S3 server in its own
-process, shard the embedded MNIST-5000 digits into it (4,000 train / 1,000 test), verify
-both shard sets, and print where they are. The server keeps its objects in memory, so the
-demo also copies both sets into the output folder, where they outlive it. Later stages
-extend this same command.
+A local S3 server (moto, in its own process) holds the MNIST-5000 shards and the label
+lists; Prometheus, when its binary is installed, scrapes every training job; and
+``ssl-train pipeline`` runs each stage as a TorchX ``local_cwd`` job of 2 elastic
+torchrun processes: contrastive pretraining on the 4,000 training digits without labels,
+finetuning on 1% and 10% of the labels, the same network trained supervised-only on
+those labels (the paper's baseline), and distillation of each finetuned teacher into a
+smaller student on the unlabelled digits. Every model is scored on the 1,000 test digits.
+
+Run dirs live in the output folder, not in the S3 server (which keeps objects in memory
+only), so running the demo again skips every finished stage and resumes an unfinished
+one from its checkpoint. The S3 server and Prometheus stop when the demo ends, also on
+Ctrl-C or SIGTERM, which stop the running job after it has saved a checkpoint.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import random
+import shutil
+import signal
+import sys
 import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from typing import Any
 
-from shards.copy import copy
+from shards import storage
 from shards.create import CreateOptions, create
 from shards.errors import ShardsError
-from shards.local_s3 import LocalS3Server
+from shards.local_s3 import LocalS3Server, free_port
+from shards.sources import mnist5k
 from shards.verify import verify
+from ssl_train import local_prometheus
+from ssl_train.pipeline import PipelinePlan, run_pipeline
+from ssl_train.stages.loop import read_summary
 
 DEMO_BUCKET = "ssl-train-demo"
+# label fraction -> (run dir label, labelled digits per class of the 4,000 training digits)
+FRACTIONS = {"1%": ("1pct", 4), "10%": ("10pct", 40)}
+SUBSET_SEED = 0
+COLUMNS = ("supervised", "finetuned", "distilled")
+STAGE_OF_COLUMN = {"supervised": "supervised", "finetuned": "finetune", "distilled": "distill"}
+
+# Every job: 2 torchrun processes, 28 px crops (the digits' size), CPU-friendly settings.
+COMMON_ARGS = {
+    "j": "1x2",
+    "image_size": "28",
+    "precision": "fp32",
+    "channels_last": "False",
+    "workers": "1",
+    "checkpoint_every_minutes": "1",
+}
 
 
-def run_demo(out_dir: str, workers: int = 2) -> dict[str, str]:
-    """Shard MNIST-5000 into a fresh local S3 server; return the shard-set URLs.
+# Per stage kind or stage name, as `ssl-train pipeline --stage-arg`. Chosen on this 2-core
+# machine (BENCHMARKS.md has the probes): temperature 0.5 learns more than the paper's 0.1
+# from batches of 256; finetuning and the supervised baseline share one schedule per label
+# fraction (150 epochs of the 40 digits, the paper's 30 of the 400).
+RECIPE: dict[str, dict[str, str]] = {
+    "pretrain": {
+        "global_batch_size": "256",
+        "epochs": "18",
+        "warmup_epochs": "1",
+        "temperature": "0.5",
+    },
+    "finetune": {"learning_rate": "0.05"},
+    "supervised": {"learning_rate": "0.05"},
+    "finetune-1pct": {"global_batch_size": "40", "epochs": "150"},
+    "supervised-1pct": {"global_batch_size": "40", "epochs": "150"},
+    "finetune-10pct": {"global_batch_size": "80", "epochs": "30"},
+    "supervised-10pct": {"global_batch_size": "80", "epochs": "30"},
+    "distill": {"global_batch_size": "256", "warmup_epochs": "1"},
+    # the 10% teacher is the stronger one: its student needs longer to catch up
+    "distill-1pct": {"epochs": "8"},
+    "distill-10pct": {"epochs": "16"},
+}
+
+
+def subset_lists(per_class: int, seed: int = SUBSET_SEED) -> list[str]:
+    """Keys of a class-balanced label subset of the MNIST-5000 training split.
+
+    Example:
+        >>> keys = subset_lists(4)
+        >>> len(keys), keys == subset_lists(4)
+        (40, True)
+    """
+    by_class: dict[int, list[str]] = {}
+    for item in mnist5k("train").items:
+        by_class.setdefault(item.cls, []).append(item.key)
+    rng = random.Random(seed)
+    chosen = []
+    for cls in sorted(by_class):
+        keys = sorted(by_class[cls])
+        rng.shuffle(keys)
+        chosen += sorted(keys[:per_class])
+    return chosen
+
+
+def acceptance(results: dict[str, Any]) -> list[tuple[str, bool]]:
+    """The paper's claims in miniature, each as (statement with the figures, holds?).
+
+    Example:
+        >>> r = {"1%": {"supervised": 0.5, "finetuned": 0.8, "distilled": 0.79},
+        ...      "10%": {"supervised": 0.9, "finetuned": 0.89, "distilled": 0.9}}
+        >>> [ok for _, ok in acceptance(r)]
+        [True, False, True, True]
+    """
+    one, ten = results["1%"], results["10%"]
+    checks = [
+        (
+            f"1% labels: SimCLRv2 finetuned {one['finetuned']:.1%} beats supervised-only "
+            f"{one['supervised']:.1%} by at least 10 points ({_points(one, 'finetuned', 'supervised')})",
+            one["finetuned"] - one["supervised"] >= 0.10 - 1e-9,
+        ),
+        (
+            f"10% labels: SimCLRv2 finetuned {ten['finetuned']:.1%} is not worse than "
+            f"supervised-only {ten['supervised']:.1%} ({_points(ten, 'finetuned', 'supervised')})",
+            ten["finetuned"] >= ten["supervised"],
+        ),
+    ]
+    for fraction in FRACTIONS:
+        row = results[fraction]
+        checks.append(
+            (
+                f"{fraction} labels: distilled student {row['distilled']:.1%} is within 2 points "
+                f"of its teacher {row['finetuned']:.1%} or better "
+                f"({_points(row, 'distilled', 'finetuned')})",
+                row["distilled"] >= row["finetuned"] - 0.02 - 1e-9,
+            )
+        )
+    return checks
+
+
+def _points(row: dict[str, float], a: str, b: str) -> str:
+    return f"{(row[a] - row[b]) * 100:+.1f} points"
+
+
+def results_table(results: dict[str, Any]) -> str:
+    """The top-1 table, one row per label fraction.
+
+    Example:
+        >>> print(results_table({"1%": {"supervised": 0.5, "finetuned": 0.8, "distilled": 0.79}}))
+        labels  supervised only  SimCLRv2 finetuned  distilled student
+        1%                50.0%               80.0%              79.0%
+    """
+    header = f"{'labels':6}  {'supervised only':>15}  {'SimCLRv2 finetuned':>18}  {'distilled student':>17}"
+    lines = [header]
+    for fraction in FRACTIONS:
+        if fraction in results:
+            row = results[fraction]
+            lines.append(
+                f"{fraction:6}  {row['supervised']:>15.1%}  {row['finetuned']:>18.1%}  "
+                f"{row['distilled']:>17.1%}"
+            )
+    return "\n".join(lines)
+
+
+def save_chart(results: dict[str, Any], path: str) -> None:
+    """A grouped bar chart of the table (PNG), the figure a reader looks at first."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fractions = [f for f in FRACTIONS if f in results]
+    names = {"supervised": "supervised only", "finetuned": "SimCLRv2 finetuned"}
+    names["distilled"] = "distilled student"
+    width = 0.26
+    figure, axes = plt.subplots(figsize=(7, 4.2), dpi=120)
+    for i, column in enumerate(COLUMNS):
+        xs = [f + (i - 1) * width for f in range(len(fractions))]
+        values = [results[fraction][column] * 100 for fraction in fractions]
+        bars = axes.bar(xs, values, width, label=names[column])
+        axes.bar_label(bars, fmt="%.1f", fontsize=8, padding=2)
+    axes.set_xticks(range(len(fractions)), [f"{f} of labels" for f in fractions])
+    axes.set_ylabel("top-1 on 1,000 test digits (%)")
+    axes.set_ylim(0, 118)
+    axes.set_title("SimCLRv2 in miniature: MNIST-5000, tiny SK ResNet-18")
+    axes.legend(loc="upper center", ncols=3, fontsize=8, frameon=False)
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+
+
+def collect_results(runs: str) -> dict[str, Any]:
+    """Top-1 of every finished stage's final evaluation, shaped like results.json."""
+    results: dict[str, Any] = {}
+    for fraction, (label, _) in FRACTIONS.items():
+        row = {}
+        for column in COLUMNS:
+            run_dir = storage.join(runs, f"{STAGE_OF_COLUMN[column]}-{label}")
+            summary = read_summary(run_dir)
+            if not summary or "eval" not in summary:
+                raise ShardsError(f"{run_dir} has no finished evaluation: run the demo again")
+            row[column] = round(summary["eval"]["top1"], 4)
+        results[fraction] = row
+    return results
+
+
+@contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM ends the demo the way Ctrl-C does: jobs checkpoint, servers stop."""
+    owner = os.getpid()
+
+    def interrupt(signum: int, frame: object) -> None:
+        if os.getpid() != owner:  # a forked helper (sharding's pool) being stopped
+            os._exit(128 + signum)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def say(message: str) -> None:
+    print(f"[demo] {message}", flush=True)
+
+
+def shard_mnist(urls: dict[str, str], workers: int) -> None:
+    for split, url in urls.items():
+        say(f"sharding MNIST-5000 {split} split into {url}")
+        create(CreateOptions(src=f"mnist5k:{split}", dest=url, shard_samples=500, workers=workers))
+        if verify(url):
+            raise ShardsError(f"{url} failed verification")
+
+
+def run_demo(out_dir: str, workers: int = 2) -> int:
+    """The whole demo; returns the exit status (0: the paper's claims held, 1: not).
 
     Example:
         >>> run_demo("demo-out")  # doctest: +SKIP
-        {'train': 's3://ssl-train-demo/mnist5k/train', 'test': 's3://ssl-train-demo/mnist5k/test'}
+        0
     """
     started = time.monotonic()
-    os.makedirs(out_dir, exist_ok=True)
+    out_dir = os.path.abspath(out_dir)
+    runs, logs = os.path.join(out_dir, "runs"), os.path.join(out_dir, "logs")
+    os.makedirs(logs, exist_ok=True)
     urls = {split: f"s3://{DEMO_BUCKET}/mnist5k/{split}" for split in ("train", "test")}
-    with LocalS3Server() as s3:
-        os.environ.update(s3.env)
+    with ExitStack() as stack:
+        stack.enter_context(_sigterm_as_interrupt())
+        s3 = stack.enter_context(LocalS3Server())
+        os.environ.update(s3.env)  # the jobs inherit the endpoint (credentials stay out of specs)
+        # `make demo` runs .venv/bin/ssl-train without activating the venv: its torchrun first
+        venv_bin = os.path.dirname(sys.executable)
+        os.environ["PATH"] = os.pathsep.join([venv_bin, os.environ.get("PATH", "")])
         s3.create_bucket(DEMO_BUCKET)
-        print(
-            f"[demo] local S3 server at {s3.endpoint} (moto, stopped when the demo ends)",
-            flush=True,
-        )
-        for split, url in urls.items():
-            print(f"[demo] sharding MNIST-5000 {split} split into {url}", flush=True)
-            create(
-                CreateOptions(src=f"mnist5k:{split}", dest=url, shard_samples=1000, workers=workers)
+        say(f"local S3 server at {s3.endpoint} (moto, stopped when the demo ends)")
+        metrics_port = free_port()
+        prometheus = None
+        if local_prometheus.available():
+            prometheus = stack.enter_context(
+                local_prometheus.LocalPrometheus([f"127.0.0.1:{metrics_port}"], interval_s=2)
             )
-            if verify(url):
-                raise ShardsError(f"{url} failed verification")
-            copy(url, os.path.join(out_dir, "mnist5k", split))
-        print(f"[demo] done in {time.monotonic() - started:.1f}s; shard sets:", flush=True)
-        for split, url in urls.items():
-            local = os.path.join(out_dir, "mnist5k", split)
-            print(f"[demo]   {split}: {url} on {s3.endpoint}, copied to {local}", flush=True)
-        print(f"[demo] the local S3 server stops now; try: shards info {local}", flush=True)
-    return urls
+        shard_mnist(urls, workers)
+        subsets = []
+        for label, per_class in FRACTIONS.values():
+            url = f"s3://{DEMO_BUCKET}/mnist5k/subsets/{label}.txt"
+            keys = subset_lists(per_class)
+            storage.write_bytes_atomic(url, "".join(f"{k}\n" for k in keys).encode())
+            say(f"label subset {label}: {len(keys)} digits ({per_class} per class) listed in {url}")
+            subsets.append(url)
+        say(f"run dirs (checkpoints, final models, summaries): {runs}")
+        say(f"job logs: {logs}")
+        say(f"metrics of the running job: http://127.0.0.1:{metrics_port}/metrics")
+        if prometheus is not None:
+            say(f"Prometheus: {prometheus.url} (try the query ssl_train_global_step)")
+        else:
+            say("Prometheus not installed (Debian package prometheus): metrics are served only")
+        plan = PipelinePlan(
+            data=urls["train"],
+            root=runs,
+            subsets=subsets,
+            eval_data=urls["test"],
+            preset="tiny",
+            student="tiny_student",
+            common={**COMMON_ARGS, "metrics_port": str(metrics_port)},
+            per_stage=RECIPE,
+            supervised_baseline=True,
+        )
+        try:
+            ran = run_pipeline(
+                plan,
+                "local_cwd",
+                {"log_dir": logs},
+                follow=lambda stage, line: say(f"{stage}: {line.partition('loop: ')[2] or line}"),
+            )
+        except KeyboardInterrupt:
+            say(f"interrupted: finished stages stay in {runs}; run the demo again to resume")
+            raise
+    results = {**collect_results(runs), "seconds": round(time.monotonic() - started)}
+    return report(results, out_dir, reused=len(plan.stages()) - len(ran))
+
+
+def report(results: dict[str, Any], out_dir: str, reused: int = 0) -> int:
+    """Print the table and the claims, write results.json and results.png; 1 if a claim fails."""
+    json_path, png_path = (
+        os.path.join(out_dir, "results.json"),
+        os.path.join(out_dir, "results.png"),
+    )
+    with open(json_path + ".tmp", "w") as f:
+        json.dump(results, f, indent=2)
+        f.write("\n")
+    shutil.move(json_path + ".tmp", json_path)
+    save_chart(results, png_path)
+    print(results_table(results), flush=True)
+    checks = acceptance(results)
+    for statement, ok in checks:
+        say(f"{'ok  ' if ok else 'FAIL'} {statement}")
+    say(f"results: {json_path}")
+    say(f"chart: {png_path}")
+    minutes, seconds = divmod(results["seconds"], 60)
+    again = f" ({reused} finished stages reused)" if reused else ""
+    say(f"total time {minutes} min {seconds} s{again}")
+    if not all(ok for _, ok in checks):
+        say("the paper's claims did not all hold on this run: see FAIL above")
+        return 1
+    return 0

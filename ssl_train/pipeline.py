@@ -1,22 +1,30 @@
 """`ssl-train pipeline`: the whole SimCLRv2 recipe as TorchX jobs, one stage after another.
 
-pretrain -> finetune on each label subset -> distill each finetuned teacher, every stage
-a job on the chosen scheduler (``local_cwd`` or ``kubernetes``) whose run dir is
-``<root>/<stage name>``. A stage whose run dir holds a finished summary is skipped; an
-unfinished one is submitted again and resumes from its newest checkpoint. So restarting
-the pipeline after a crash, Ctrl-C or preemption redoes no finished work.
+pretrain -> finetune on each label subset -> (optionally the supervised-only baseline on
+each subset) -> distill each finetuned teacher, every stage a job on the chosen scheduler
+(``local_cwd`` or ``kubernetes``) whose run dir is ``<root>/<stage name>``. A stage whose
+run dir holds a finished summary is skipped; an unfinished one is submitted again and
+resumes from its newest checkpoint. So restarting the pipeline after a crash, Ctrl-C or
+preemption redoes no finished work.
 """
 
 from __future__ import annotations
 
 import inspect
 import os
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from shards import storage
 from ssl_train import components
+from ssl_train.stages.flags import stage_flags
 from ssl_train.stages.loop import read_summary
+
+ORDER = {"pretrain": 0, "finetune": 1, "supervised": 2, "distill": 3}
+# The training loop's lines (progress, resume, result), which `follow` echoes from a job.
+PROGRESS_LINE = r"ssl_train\.stages\.loop: "
 
 
 class PipelineError(RuntimeError):
@@ -41,7 +49,9 @@ class PipelinePlan:
     preset: str = "r50_1x_sk0"
     student: str = "r50_1x_sk0"
     common: dict[str, str] = field(default_factory=dict)  # every component that takes them
-    per_stage: dict[str, dict[str, str]] = field(default_factory=dict)  # by stage kind
+    # by stage kind ("finetune") or stage name ("finetune-1percent"); a name wins over its kind
+    per_stage: dict[str, dict[str, str]] = field(default_factory=dict)
+    supervised_baseline: bool = False  # also train the preset from scratch on each subset
 
     def run_dir(self, name: str) -> str:
         return storage.join(self.root, name)
@@ -58,26 +68,55 @@ class PipelinePlan:
             plan.append(
                 Stage(f"distill-{label}", "distill", {"teacher": teacher, "student": self.student})
             )
-        order = {"pretrain": 0, "finetune": 1, "distill": 2}
-        return sorted(plan, key=lambda s: order[s.component])  # every finetune before distills
+            if self.supervised_baseline:
+                plan.append(
+                    Stage(
+                        f"supervised-{label}",
+                        "supervised",
+                        {"preset": self.preset, "subset": subset},
+                    )
+                )
+        plan.sort(key=lambda s: ORDER[s.component])  # stable: subsets keep their order
+        targets = set(ORDER) | {s.name for s in plan}
+        for target in self.per_stage:
+            if target not in targets:
+                raise ValueError(
+                    f"stage argument for {target!r}: name a kind ({', '.join(ORDER)}) or a "
+                    f"stage of this plan ({', '.join(s.name for s in plan)})"
+                )
+        return plan
 
     def component_args(self, stage: Stage) -> list[str]:
         """``--name value`` pairs for the component: its stage's arguments, the common ones it
-        accepts, and the per-stage overrides."""
-        accepted = inspect.signature(getattr(components, stage.component)).parameters
+        accepts, and the per-stage overrides. A stage flag the component has no argument for
+        (``warmup_epochs``) goes to the stage's command line after ``--``."""
+        accepted = set(inspect.signature(getattr(components, stage.component)).parameters)
+        flags = stage_flags(stage.component)
         values = {"data": self.data, "run_dir": self.run_dir(stage.name), **stage.args}
         if self.eval_data and "eval_data" in accepted:
             values["eval_data"] = self.eval_data
-        values.update({k: v for k, v in self.common.items() if k in accepted})
+        values.update({k: v for k, v in self.common.items() if k in accepted or k in flags})
         values.update(self.per_stage.get(stage.component, {}))
-        unknown = sorted(set(values) - set(accepted))
+        values.update(self.per_stage.get(stage.name, {}))
+        unknown = sorted(set(values) - accepted - set(flags))
         if unknown:
-            raise ValueError(f"ssl.{stage.component} has no argument {', '.join(unknown)}")
+            raise ValueError(
+                f"ssl.{stage.component} has no argument {', '.join(unknown)} and "
+                f"`ssl-train {stage.component}` no such flag"
+            )
         values.setdefault("name", f"ssl-{stage.name}")
         args: list[str] = []
+        passed: list[str] = []
         for key, value in values.items():
-            args += ["-j" if key == "j" else f"--{key}", str(value)]
-        return args
+            if key in accepted:
+                args += ["-j" if key == "j" else f"--{key}", str(value)]
+                continue
+            flag, kind = flags[key]
+            if kind is not bool:
+                passed += [flag, str(value)]
+            elif value.lower() in ("1", "true", "yes"):
+                passed.append(flag)
+        return args + (["--", *passed] if passed else [])
 
 
 def subset_label(subset: str) -> str:
@@ -101,8 +140,16 @@ def parse_assignments(items: list[str], what: str) -> dict[str, str]:
     return values
 
 
-def run_pipeline(plan: PipelinePlan, scheduler: str, cfg: dict[str, str]) -> list[str]:
+def run_pipeline(
+    plan: PipelinePlan,
+    scheduler: str,
+    cfg: dict[str, str],
+    follow: Callable[[str, str], None] | None = None,
+) -> list[str]:
     """Run every unfinished stage as a TorchX job, in order; returns the stages that ran.
+
+    ``follow(stage, line)`` receives the trainer's progress and result lines from each
+    job's first replica while it runs (schedulers that keep logs: local_cwd, kubernetes).
 
     Example:
         >>> plan = PipelinePlan("s3://b/train", "s3://b/runs/r50", ["1percent", "10percent"])
@@ -113,7 +160,7 @@ def run_pipeline(plan: PipelinePlan, scheduler: str, cfg: dict[str, str]) -> lis
     from torchx.specs import AppState
 
     started, ran = time.monotonic(), []
-    with get_runner("ssl-train") as runner:
+    with get_runner() as runner:
         for stage in plan.stages():
             run_dir = plan.run_dir(stage.name)
             summary = read_summary(run_dir)
@@ -129,6 +176,8 @@ def run_pipeline(plan: PipelinePlan, scheduler: str, cfg: dict[str, str]) -> lis
             print(
                 f"[pipeline]   follow it: torchx status {handle}; torchx log {handle}", flush=True
             )
+            if follow is not None:
+                _follow_log(runner, handle, stage, follow)
             status = runner.wait(handle, wait_interval=2)
             state = status.state if status is not None else AppState.UNKNOWN
             if state != AppState.SUCCEEDED:
@@ -142,3 +191,20 @@ def run_pipeline(plan: PipelinePlan, scheduler: str, cfg: dict[str, str]) -> lis
             )
             ran.append(stage.name)
     return ran
+
+
+def _follow_log(
+    runner: object, handle: str, stage: Stage, follow: Callable[[str, str], None]
+) -> None:
+    """Echo the job's progress lines from a daemon thread; it ends with the job's log."""
+    role = stage.component  # components name their role after the stage
+
+    def pump() -> None:
+        try:
+            lines = runner.log_lines(handle, role, 0, regex=PROGRESS_LINE, should_tail=True)  # type: ignore[attr-defined]
+            for line in lines:
+                follow(stage.name, line.rstrip())
+        except Exception as error:  # a log that cannot be read must not stop the pipeline
+            follow(stage.name, f"(progress lines unavailable: {error})")
+
+    threading.Thread(target=pump, name=f"follow-{stage.name}", daemon=True).start()

@@ -23,6 +23,7 @@ COMPONENTS = {
     "ssl.finetune": ["--data", "s3://b/train", "--run_dir", "s3://b/runs/f", "--pretrained", "s3://b/runs/p"],
     "ssl.distill": ["--data", "s3://b/train", "--run_dir", "s3://b/runs/d", "--teacher", "s3://b/runs/f"],
     "ssl.linear_eval": ["--data", "s3://b/train", "--run_dir", "s3://b/runs/l", "--pretrained", "s3://b/runs/p"],
+    "ssl.supervised": ["--data", "s3://b/train", "--run_dir", "s3://b/runs/s", "--subset", "10percent"],
 }  # fmt: skip
 EVAL = ["--run_dir", "s3://b/runs/f", "--data", "s3://b/val"]
 

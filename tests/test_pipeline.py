@@ -13,7 +13,10 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from stage_runs import descendants
+
+from ssl_train.pipeline import PipelinePlan, Stage
 
 from conftest import TinyShards
 
@@ -71,3 +74,43 @@ def test_pipeline_runs_every_stage_and_a_rerun_skips_finished_ones(
     assert (
         json.loads((root / "distill-quarter" / "summary.json").read_text())["eval"]["samples"] == 40
     )
+
+
+def test_plan_adds_the_supervised_baseline_and_passes_stage_flags_through() -> None:
+    plan = PipelinePlan(
+        "s3://b/train",
+        "s3://b/runs",
+        ["s3://b/lists/1pct.txt", "10percent"],
+        eval_data="s3://b/test",
+        preset="tiny",
+        common={"j": "1x2", "warmup_epochs": "1", "channels_last": "False", "compile": "true"},
+        per_stage={
+            "supervised": {"learning_rate": "0.1", "epochs": "90"},
+            "supervised-10percent": {"epochs": "30"},
+        },
+        supervised_baseline=True,
+    )
+    stages = {s.name: s for s in plan.stages()}
+    assert list(stages) == [
+        "pretrain", "finetune-1pct", "finetune-10percent", "supervised-1pct",
+        "supervised-10percent", "distill-1pct", "distill-10percent",
+    ]  # fmt: skip
+    args = plan.component_args(stages["supervised-1pct"])
+    dashes = args.index("--")
+    named = dict(zip(args[:dashes:2], args[1:dashes:2], strict=True))
+    assert named["--preset"] == "tiny" and named["--subset"] == "s3://b/lists/1pct.txt"
+    assert named["--learning_rate"] == "0.1" and named["--epochs"] == "90"
+    assert named["--eval_data"] == "s3://b/test" and named["-j"] == "1x2"
+    # flags the component has no argument for reach `ssl-train supervised` after `--`;
+    # a false switch is left out
+    assert args[dashes + 1 :] == ["--warmup-epochs", "1", "--compile"]
+    ten = plan.component_args(stages["supervised-10percent"])
+    assert ten[ten.index("--epochs") + 1] == "30"  # a stage's name beats its kind
+    pretrain = plan.component_args(stages["pretrain"])
+    assert "--channels_last" in pretrain and "--warmup-epochs" in pretrain
+    with pytest.raises(ValueError, match=r"ssl\.finetune has no argument lr and .* no such flag"):
+        PipelinePlan("d", "r", ["1percent"], per_stage={"finetune": {"lr": "1"}}).component_args(
+            Stage("finetune-1percent", "finetune", {"pretrained": "r/pretrain"})
+        )
+    with pytest.raises(ValueError, match="'finetune-2percent': name a kind"):
+        PipelinePlan("d", "r", ["1percent"], per_stage={"finetune-2percent": {}}).stages()

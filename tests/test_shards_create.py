@@ -336,3 +336,15 @@ def test_fast_jpeg_check_agrees_with_pil_on_every_awkward_file(imagenet_tree: Im
         else:
             jpeg, why = prepare_image(data, name)
             assert why and Image.open(io.BytesIO(jpeg)).mode == "RGB"
+
+
+def test_subset_list_may_live_in_object_storage(s3_bucket: S3Bucket) -> None:
+    from shards import storage
+    from shards.errors import ShardsError
+    from shards.sources import read_subset
+
+    url = f"{s3_bucket.url}/lists/two.txt"
+    storage.write_bytes_atomic(url, b"n01_1.JPEG\n\nn02_7\n")
+    assert read_subset(url) == (["n01_1.JPEG", "n02_7"], url)
+    with pytest.raises(ShardsError, match=r"--subset s3://.*/lists/missing\.txt: no such list"):
+        read_subset(f"{s3_bucket.url}/lists/missing.txt")

@@ -1,4 +1,4 @@
-"""Uploads: retries with backoff, bounded local staging, progress output, the demo."""
+"""Uploads: retries with backoff, bounded local staging, progress output."""
 
 from __future__ import annotations
 
@@ -150,14 +150,3 @@ def test_progress_is_plain_lines_in_logs_and_a_bar_on_a_terminal(tmp_path: Path)
     assert proc.wait(timeout=60) == 0
     text = output.decode(errors="replace")
     assert "\r" in text and "4/4" in text and "shard" in text  # tqdm redraws one line
-
-
-def test_demo_shards_mnist_into_a_local_s3_server_and_verifies_it(tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
-    result = run_cli("demo", "--out", tmp_path / "demo", tool="ssl-train", env=env, timeout=300)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "ok: s3://ssl-train-demo/mnist5k/train: 4 shards, 4000 samples" in result.stdout
-    assert "ok: s3://ssl-train-demo/mnist5k/test: 1 shards, 1000 samples" in result.stdout
-    assert "local S3 server at http://127.0.0.1:" in result.stdout
-    for split in ("train", "test"):  # the copies outlive the server
-        assert run_cli("verify", tmp_path / "demo" / "mnist5k" / split).returncode == 0

@@ -122,6 +122,19 @@ REQUIRED = {
 DEFAULT_PRESET = "r50_1x_sk0"
 
 
+def stage_flags(stage: str) -> dict[str, tuple[str, Any]]:
+    """The stage's command-line flags keyed as component arguments are (``warmup_epochs``),
+    with each flag and its type; lets callers pass any stage flag through a TorchX job.
+
+    Example:
+        >>> stage_flags("distill")["student"]
+        ('--student', <class 'str'>)
+    """
+    return {
+        flag[2:].replace("-", "_"): (flag, kind) for flag, _, kind, _ in PER_STAGE[stage] + COMMON
+    }
+
+
 def add_stage_parser(sub: argparse._SubParsersAction, stage: str, summary: str) -> None:
     """One subcommand whose flags fill a ``StageConfig``."""
     parser = sub.add_parser(stage, help=summary, description=summary)

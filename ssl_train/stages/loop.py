@@ -397,6 +397,15 @@ class Trainer:
             METRICS_NOW.set("eval_top1", summary["eval"]["top1"])
             METRICS_NOW.set("eval_top5", summary["eval"]["top5"])
         if runtime.is_main:
+            result = summary.get("eval")
+            log.info(
+                "finished: %d steps%s",
+                self.step,
+                f"; top-1 {result['top1']:.4f}, top-5 {result['top5']:.4f} on "
+                f"{result['samples']} samples of {storage.redact(config.eval_data)}"
+                if result
+                else "",
+            )
             about = {
                 "stage": config.stage,
                 "image_size": config.image_size,
