@@ -156,6 +156,22 @@ def run_pipeline(
         >>> [s.name for s in plan.stages()]
         ['pretrain', 'finetune-1percent', 'finetune-10percent', 'distill-1percent', 'distill-10percent']
     """
+    from torchx.schedulers.local_scheduler import SignalException
+
+    try:
+        return _run_stages(plan, scheduler, cfg, follow)
+    except SignalException as exc:
+        # TorchX's local scheduler turns Ctrl-C and SIGTERM into its own exception (after
+        # its runner has stopped the job); callers see the usual interruption
+        raise KeyboardInterrupt(str(exc)) from exc
+
+
+def _run_stages(
+    plan: PipelinePlan,
+    scheduler: str,
+    cfg: dict[str, str],
+    follow: Callable[[str, str], None] | None,
+) -> list[str]:
     from torchx.runner import get_runner
     from torchx.specs import AppState
 
