@@ -21,7 +21,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="run the recipe on MNIST-5000 with a local S3 server")
     demo.add_argument("--out", default="demo-out", help="folder for results (default demo-out)")
-    demo.add_argument("--workers", type=int, default=2)
+    demo.add_argument("--workers", type=int, default=2, help="sharding processes (default 2)")
+    demo.add_argument(
+        "--seed", type=int, default=0, help="seed of every training stage (default 0)"
+    )
+    demo.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads per training process (default 1: two processes fill two cores)",
+    )
     models = sub.add_parser("models", help="list the model presets with their parameter counts")
     models.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
     bench = sub.add_parser(
@@ -242,7 +251,7 @@ def main(argv: list[str] | None = None) -> None:
         elif args.command == "demo":
             from ssl_train.demo import run_demo
 
-            sys.exit(run_demo(args.out, workers=args.workers))
+            sys.exit(run_demo(args.out, args.workers, args.seed, args.threads))
         elif args.command == "pipeline":
             run_pipeline_command(args)
         elif args.command == "metrics":

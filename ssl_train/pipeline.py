@@ -145,11 +145,14 @@ def run_pipeline(
     scheduler: str,
     cfg: dict[str, str],
     follow: Callable[[str, str], None] | None = None,
+    poll_seconds: float = 2.0,
 ) -> list[str]:
     """Run every unfinished stage as a TorchX job, in order; returns the stages that ran.
 
     ``follow(stage, line)`` receives the trainer's progress and result lines from each
     job's first replica while it runs (schedulers that keep logs: local_cwd, kubernetes).
+    ``poll_seconds`` is how often a job's state is asked for: a cluster's API server
+    wants seconds; a local job's end is noticed sooner with less.
 
     Example:
         >>> plan = PipelinePlan("s3://b/train", "s3://b/runs/r50", ["1percent", "10percent"])
@@ -159,7 +162,7 @@ def run_pipeline(
     from torchx.schedulers.local_scheduler import SignalException
 
     try:
-        return _run_stages(plan, scheduler, cfg, follow)
+        return _run_stages(plan, scheduler, cfg, follow, poll_seconds)
     except SignalException as exc:
         # TorchX's local scheduler turns Ctrl-C and SIGTERM into its own exception (after
         # its runner has stopped the job); callers see the usual interruption
@@ -171,6 +174,7 @@ def _run_stages(
     scheduler: str,
     cfg: dict[str, str],
     follow: Callable[[str, str], None] | None,
+    poll_seconds: float = 2.0,
 ) -> list[str]:
     from torchx.runner import get_runner
     from torchx.specs import AppState
@@ -194,7 +198,7 @@ def _run_stages(
             )
             if follow is not None:
                 _follow_log(runner, handle, stage, follow)
-            status = runner.wait(handle, wait_interval=2)
+            status = runner.wait(handle, wait_interval=poll_seconds)
             state = status.state if status is not None else AppState.UNKNOWN
             if state != AppState.SUCCEEDED:
                 raise PipelineError(

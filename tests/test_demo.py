@@ -17,7 +17,7 @@ from PIL import Image
 from stage_runs import descendants
 
 from shards.sources import mnist5k
-from ssl_train.demo import FRACTIONS, acceptance, report, subset_lists
+from ssl_train.demo import FRACTIONS, acceptance, claim_margins, report, subset_lists, timing
 
 BIN = Path(sys.executable).parent
 GOOD = {
@@ -49,6 +49,26 @@ def test_each_claim_fails_on_its_own() -> None:
         assert verdicts == [i != failing for i in range(4)], (failing, verdicts)
     exact = {"1%": {"supervised": 0.5, "finetuned": 0.6, "distilled": 0.58}, "10%": GOOD["10%"]}
     assert all(ok for _, ok in acceptance(exact))  # the bounds themselves pass
+
+
+def test_a_rerun_keeps_the_time_of_the_run_that_trained(tmp_path: Path) -> None:
+    assert timing(str(tmp_path), 700, trained=7) == {"seconds": 700}
+    assert report({**GOOD, "seconds": 700}, str(tmp_path)) == 0
+    assert timing(str(tmp_path), 9, trained=0) == {"seconds": 700, "rerun_seconds": 9}
+    report({**GOOD, "seconds": 700, "rerun_seconds": 9}, str(tmp_path))
+    assert timing(str(tmp_path), 8, trained=0) == {"seconds": 700, "rerun_seconds": 8}
+    # stages trained again (their run dirs removed) make a new figure
+    assert timing(str(tmp_path), 300, trained=2) == {"seconds": 300}
+
+
+def test_claim_margins_are_points_beyond_each_bound() -> None:
+    margins = claim_margins(GOOD)
+    assert margins == {
+        "1% finetuned - supervised >= 10": 15.0,
+        "10% finetuned - supervised >= 0": 3.0,
+        "1% distilled - teacher >= -2": 1.0,
+        "10% distilled - teacher >= -2": 4.0,
+    }
 
 
 def test_report_writes_results_and_chart_and_fails_when_a_claim_fails(
@@ -112,6 +132,13 @@ def test_demo_end_to_end_interrupted_then_resumed(tmp_path: Path) -> None:
     with Image.open(out / "results.png") as chart:
         assert chart.format == "PNG"
     assert str(out / "results.json") in second.stdout and "total time" in second.stdout
+
+    third = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert third.returncode == 0, (third.stdout + third.stderr)[-4000:]
+    assert "(7 finished stages reused)" in third.stdout
+    rerun = json.loads((out / "results.json").read_text())
+    assert rerun["seconds"] == results["seconds"] and rerun["1%"] == results["1%"]
+    assert 0 < rerun["rerun_seconds"] < results["seconds"]
 
 
 def _alive(pid: int) -> bool:

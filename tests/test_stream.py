@@ -100,6 +100,41 @@ def test_a_label_subset_trains_on_exactly_its_keys(mnist_on_s3: str, tmp_path) -
         TrainStream(config, 0, 1, StreamState()).plan(0)
 
 
+def test_a_small_subset_is_fetched_once_and_gives_the_same_batches(
+    mnist_on_s3: str, tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Finetuning on a few labels reads them from storage in the first epoch only (one
+    request per run of scattered samples adds up over 150 epochs); a subset too big to
+    keep is read every epoch, and both give the very same batches."""
+    from shards import storage
+    from shards.reader import ShardSet
+    from ssl_train.data import stream as stream_module
+
+    keys = [r.key for shard in range(3) for r in ShardSet(mnist_on_s3).index(shard).samples[::7]]
+    listing = tmp_path / "subset.txt"
+    listing.write_text("".join(f"{k}\n" for k in keys[:30]))
+    config = StreamConfig(mnist_on_s3, 10, 12, mode="finetune", partitions=2, subset=str(listing))
+    requests: list[int] = []
+    storage.add_listener(
+        lambda event, amount: requests.append(amount) if event == "requests" else None
+    )
+    try:
+        cached = TrainStream(config, 0, 1, StreamState())
+        first_epoch = _take(cached, 3)
+        after_one_epoch = len(requests)
+        later = [cached.batch(cached.plan(e), s) for e in (1, 2, 3) for s in range(3)]
+        assert len(requests) == after_one_epoch  # epochs 1-3 from memory
+        monkeypatch.setattr(stream_module, "SUBSET_CACHE_BYTES", 0)
+        uncached = TrainStream(config, 0, 1, StreamState())
+        again = _take(uncached, 3)
+        before = len(requests)
+        again += [uncached.batch(uncached.plan(e), s) for e in (1, 2, 3) for s in range(3)]
+        assert len(requests) - before >= 9  # at least one request per step, every epoch
+    finally:
+        storage._listeners.pop()
+    _same(first_epoch + later, again)
+
+
 def test_a_corrupt_sample_is_skipped_named_and_still_consumed(tmp_path) -> None:
     from ssl_train.data.stream import EvalStream
 
