@@ -2,11 +2,12 @@
 
 A local S3 server (moto, in its own process) holds the MNIST-5000 shards and the label
 lists; Prometheus, when its binary is installed, scrapes every training job; and
-``ssl-train pipeline`` runs each stage as a TorchX ``local_cwd`` job of 2 elastic
-torchrun processes: contrastive pretraining on the 4,000 training digits without labels,
-finetuning on 1% and 10% of the labels, the same network trained supervised-only on
-those labels (the paper's baseline), and distillation of each finetuned teacher into a
-smaller student on the unlabelled digits. Every model is scored on the 1,000 test digits.
+``ssl-train pipeline`` runs each stage as a TorchX ``local_cwd`` job of elastic torchrun
+processes (2 for the stages on all digits, 1 for the labelled ones): contrastive
+pretraining on the 4,000 training digits without labels, finetuning on 1% and 10% of the
+labels, the same network trained supervised-only on those labels (the paper's baseline),
+and distillation of each finetuned teacher into a smaller student on the unlabelled
+digits. Every model is scored on the 1,000 test digits.
 
 Run dirs live in the output folder, not in the S3 server (which keeps objects in memory
 only), so running the demo again skips every finished stage and resumes an unfinished
@@ -44,9 +45,12 @@ SUBSET_SEED = 0
 COLUMNS = ("supervised", "finetuned", "distilled")
 STAGE_OF_COLUMN = {"supervised": "supervised", "finetuned": "finetune", "distilled": "distill"}
 
-# Every job: 2 torchrun processes, 16 px crops, CPU-friendly settings. 16 px rather than
-# the digits' 28: on a 2-core machine without AVX-512 a 28 px step costs 3x as much, and a
-# 16 px digit is still as legible as USPS's (BENCHMARKS.md has the measurements).
+# Every job: 16 px crops, CPU-friendly settings. 16 px rather than the digits' 28: on a
+# 2-core machine without AVX-512 a 28 px step costs 3x as much, and a 16 px digit is still
+# as legible as USPS's (BENCHMARKS.md has the measurements). Pretraining and distillation
+# (all 4,000 digits) run as 2 torchrun processes with global BN and gathered negatives;
+# the labelled stages (40 or 400 digits) as one process of 2 threads: on 20-40 images per
+# rank a step of 2 processes spends half its time waiting in global BN's all-reduces.
 COMMON_ARGS = {
     "j": "1x2",
     "image_size": "16",
@@ -69,8 +73,8 @@ RECIPE: dict[str, dict[str, str]] = {
         "warmup_epochs": "1",
         "temperature": "0.5",
     },
-    "finetune": {"learning_rate": "0.05"},
-    "supervised": {"learning_rate": "0.05"},
+    "finetune": {"j": "1x1", "learning_rate": "0.05"},
+    "supervised": {"j": "1x1", "learning_rate": "0.05"},
     "finetune-1pct": {"global_batch_size": "40", "epochs": "150"},
     "supervised-1pct": {"global_batch_size": "40", "epochs": "150"},
     "finetune-10pct": {"global_batch_size": "80", "epochs": "20"},
@@ -79,6 +83,25 @@ RECIPE: dict[str, dict[str, str]] = {
     "distill-1pct": {"epochs": "12"},
     "distill-10pct": {"epochs": "16"},
 }
+
+
+def recipe_with_threads(threads: int) -> dict[str, dict[str, str]]:
+    """``RECIPE`` with each kind's thread count: ``threads`` per process of the 2-process
+    jobs, twice that for the single-process ones, so that every job fills the same cores.
+    More threads than cores must not spin-wait (OpenMP's default: 2x slower here).
+
+    Example:
+        >>> recipe_with_threads(1)["finetune"]["env"]
+        'OMP_NUM_THREADS=2,OMP_WAIT_POLICY=PASSIVE'
+    """
+    if threads < 1:
+        raise ValueError(f"--threads {threads}: give at least 1 thread per process")
+    recipe = {name: dict(args) for name, args in RECIPE.items()}
+    for kind in ("pretrain", "finetune", "supervised", "distill"):
+        processes = int(recipe[kind].get("j", COMMON_ARGS["j"]).split("x")[1])
+        per_process = threads * 2 // processes
+        recipe[kind]["env"] = f"OMP_NUM_THREADS={per_process},OMP_WAIT_POLICY=PASSIVE"
+    return recipe
 
 
 def subset_lists(per_class: int, seed: int = SUBSET_SEED) -> list[str]:
@@ -262,6 +285,7 @@ def run_demo(out_dir: str, workers: int = 2, seed: int = 0, threads: int = 1) ->
         0
     """
     started = time.monotonic()
+    recipe = recipe_with_threads(threads)  # refuses a bad --threads before any work
     out_dir = os.path.abspath(out_dir)
     runs, logs = os.path.join(out_dir, "runs"), os.path.join(out_dir, "logs")
     os.makedirs(logs, exist_ok=True)
@@ -307,10 +331,8 @@ def run_demo(out_dir: str, workers: int = 2, seed: int = 0, threads: int = 1) ->
                 **COMMON_ARGS,
                 "metrics_port": str(metrics_port),
                 "seed": str(seed),
-                # more threads than cores must not spin-wait (2 threads per process: 2x slower)
-                "env": f"OMP_NUM_THREADS={threads},OMP_WAIT_POLICY=PASSIVE",
             },
-            per_stage=RECIPE,
+            per_stage=recipe,
             supervised_baseline=True,
         )
         try:

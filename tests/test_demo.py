@@ -17,7 +17,17 @@ from PIL import Image
 from stage_runs import descendants
 
 from shards.sources import mnist5k
-from ssl_train.demo import FRACTIONS, acceptance, claim_margins, report, subset_lists, timing
+from ssl_train.demo import (
+    COMMON_ARGS,
+    FRACTIONS,
+    RECIPE,
+    acceptance,
+    claim_margins,
+    recipe_with_threads,
+    report,
+    subset_lists,
+    timing,
+)
 
 BIN = Path(sys.executable).parent
 GOOD = {
@@ -61,6 +71,20 @@ def test_a_rerun_keeps_the_time_of_the_run_that_trained(tmp_path: Path) -> None:
     assert timing(str(tmp_path), 300, trained=2) == {"seconds": 300}
 
 
+def test_threads_fill_the_same_cores_in_every_job() -> None:
+    """--threads T: T per process of the 2-process jobs, 2T for the single-process ones;
+    every job's environment also keeps OpenMP from spinning on oversubscribed cores."""
+    recipe = recipe_with_threads(2)
+    assert RECIPE["pretrain"].get("j", COMMON_ARGS["j"]) == "1x2"
+    assert RECIPE["finetune"]["j"] == RECIPE["supervised"]["j"] == "1x1"
+    assert recipe["pretrain"]["env"] == recipe["distill"]["env"]
+    assert recipe["pretrain"]["env"] == "OMP_NUM_THREADS=2,OMP_WAIT_POLICY=PASSIVE"
+    assert recipe["finetune"]["env"] == "OMP_NUM_THREADS=4,OMP_WAIT_POLICY=PASSIVE"
+    assert "env" not in RECIPE["pretrain"]  # the recipe itself is left as it was
+    with pytest.raises(ValueError, match="--threads 0"):
+        recipe_with_threads(0)
+
+
 def test_claim_margins_are_points_beyond_each_bound() -> None:
     margins = claim_margins(GOOD)
     assert margins == {
@@ -86,7 +110,7 @@ def test_report_writes_results_and_chart_and_fails_when_a_claim_fails(
     assert json.loads((tmp_path / "results.json").read_text())["1%"]["finetuned"] == 0.6
 
 
-@pytest.mark.timeout(2100)  # the whole demo (about 15 minutes here) and its interruption
+@pytest.mark.timeout(2100)  # the whole demo (at most 12 minutes on 2 cores), interrupted, rerun
 def test_demo_end_to_end_interrupted_then_resumed(tmp_path: Path) -> None:
     """The full `make demo` recipe, as a user runs it: Ctrl-C while finetuning stops every
     process it started; running it again reuses pretraining and ends with the paper's
