@@ -135,6 +135,46 @@ def test_a_small_subset_is_fetched_once_and_gives_the_same_batches(
     _same(first_epoch + later, again)
 
 
+def test_one_worker_reads_its_coming_chunks_together_and_gets_the_same_batches(
+    mnist_on_s3: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With one worker per rank every step is its own, and each partition's next chunks
+    are adjacent: it fetches several steps per request. With two workers, or with read-ahead
+    off, every step reads on its own; all three give the very same batches."""
+    from shards import storage
+    from ssl_train.data import stream as stream_module
+
+    config = StreamConfig(mnist_on_s3, 20, 12, partitions=2)  # 1,000 samples: 50 steps
+
+    def run(workers: int, world_rank: int = 0) -> tuple[list, int]:
+        requests: list[int] = []
+        storage.add_listener(lambda event, n: requests.append(n) if event == "requests" else None)
+        try:
+            stream = TrainStream(config, world_rank, 2, StreamState())
+            stream.shard_set.index(0)  # the manifest and an index, read before counting
+            for shard in range(len(stream.shard_sizes)):
+                stream.shard_set.index(shard)
+            requests.clear()
+            batches = _take(stream, 16, workers)
+        finally:
+            storage._listeners.pop()
+        return batches, len(requests)
+
+    ahead, ahead_requests = run(workers=0)
+    two_workers, _ = run(workers=2)
+    monkeypatch.setattr(stream_module, "READAHEAD_STEPS", 1)
+    alone, alone_requests = run(workers=0)
+    _same(ahead, alone)
+    _same(ahead, two_workers)
+    assert alone_requests >= 16  # at least one request per step
+    assert ahead_requests * 3 <= alone_requests
+    monkeypatch.setattr(stream_module, "READAHEAD_STEPS", 8)
+    monkeypatch.setattr(stream_module, "READAHEAD_BYTES", 1)  # the byte bound wins
+    bounded, bounded_requests = run(workers=0)
+    _same(ahead, bounded)
+    assert bounded_requests == alone_requests
+
+
 def test_a_corrupt_sample_is_skipped_named_and_still_consumed(tmp_path) -> None:
     from ssl_train.data.stream import EvalStream
 

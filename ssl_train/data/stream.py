@@ -93,6 +93,12 @@ def _subset_selection(shard_set: ShardSet, spec: str) -> list[list[int]]:
 # finetuning run reads the same few over and over (150 epochs of the demo's 40 digits).
 # ImageNet's 1% (about 1.4 GB) stays far above it and is read every epoch, as before.
 SUBSET_CACHE_BYTES = 32 * 2**20
+# A worker whose coming steps read adjacent chunks of the same partitions (one worker per
+# rank: every step is its own) fetches up to this many steps at once, one request per
+# partition instead of one per partition and step; with several workers per rank their
+# chunks are not adjacent and nothing changes. Bounded in bytes, as per-worker memory.
+READAHEAD_STEPS = 8
+READAHEAD_BYTES = 64 * 2**20
 
 
 def _selected_bytes(shard_set: ShardSet, selection: list[list[int]]) -> int:
@@ -136,6 +142,7 @@ class TrainStream(IterableDataset):
         self._shard_set: ShardSet | None = None  # opened lazily, once per worker process
         self._selection: list[list[int]] | None = None
         self._cache: dict[tuple[int, int], Sample] | None = None  # small subsets only
+        self._ahead: dict[SampleRef, Sample] = {}  # fetched for this worker's coming steps
 
     @property
     def shard_set(self) -> ShardSet:
@@ -177,11 +184,50 @@ class TrainStream(IterableDataset):
         epoch, step, produced = self.state.epoch, self.state.step, 0
         while True:
             plan = self.plan(epoch)
-            for s in range(step, plan.steps):
-                if produced % workers == worker:
-                    yield self.batch(plan, s)
-                produced += 1
+            mine = [
+                s
+                for n, s in enumerate(range(step, plan.steps))
+                if (produced + n) % workers == worker
+            ]
+            produced += plan.steps - step
+            self._ahead.clear()
+            for n, s in enumerate(mine):
+                self._read_ahead(plan, mine[n : n + READAHEAD_STEPS])
+                yield self.batch(plan, s)
             epoch, step = epoch + 1, 0
+
+    def _read_ahead(self, plan: EpochPlan, steps: list[int]) -> None:
+        """Fetch the reads of ``steps[0]`` merged with those of the following steps that
+        extend them, unless ``steps[0]`` is already here."""
+        reads = plan.local_reads(steps[0], self.rank, self.world_size)
+        if all(SampleRef(r.shard, r.start) in self._ahead for r in reads):
+            return
+        merged = {(r.shard, r.end): [r.shard, r.start, r.end] for r in reads}
+        budget = READAHEAD_BYTES - self._range_bytes(reads)
+        for step in steps[1:]:
+            coming = plan.local_reads(step, self.rank, self.world_size)
+            if any((r.shard, r.start) not in merged for r in coming):
+                break  # not adjacent (other workers' steps, or a partition's end)
+            budget -= self._range_bytes(coming)
+            if budget < 0:
+                break
+            for r in coming:
+                extended = merged.pop((r.shard, r.start))
+                extended[2] = r.end
+                merged[(r.shard, r.end)] = extended
+        for shard, start, end in merged.values():
+            self._ahead.update(self._fetch(ReadRange(shard, start, end)))
+
+    def _range_bytes(self, reads: list[ReadRange]) -> int:
+        """Bytes the reads fetch, from the index (a subset's samples, where they lie)."""
+        total = 0
+        for r in reads:
+            records = self.shard_set.index(r.shard).samples
+            positions = range(r.start, r.end)
+            if self._selection is not None:
+                positions = [self._selection[r.shard][p] for p in positions]
+            total += sum(records[p].end - records[p].offset for p in positions)
+        return total
 
     def _fetch(self, read: ReadRange) -> dict[SampleRef, Sample]:
         """Samples [start, end) of the plan's view of a shard, in as few requests as runs."""
@@ -223,7 +269,11 @@ class TrainStream(IterableDataset):
         """Read, decode and crop this rank's share of global batch ``step``."""
         fetched: dict[SampleRef, Sample] = {}
         for read in plan.local_reads(step, self.rank, self.world_size):
-            fetched.update(self._fetch(read))
+            refs = [SampleRef(read.shard, p) for p in range(read.start, read.end)]
+            if all(ref in self._ahead for ref in refs):
+                fetched.update((ref, self._ahead.pop(ref)) for ref in refs)
+            else:
+                fetched.update(self._fetch(read))
         samples = [fetched[ref] for ref in plan.local_batch(step, self.rank, self.world_size)]
         crops = [self._crop(s, plan.epoch) for s in samples]
         corrupt = [s.key for s, c in zip(samples, crops, strict=True) if c is None]
