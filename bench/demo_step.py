@@ -132,6 +132,8 @@ def stage_args(
     kind = stage.split("-")[0]
     values.update(RECIPE.get(kind, {}))
     values.update(RECIPE.get(stage, {}))
+    for launcher_only in ("j", "env"):  # torchrun's shape is this script's: 2 processes
+        values.pop(launcher_only, None)
     values.update(image_size=str(image_size), max_steps=str(steps), metrics_port="0")
     values.update(log_every_steps="1000", workers="1")
     if nchw:
