@@ -90,7 +90,7 @@ def _subset_selection(shard_set: ShardSet, spec: str) -> list[list[int]]:
 
 # A label subset this small (in bytes) is kept in each worker's memory after its first
 # read: its samples are scattered over the shards, one request per run of them, and a
-# finetuning run reads the same few over and over (150 epochs of the demo's 40 digits).
+# finetuning run reads the same few over and over (100 epochs of the demo's 40 digits).
 # ImageNet's 1% (about 1.4 GB) stays far above it and is read every epoch, as before.
 SUBSET_CACHE_BYTES = 32 * 2**20
 # A worker whose coming steps read adjacent chunks of the same partitions (one worker per
