@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from typing import NamedTuple
 
@@ -101,12 +101,10 @@ READAHEAD_STEPS = 8
 READAHEAD_BYTES = 64 * 2**20
 
 
-def _selected_bytes(shard_set: ShardSet, selection: list[list[int]]) -> int:
-    total = 0
-    for shard, positions in enumerate(selection):
-        records = shard_set.index(shard).samples
-        total += sum(records[p].end - records[p].offset for p in positions)
-    return total
+def _sample_bytes(shard_set: ShardSet, shard: int, positions: Iterable[int]) -> int:
+    """Bytes these samples of a shard occupy, from its index (no data read)."""
+    records = shard_set.index(shard).samples
+    return sum(records[p].end - records[p].offset for p in positions)
 
 
 def _runs(positions: list[int]) -> list[tuple[int, int]]:
@@ -150,7 +148,11 @@ class TrainStream(IterableDataset):
             self._shard_set = ShardSet(self.config.data)
             if self.config.subset:
                 self._selection = _subset_selection(self._shard_set, self.config.subset)
-                if _selected_bytes(self._shard_set, self._selection) <= SUBSET_CACHE_BYTES:
+                selected = sum(
+                    _sample_bytes(self._shard_set, shard, positions)
+                    for shard, positions in enumerate(self._selection)
+                )
+                if selected <= SUBSET_CACHE_BYTES:
                     self._cache = {}
         return self._shard_set
 
@@ -222,11 +224,10 @@ class TrainStream(IterableDataset):
         """Bytes the reads fetch, from the index (a subset's samples, where they lie)."""
         total = 0
         for r in reads:
-            records = self.shard_set.index(r.shard).samples
             positions = range(r.start, r.end)
             if self._selection is not None:
                 positions = [self._selection[r.shard][p] for p in positions]
-            total += sum(records[p].end - records[p].offset for p in positions)
+            total += _sample_bytes(self.shard_set, r.shard, positions)
         return total
 
     def _fetch(self, read: ReadRange) -> dict[SampleRef, Sample]:
