@@ -20,19 +20,18 @@ the byte counts cover what was consumed and nothing the DataLoader prefetched be
 from __future__ import annotations
 
 import functools
-import itertools
 import json
 import multiprocessing
 import os
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, get_worker_info
+from torch.utils.data import DataLoader
 
 from shards import storage
 from ssl_train.data.augment import SimCLRAugment, apply_view_params, flip_params
@@ -152,13 +151,7 @@ class CountingStream(TrainStream):
         world_size: int = 1,
     ) -> None:
         super().__init__(config, rank, world_size, state)
-        self.limit, self.counters = limit, counters
-
-    def __iter__(self) -> Iterator[LocalBatch]:
-        info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        # TrainStream gives worker w the batches w, w + workers, ...: its share of `limit`
-        return itertools.islice(super().__iter__(), len(range(worker, self.limit, workers)))
+        self.stop_after, self.counters = limit, counters
 
     def batch(self, plan: EpochPlan, step: int) -> LocalBatch:
         cpu = time.process_time()

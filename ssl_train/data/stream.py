@@ -141,6 +141,9 @@ class TrainStream(IterableDataset):
         self._selection: list[list[int]] | None = None
         self._cache: dict[tuple[int, int], Sample] | None = None  # small subsets only
         self._ahead: dict[SampleRef, Sample] = {}  # fetched for this worker's coming steps
+        # Training streams are endless; a benchmark ends after this many global batches
+        # (from ``state`` on, over all workers), and reads nothing ahead beyond them.
+        self.stop_after: int | None = None
 
     @property
     def shard_set(self) -> ShardSet:
@@ -186,16 +189,17 @@ class TrainStream(IterableDataset):
         epoch, step, produced = self.state.epoch, self.state.step, 0
         while True:
             plan = self.plan(epoch)
-            mine = [
-                s
-                for n, s in enumerate(range(step, plan.steps))
-                if (produced + n) % workers == worker
-            ]
-            produced += plan.steps - step
+            steps = range(step, plan.steps)
+            if self.stop_after is not None:
+                steps = steps[: self.stop_after - produced]
+            mine = [s for n, s in enumerate(steps) if (produced + n) % workers == worker]
+            produced += len(steps)
             self._ahead.clear()
             for n, s in enumerate(mine):
                 self._read_ahead(plan, mine[n : n + READAHEAD_STEPS])
                 yield self.batch(plan, s)
+            if self.stop_after is not None and produced >= self.stop_after:
+                return
             epoch, step = epoch + 1, 0
 
     def _read_ahead(self, plan: EpochPlan, steps: list[int]) -> None:
