@@ -153,7 +153,7 @@ class Manifest:
         )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # millions of them at ImageNet scale: no __dict__ each
 class SampleRecord:
     """Where one sample lives in its shard: bytes [offset, end) hold all its members."""
 
@@ -265,8 +265,32 @@ def read_index(set_url: str, entry: ShardEntry, check_hash: bool = True) -> Shar
         >>> read_index("s3://bucket/imagenet/train", m.shards[0]).samples[0].key  # doctest: +SKIP
         'n01440764_10026'
     """
-    url = storage.join(base_url(set_url), entry.index)
-    data = storage.read_bytes(url)
-    if check_hash and sha256_hex(data) != entry.index_sha256:
-        raise ShardsError(f"{storage.redact(url)}: index does not match the manifest's sha256")
+    url = index_url(set_url, entry)
+    data = read_index_bytes(set_url, entry) if check_hash else storage.read_bytes(url)
     return ShardIndex.from_json(data, storage.redact(url))
+
+
+def read_index_bytes(set_url: str, entry: ShardEntry) -> bytes:
+    """A shard's sidecar index as stored, refused unless it matches the manifest's hash.
+
+    Example:
+        >>> m = read_manifest("s3://bucket/imagenet/train")  # doctest: +SKIP
+        >>> sha256_hex(read_index_bytes("s3://bucket/imagenet/train", m.shards[0])) == m.shards[0].index_sha256  # doctest: +SKIP
+        True
+    """
+    url = index_url(set_url, entry)
+    data = storage.read_bytes(url)
+    if sha256_hex(data) != entry.index_sha256:
+        raise ShardsError(f"{storage.redact(url)}: index does not match the manifest's sha256")
+    return data
+
+
+def index_url(set_url: str, entry: ShardEntry) -> str:
+    """Where a shard's sidecar index lives.
+
+    Example:
+        >>> e = ShardEntry("train-000000.tar", "train-000000.index.json", 1, 1, "", "")
+        >>> index_url("s3://b/imagenet/train", e)
+        's3://b/imagenet/train/train-000000.index.json'
+    """
+    return storage.join(base_url(set_url), entry.index)

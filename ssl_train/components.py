@@ -14,7 +14,7 @@ never read their predecessors' addresses.
 from typing import Dict, List, Optional
 
 import torchx.specs as specs
-from torchx.components.dist import ddp
+from torchx.components.dist import ddp, parse_nnodes
 
 from ssl_train.metrics import DEFAULT_PORT
 
@@ -29,6 +29,30 @@ def _flag(name: str, value: object) -> list[str]:
     if value is True:
         return [f"--{name}"]
     return [f"--{name}", str(value)]
+
+
+def _check_gpu_memory(
+    stage: str,
+    preset: str,
+    image_size: int,
+    global_batch_size: int,
+    precision: str,
+    j: str,
+    h: Optional[str],
+    gpu: int,
+    gpu_memory_gb: float,
+) -> None:
+    """Refuse a GPU job whose elastic minimum cannot hold its global batch: the batch
+    stays fixed as the job shrinks, so the fewest GPUs carry the largest share."""
+    if specs.resource(cpu=1, gpu=gpu, memMB=1, h=h).gpu <= 0:
+        return  # CPU processes: host memory, not a GPU's, is the limit
+    from ssl_train.models.memory import check_fits  # torch: only for GPU jobs
+
+    min_nodes, _, nproc_per_node, _ = parse_nnodes(j)
+    check_fits(
+        stage, preset, image_size, global_batch_size, min_nodes * nproc_per_node,
+        gpu_memory_gb, precision,
+    )  # fmt: skip
 
 
 def _stage(
@@ -99,6 +123,7 @@ def pretrain(
     cpu: int = 8,
     gpu: int = 0,
     memMB: int = 32768,
+    gpu_memory_gb: float = 80.0,
     max_restarts: int = 3,
     max_retries: int = 3,
     metrics_port: int = DEFAULT_PORT,
@@ -128,6 +153,7 @@ def pretrain(
         cpu: CPUs per node
         gpu: GPUs per node
         memMB: memory per node in MB
+        gpu_memory_gb: memory of one GPU in GiB; the elastic minimum must hold the global batch
         max_restarts: times torchrun restarts failed workers in place
         max_retries: times the scheduler reschedules the whole job
         metrics_port: Prometheus port (container port named "metrics"); 0 disables metrics
@@ -142,6 +168,9 @@ def pretrain(
         *_flag("precision", precision), *_flag("channels-last", channels_last),
         *_flag("workers", workers),
     ]  # fmt: skip
+    _check_gpu_memory(
+        "pretrain", preset, image_size, global_batch_size, precision, j, h, gpu, gpu_memory_gb
+    )
     return _stage(
         "pretrain", stage_args, extra_args, name, image, j, h, cpu, gpu, memMB,
         max_restarts, max_retries, metrics_port, env, mounts,
@@ -243,6 +272,7 @@ def distill(
     cpu: int = 8,
     gpu: int = 0,
     memMB: int = 32768,
+    gpu_memory_gb: float = 80.0,
     max_restarts: int = 3,
     max_retries: int = 3,
     metrics_port: int = DEFAULT_PORT,
@@ -274,6 +304,7 @@ def distill(
         cpu: CPUs per node
         gpu: GPUs per node
         memMB: memory per node in MB
+        gpu_memory_gb: memory of one GPU in GiB; the elastic minimum must hold the global batch
         max_restarts: times torchrun restarts failed workers in place
         max_retries: times the scheduler reschedules the whole job
         metrics_port: Prometheus port (container port named "metrics"); 0 disables metrics
@@ -289,6 +320,9 @@ def distill(
         *_flag("labeled-weight", labeled_weight),
         *_flag("precision", precision), *_flag("workers", workers),
     ]  # fmt: skip
+    _check_gpu_memory(
+        "distill", student, image_size, global_batch_size, precision, j, h, gpu, gpu_memory_gb
+    )
     return _stage(
         "distill", stage_args, extra_args, name, image, j, h, cpu, gpu, memMB,
         max_restarts, max_retries, metrics_port, env, mounts,
@@ -317,6 +351,7 @@ def supervised(
     cpu: int = 8,
     gpu: int = 0,
     memMB: int = 32768,
+    gpu_memory_gb: float = 80.0,
     max_restarts: int = 3,
     max_retries: int = 3,
     metrics_port: int = DEFAULT_PORT,
@@ -347,6 +382,7 @@ def supervised(
         cpu: CPUs per node
         gpu: GPUs per node
         memMB: memory per node in MB
+        gpu_memory_gb: memory of one GPU in GiB; the elastic minimum must hold the global batch
         max_restarts: times torchrun restarts failed workers in place
         max_retries: times the scheduler reschedules the whole job
         metrics_port: Prometheus port (container port named "metrics"); 0 disables metrics
@@ -361,6 +397,9 @@ def supervised(
         *_flag("learning-rate", learning_rate), *_flag("from-proj-layer", from_proj_layer),
         *_flag("precision", precision), *_flag("workers", workers),
     ]  # fmt: skip
+    _check_gpu_memory(
+        "supervised", preset, image_size, global_batch_size, precision, j, h, gpu, gpu_memory_gb
+    )
     return _stage(
         "supervised", stage_args, extra_args, name, image, j, h, cpu, gpu, memMB,
         max_restarts, max_retries, metrics_port, env, mounts,

@@ -19,6 +19,7 @@ import torch
 from shards import storage
 from shards.errors import ShardsError
 from ssl_train.models import SimCLRv2, build_model
+from ssl_train.state_broadcast import read_bytes_once, transfer_device
 
 FINAL = "final"
 MODEL_FILE = "model.safetensors"
@@ -128,7 +129,7 @@ def load_model(url: str, device: torch.device | str = "cpu") -> tuple[SimCLRv2, 
     config = read_config(url)
     model_url = storage.join(url, MODEL_FILE)
     try:
-        tensors = safetensors.torch.load(storage.read_bytes(model_url))
+        tensors = safetensors.torch.load(read_bytes_once(model_url, transfer_device(device)))
     except Exception as exc:  # safetensors raises its own error types for foreign bytes
         if isinstance(exc, ShardsError):
             raise

@@ -26,6 +26,22 @@ BIN = Path(sys.executable).parent
 _bucket_numbers = itertools.count()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def index_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The node-local index cache of this test session (not the machine's shared one), in
+    the environment of every process the tests start."""
+    from shards.reader import INDEX_CACHE_ENV
+
+    folder = tmp_path_factory.mktemp("index-cache")
+    before = os.environ.get(INDEX_CACHE_ENV)
+    os.environ[INDEX_CACHE_ENV] = str(folder)
+    yield folder
+    if before is None:
+        os.environ.pop(INDEX_CACHE_ENV, None)
+    else:
+        os.environ[INDEX_CACHE_ENV] = before
+
+
 @pytest.fixture(scope="session")
 def s3_server() -> Iterator[LocalS3Server]:
     with LocalS3Server(require_auth=True) as server:

@@ -58,7 +58,9 @@ class FlakyProxy:
     with ``holding`` set, until ``release`` is set (then goes on, or is dropped when
     ``drop_held``): a writer frozen mid-write, to kill.
     Draws come from ``random.Random(seed)``, so a run is repeatable up
-    to thread scheduling. Counters: ``requests``, ``failures`` (500s), ``resets``.
+    to thread scheduling. Counters: ``requests``, ``failures`` (500s), ``resets``, and
+    ``served``: (method, path, status, body bytes) of every answer relayed from upstream,
+    so with no faults it is a meter of what clients fetch.
 
     Example:
         >>> proxy = FlakyProxy("http://127.0.0.1:9", always_fail={"train-000001.tar"})
@@ -89,6 +91,7 @@ class FlakyProxy:
         self.requests = 0
         self.failures = 0
         self.resets = 0
+        self.served: list[tuple[str, str, int, int]] = []
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _make_handler(self))
@@ -158,6 +161,8 @@ def _make_handler(proxy: FlakyProxy) -> type[BaseHTTPRequestHandler]:
                 self._send(500, [("Content-Type", "application/xml")], _ERROR_BODY)
                 return
             status, headers, payload = self._forward(body)
+            with proxy._lock:
+                proxy.served.append((self.command, self.path, status, len(payload)))
             if action == "reset-after-headers":
                 self._send_head(status, headers, len(payload))
                 self.wfile.flush()

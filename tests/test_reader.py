@@ -63,3 +63,45 @@ def test_a_shard_that_disagrees_with_its_index_is_named(tmp_path) -> None:
     assert [s.key for s in shard_set.read(0, 1, 3)] == [
         r.key for r in shard_set.index(0).samples[1:3]
     ]
+
+
+def test_a_node_fetches_each_index_once_and_bounds_what_it_keeps_parsed(
+    tmp_path, s3_bucket: S3Bucket, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every DataLoader worker of every rank on a node reads indexes: the first fetches
+    each from storage, the others find it in the node's cache (checked by hash)."""
+    from shards import storage
+
+    tree = make_tree(tmp_path / "in", classes=3, per_class=20, awkward=False, val_count=1)
+    url = f"{s3_bucket.url}/train"
+    assert (
+        run_cli("create", tree.train, url, "--shard-samples", "10", env=s3_bucket.env).returncode
+        == 0
+    )
+    cache = tmp_path / "node-cache"
+    requests: list[int] = []
+    storage.add_listener(lambda event, n: requests.append(n) if event == "requests" else None)
+    try:
+        first = ShardSet(url, index_cache=cache)  # the manifest: one request
+        shards = range(len(first.shard_sizes))
+        expected = [first.index(s).samples for s in shards]
+        assert len(requests) == 1 + len(shards)
+        requests.clear()
+        second = ShardSet(url, index_cache=cache, keep_indexes=2)  # another process
+        assert [second.index(s).samples for s in shards] == expected
+        assert len(requests) == 1  # its manifest only
+        assert list(second._indexes) == [len(shards) - 2, len(shards) - 1]  # only two kept
+        requests.clear()
+        entry = second.manifest.shards[0]
+        (cache / f"{entry.index_sha256}.json").write_bytes(b'{"format": "forged"}')
+        assert second.index(0).samples == expected[0]  # a wrong cached copy is refetched
+        assert len(requests) == 1
+        requests.clear()
+        unwritable = tmp_path / "a-file"
+        unwritable.write_text("")
+        third = ShardSet(url, index_cache=unwritable / "cache")
+        assert third.index(1).samples == expected[1] and third.index(2).samples == expected[2]
+        assert len(requests) == 3  # manifest and both indexes: still correct, just fetched
+        assert sum("not writable" in r.getMessage() for r in caplog.records) == 1  # said once
+    finally:
+        storage._listeners.pop()

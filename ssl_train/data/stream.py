@@ -128,7 +128,12 @@ class TrainStream(IterableDataset):
     """
 
     def __init__(
-        self, config: StreamConfig, rank: int, world_size: int, state: StreamState
+        self,
+        config: StreamConfig,
+        rank: int,
+        world_size: int,
+        state: StreamState,
+        shard_set: ShardSet | None = None,
     ) -> None:
         super().__init__()
         if config.global_batch_size % world_size:
@@ -137,7 +142,9 @@ class TrainStream(IterableDataset):
                 f"{world_size}; choose a batch size that every process count you use divides"
             )
         self.config, self.rank, self.world_size, self.state = config, rank, world_size, state
-        self._shard_set: ShardSet | None = None  # opened lazily, once per worker process
+        # opened once per rank (by the trainer, or here on first use) and handed to the
+        # DataLoader's workers with the stream: the manifest is read once per rank
+        self._shard_set = shard_set
         self._selection: list[list[int]] | None = None
         self._cache: dict[tuple[int, int], Sample] | None = None  # small subsets only
         self._ahead: dict[SampleRef, Sample] = {}  # fetched for this worker's coming steps
@@ -146,18 +153,29 @@ class TrainStream(IterableDataset):
         self.stop_after: int | None = None
 
     @property
+    def keep_indexes(self) -> int:
+        """Shard indexes a worker needs at once: a step's reads (read ahead included) lie
+        in the partitions the rank's share spans, at most two shards each, plus one more
+        each for the read-ahead's next shard; older ones come back from the node cache."""
+        partitions, world = self.config.partitions, self.world_size
+        spanned = min(partitions, -(-partitions // world) + (partitions % world != 0))
+        return 3 * spanned + 2
+
+    @property
     def shard_set(self) -> ShardSet:
         if self._shard_set is None:
             self._shard_set = ShardSet(self.config.data)
-            if self.config.subset:
-                self._selection = _subset_selection(self._shard_set, self.config.subset)
-                selected = sum(
-                    _sample_bytes(self._shard_set, shard, positions)
-                    for shard, positions in enumerate(self._selection)
-                )
-                if selected <= SUBSET_CACHE_BYTES:
-                    self._cache = {}
-        return self._shard_set
+        shard_set = self._shard_set
+        shard_set.keep_indexes = self.keep_indexes
+        if self.config.subset and self._selection is None:
+            self._selection = _subset_selection(shard_set, self.config.subset)
+            selected = sum(
+                _sample_bytes(shard_set, shard, positions)
+                for shard, positions in enumerate(self._selection)
+            )
+            if selected <= SUBSET_CACHE_BYTES:
+                self._cache = {}
+        return shard_set
 
     @property
     def shard_sizes(self) -> tuple[int, ...]:
@@ -186,6 +204,12 @@ class TrainStream(IterableDataset):
     def __iter__(self) -> Iterator[LocalBatch]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        for plan, step in self.steps(worker, workers):
+            yield self.batch(plan, step)
+
+    def steps(self, worker: int = 0, workers: int = 1) -> Iterator[tuple[EpochPlan, int]]:
+        """The steps DataLoader worker ``worker`` of ``workers`` makes, from ``state`` on;
+        before each it fetches ahead what that step and the next adjacent ones read."""
         epoch, step, produced = self.state.epoch, self.state.step, 0
         while True:
             plan = self.plan(epoch)
@@ -197,7 +221,7 @@ class TrainStream(IterableDataset):
             self._ahead.clear()
             for n, s in enumerate(mine):
                 self._read_ahead(plan, mine[n : n + READAHEAD_STEPS])
-                yield self.batch(plan, s)
+                yield plan, s
             if self.stop_after is not None and produced >= self.stop_after:
                 return
             epoch, step = epoch + 1, 0
@@ -270,8 +294,9 @@ class TrainStream(IterableDataset):
             log.warning("skipping corrupt sample %s (%s)", sample.key, exc)
             return None
 
-    def batch(self, plan: EpochPlan, step: int) -> LocalBatch:
-        """Read, decode and crop this rank's share of global batch ``step``."""
+    def samples(self, plan: EpochPlan, step: int) -> list[Sample]:
+        """This rank's share of global batch ``step``, in canonical order (fetched ahead,
+        or now)."""
         fetched: dict[SampleRef, Sample] = {}
         for read in plan.local_reads(step, self.rank, self.world_size):
             refs = [SampleRef(read.shard, p) for p in range(read.start, read.end)]
@@ -279,7 +304,11 @@ class TrainStream(IterableDataset):
                 fetched.update((ref, self._ahead.pop(ref)) for ref in refs)
             else:
                 fetched.update(self._fetch(read))
-        samples = [fetched[ref] for ref in plan.local_batch(step, self.rank, self.world_size)]
+        return [fetched[ref] for ref in plan.local_batch(step, self.rank, self.world_size)]
+
+    def batch(self, plan: EpochPlan, step: int) -> LocalBatch:
+        """Read, decode and crop this rank's share of global batch ``step``."""
+        samples = self.samples(plan, step)
         crops = [self._crop(s, plan.epoch) for s in samples]
         corrupt = [s.key for s, c in zip(samples, crops, strict=True) if c is None]
         good = [i for i, c in enumerate(crops) if c is not None]

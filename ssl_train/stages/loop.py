@@ -37,6 +37,7 @@ from ssl_train.stages import trace
 from ssl_train.stages.config import StageConfig, config_changes
 from ssl_train.stages.evaluate import evaluate
 from ssl_train.stages.tasks import Task, build_task
+from ssl_train.state_broadcast import load_latest_once, transfer_device
 
 log = logging.getLogger(__name__)
 SUMMARY_FILE = "summary.json"
@@ -92,7 +93,7 @@ def _agree(flags: list[bool], runtime: rt.Runtime) -> list[bool]:
     """Any rank's flag raised counts for all (one tiny all-reduce)."""
     if not runtime.distributed:
         return flags
-    device = runtime.device if runtime.device.type == "cuda" else torch.device("cpu")
+    device = transfer_device(runtime.device)
     tensor = torch.tensor([float(f) for f in flags], device=device)
     dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     return [bool(v) for v in tensor.tolist()]
@@ -102,7 +103,7 @@ def _mean_over_ranks(metrics: dict[str, float], runtime: rt.Runtime) -> dict[str
     """The global batch's loss and accuracies (each rank holds its share's)."""
     if not runtime.distributed:
         return metrics
-    device = runtime.device if runtime.device.type == "cuda" else torch.device("cpu")
+    device = transfer_device(runtime.device)
     values = torch.tensor(list(metrics.values()), dtype=torch.float64, device=device)
     dist.all_reduce(values)
     return dict(zip(metrics, (values / runtime.world_size).tolist(), strict=True))
@@ -132,7 +133,9 @@ class Trainer:
             _partitions(config),
             config.subset if config.stage in ("finetune", "linear-eval", "supervised") else None,
         )
-        self.stream = TrainStream(stream_config, runtime.rank, runtime.world_size, StreamState())
+        self.stream = TrainStream(
+            stream_config, runtime.rank, runtime.world_size, StreamState(), shard_set
+        )
         steps_per_epoch = self.stream.plan(0).steps
         total = config.total_steps(steps_per_epoch)
         self.position = Position(steps_per_epoch, total)
@@ -173,11 +176,12 @@ class Trainer:
         }
 
     def resume(self) -> None:
-        """Load the newest complete checkpoint, if any, refusing another experiment's."""
-        latest = self.store.latest()
-        if latest is None:
+        """Load the newest complete checkpoint, if any, refusing another experiment's.
+        Rank 0 reads it from storage and sends it to the other ranks."""
+        loaded = load_latest_once(self.store, transfer_device(self.runtime.device))
+        if loaded is None:
             return
-        state = self.store.load(latest)
+        _, state = loaded
         changes = config_changes(state["config"], self.config)
         if changes and not self.config.allow_config_change:
             raise ConfigMismatch(
@@ -235,6 +239,8 @@ class Trainer:
             else config.checkpoint_every_minutes * 60
         )
         last_save = time.monotonic()
+        # the stream ends where training does: nothing is fetched ahead for steps never run
+        self.stream.stop_after = stop_at - self.step
         batches = (
             iter(make_loader(self.stream, config.workers, runtime.device))
             if self.step < stop_at

@@ -1,0 +1,176 @@
+"""How much GPU memory a stage needs per GPU, and so how few GPUs can hold a job.
+
+The global batch stays fixed when an elastic job shrinks (that is what keeps it exact),
+so each GPU's share grows as GPUs leave: the smallest world size a job may shrink to is
+set by memory. Two parts, per GPU:
+
+- state, per parameter: fp32 weights, gradients, LARS momentum and DDP's gradient
+  buckets (16 bytes), plus a distillation teacher's fp32 weights;
+- activations: bytes saved for the backward pass per image, measured by running the
+  model's forward pass on the ``meta`` device (shapes and dtypes only, no arithmetic: a
+  second even for R152 3x+SK; ``bench/scale.py`` shows it equals a real CPU pass),
+  times the images each GPU holds (two views per sample when pretraining).
+
+On top: ``BACKWARD_MARGIN`` for gradient buffers alive during backward and
+``RESERVED_BYTES`` for the CUDA context, cuDNN workspaces and NCCL buffers.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+
+from ssl_train.models.presets import build_model, get_preset
+
+STATE_BYTES_PER_PARAMETER = 16  # weights, gradients, momentum, DDP buckets (fp32 each)
+TEACHER_BYTES_PER_PARAMETER = 4
+BACKWARD_MARGIN = 0.10
+RESERVED_BYTES = 3 * 2**30
+VIEWS = {"pretrain": 2}  # images per sample; every other stage sees one
+
+
+@lru_cache(maxsize=64)
+def activation_bytes_per_image(
+    preset: str, image_size: int, precision: str = "bf16", head_layers: int = 3
+) -> int:
+    """Bytes saved for backward per image, from a meta-device forward pass: half the
+    difference between batches of 4 and 2, so weights (also saved) cancel out.
+
+    Example:
+        >>> round(activation_bytes_per_image("r50_1x_sk0", 224, "fp32") / 2**20)
+        82
+    """
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    model = build_model(preset, num_classes=1000, head_layers=head_layers, device="meta")
+    model = model.to(dtype).train()
+    per_batch = [
+        _saved_bytes(model, torch.empty(n, 3, image_size, image_size, device="meta", dtype=dtype))
+        for n in (2, 4)
+    ]
+    return (per_batch[1] - per_batch[0]) // 2
+
+
+def _saved_bytes(model: torch.nn.Module, images: torch.Tensor) -> int:
+    storages: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        storages[id(storage)] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        output = model(images)
+    del output
+    return sum(storages.values())
+
+
+@lru_cache(maxsize=64)
+def parameter_count(preset: str, head_layers: int = 3) -> int:
+    """Trainable parameters of a preset's SimCLRv2 model (backbone and head)."""
+    model = build_model(preset, num_classes=1000, head_layers=head_layers, device="meta")
+    return sum(p.numel() for p in model.parameters())
+
+
+@dataclass(frozen=True)
+class GpuMemory:
+    """One GPU's share of a job, in bytes."""
+
+    state: int
+    activations: int
+    images: int
+
+    @property
+    def total(self) -> int:
+        return int(self.state + self.activations * (1 + BACKWARD_MARGIN) + RESERVED_BYTES)
+
+
+def per_gpu(
+    stage: str,
+    preset: str,
+    image_size: int,
+    global_batch_size: int,
+    gpus: int,
+    precision: str = "bf16",
+    teacher: str | None = None,
+) -> GpuMemory:
+    """What each of ``gpus`` GPUs holds for one training step.
+
+    Example:
+        >>> m = per_gpu("pretrain", "r50_1x_sk0", 224, 4096, 8)
+        >>> m.images, round(m.total / 2**30)
+        (1024, 49)
+    """
+    images = VIEWS.get(stage, 1) * math.ceil(global_batch_size / gpus)
+    state = STATE_BYTES_PER_PARAMETER * parameter_count(preset)
+    if teacher:
+        state += TEACHER_BYTES_PER_PARAMETER * parameter_count(teacher)
+    return GpuMemory(
+        state, images * activation_bytes_per_image(preset, image_size, precision), images
+    )
+
+
+def smallest_world_size(
+    stage: str,
+    preset: str,
+    image_size: int,
+    global_batch_size: int,
+    gpu_memory_bytes: int,
+    precision: str = "bf16",
+    teacher: str | None = None,
+) -> int | None:
+    """The fewest GPUs (dividing the global batch) whose share fits ``gpu_memory_bytes``;
+    None if even one image per GPU does not fit.
+
+    Example:
+        >>> smallest_world_size("pretrain", "r50_1x_sk0", 224, 4096, 80 * 2**30)
+        8
+    """
+    for gpus in range(1, global_batch_size + 1):
+        if global_batch_size % gpus:
+            continue
+        need = per_gpu(stage, preset, image_size, global_batch_size, gpus, precision, teacher)
+        if need.total <= gpu_memory_bytes:
+            return gpus
+    return None
+
+
+def check_fits(
+    stage: str,
+    preset: str,
+    image_size: int,
+    global_batch_size: int,
+    min_gpus: int,
+    gpu_memory_gb: float,
+    precision: str = "bf16",
+    teacher: str | None = None,
+) -> None:
+    """Refuse a job whose smallest allowed size cannot hold the global batch.
+
+    Example:
+        >>> check_fits("pretrain", "r50_1x_sk0", 224, 4096, 2, 80)
+        Traceback (most recent call last):
+        ...
+        ValueError: pretrain of r50_1x_sk0 at 224 px, global batch 4096: on 2 GPUs each holds 4096 images and needs about 187 GiB, more than 80 GiB; the elastic minimum must be at least 8 GPUs (raise MIN in -j MIN:MAXxGPUS, or lower --global_batch_size)
+    """
+    get_preset(preset)  # an unknown name is its own error
+    budget = int(gpu_memory_gb * 2**30)
+    need = per_gpu(stage, preset, image_size, global_batch_size, min_gpus, precision, teacher)
+    if need.total <= budget:
+        return
+    fewest = smallest_world_size(
+        stage, preset, image_size, global_batch_size, budget, precision, teacher
+    )
+    advice = (
+        f"the elastic minimum must be at least {fewest} GPUs (raise MIN in -j MIN:MAXxGPUS, "
+        "or lower --global_batch_size)"
+        if fewest is not None
+        else "no number of GPUs holds it: choose a smaller preset or image size"
+    )
+    raise ValueError(
+        f"{stage} of {preset} at {image_size} px, global batch {global_batch_size}: on "
+        f"{min_gpus} GPUs each holds {need.images} images and needs about "
+        f"{need.total / 2**30:.0f} GiB, more than {gpu_memory_gb:g} GiB; {advice}"
+    )
