@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TORCH := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: test demo lint setup clean bench
+.PHONY: test test-fast demo lint setup clean bench
 
 setup: $(STAMP)
 
@@ -24,6 +24,10 @@ lint: $(STAMP)
 
 test: $(STAMP) lint
 	$(PY) -m pytest -q
+
+# everything but the end-to-end runs marked slow: a few minutes, for iterating
+test-fast: $(STAMP) lint
+	$(PY) -m pytest -q -m "not slow"
 
 demo: $(STAMP)
 	$(VENV)/bin/ssl-train demo --out demo-out

@@ -9,9 +9,13 @@ import signal
 import sys
 from pathlib import Path
 
+import pytest
 from stage_runs import assert_exactly_once, descendants, start, trace, wait_for_step
 
 from conftest import TinyShards
+
+# real torchrun/TorchX jobs: `make test` runs them, `make test-fast` does not
+pytestmark = pytest.mark.slow
 
 BIN = Path(sys.executable).parent
 

@@ -110,6 +110,7 @@ def test_report_writes_results_and_chart_and_fails_when_a_claim_fails(
     assert json.loads((tmp_path / "results.json").read_text())["1%"]["finetuned"] == 0.6
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(2100)  # the whole demo (at most 12 minutes on 2 cores), interrupted, rerun
 def test_demo_end_to_end_interrupted_then_resumed(tmp_path: Path) -> None:
     """The full `make demo` recipe, as a user runs it: Ctrl-C while finetuning stops every

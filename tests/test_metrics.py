@@ -125,6 +125,7 @@ def test_data_loader_workers_counters_reach_the_scrape(
     assert read is not None and read >= sample_bytes, (read, sample_bytes)  # one epoch: all
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(
     not available(), reason="needs the prometheus binary (Debian package prometheus)"
 )

@@ -23,6 +23,7 @@ from conftest import TinyShards
 BIN = Path(sys.executable).parent
 
 
+@pytest.mark.slow
 def test_pipeline_runs_every_stage_and_a_rerun_skips_finished_ones(
     tiny_shards: TinyShards, tmp_path: Path
 ) -> None:

@@ -33,6 +33,9 @@ from stage_runs import (
 
 from conftest import TinyShards
 
+# real torchrun/TorchX jobs: `make test` runs them, `make test-fast` does not
+pytestmark = pytest.mark.slow
+
 STEPS = 20  # two epochs of 10 steps (160 samples, global batch 16)
 STEPS_PER_EPOCH = 10
 # Across world sizes only rounding differs, and at the paper's temperature (0.1) this

@@ -11,10 +11,14 @@ import socket
 import sys
 from pathlib import Path
 
+import pytest
 from flaky_proxy import FlakyProxy
 from stage_runs import TINY, assert_bitwise_equal, start
 
 from conftest import S3Bucket, TinyShards
+
+# real torchrun/TorchX jobs: `make test` runs them, `make test-fast` does not
+pytestmark = pytest.mark.slow
 
 
 def _two_nodes(args: list[str], log: Path, env: dict[str, str]) -> None:

@@ -184,6 +184,7 @@ def test_eval_counts_every_sample_once_and_matches_a_hand_count(
     assert results[0]["top1"] == correct / total
 
 
+@pytest.mark.slow
 def test_export_of_a_plain_r50_loads_into_torchvision(
     tiny_shards: TinyShards, tmp_path: Path
 ) -> None:
