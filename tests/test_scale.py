@@ -7,13 +7,14 @@ behaviour it relies on.
 
 from __future__ import annotations
 
-import socket
 import sys
 from pathlib import Path
 
 import pytest
 from flaky_proxy import FlakyProxy
 from stage_runs import TINY, assert_bitwise_equal, start
+
+from shards.local_s3 import free_port
 
 from conftest import S3Bucket, TinyShards
 
@@ -29,7 +30,7 @@ def _two_nodes(args: list[str], log: Path, env: dict[str, str]) -> None:
     uninterrupted one yet, because DDP lays its gradient buckets out anew after the
     first step of every process, and the summation order of an all-reduce of more than
     two addends follows the layout; with two ranks a + b is the same either way."""
-    port = str(_free_port())
+    port = str(free_port())
     runs = []
     for node in (0, 1):
         launcher = [
@@ -40,12 +41,6 @@ def _two_nodes(args: list[str], log: Path, env: dict[str, str]) -> None:
         runs.append(start(launcher, log.with_suffix(f".node{node}"), env))
     for job in runs:
         job.check(timeout=240)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_a_restart_of_two_nodes_reads_the_checkpoint_once_and_resumes_bitwise(
