@@ -6,17 +6,7 @@ import os
 import platform
 from typing import Any
 
-
-def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo (or what platform knows elsewhere)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+from ssl_train.machine import cpu_model, usable_cores
 
 
 def machine_info() -> dict[str, Any]:
@@ -25,6 +15,7 @@ def machine_info() -> dict[str, Any]:
 
     return {
         "nproc": os.cpu_count(),
+        "usable_cores": usable_cores(),
         "cpu": cpu_model(),
         "arch": platform.machine(),
         "python": platform.python_version(),

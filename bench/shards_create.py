@@ -49,6 +49,7 @@ import numpy as np
 
 from shards.sources import imagenet_wnids
 from shards.synthetic import jpeg_bytes, photo_like
+from ssl_train.machine import cpu_model
 
 WIDTH, HEIGHT = 500, 375
 QUALITIES = (94, 95, 96, 97)  # drawn per image: mean size ~100 KB with a realistic spread
@@ -325,16 +326,6 @@ def time_startup(repeats: int) -> float:
 
 
 # ----------------------------------------------------------------------------- main
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def main() -> int:

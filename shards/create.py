@@ -9,18 +9,20 @@ shard whose index is present and rebuilds the rest identically. The manifest com
 
 from __future__ import annotations
 
+import faulthandler
 import hashlib
 import json
 import multiprocessing
 import os
 import random
 import shutil
+import signal
 import tempfile
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-
-import fsspec.asyn
 
 from shards import __version__, storage
 from shards.errors import ShardsError
@@ -225,22 +227,36 @@ def build_shard(
 
 
 def _worker_init() -> None:
-    # A forked child must not reuse the parent's fsspec event loop or S3 sessions.
-    fsspec.asyn.reset_lock()
-
-
-def _build_star(args: tuple) -> ShardOutcome:
-    return build_shard(*args)
+    faulthandler.register(signal.SIGUSR1)  # `kill -USR1 <pid>`: where is this worker stuck?
 
 
 def _run_plans(plans: list[ShardPlan], opts: CreateOptions, staging: str) -> Iterator[ShardOutcome]:
     jobs = [(plan, opts.dest, staging, opts.strict, opts.full_decode) for plan in plans]
     if opts.workers <= 1 or len(plans) <= 1:
-        yield from map(_build_star, jobs)
+        yield from (build_shard(*job) for job in jobs)
         return
-    ctx = multiprocessing.get_context("fork")
-    with ctx.Pool(min(opts.workers, len(plans)), initializer=_worker_init) as pool:
-        yield from pool.imap_unordered(_build_star, jobs)
+    # Spawned, not forked: this process runs fsspec's event-loop thread with live S3
+    # connections, and a forked child inherits its locks, sockets and epoll set mid-use
+    # (the demo's sharding stalled on CI's machine after its last shard while using forked
+    # workers). A spawned worker costs about 0.7 s of imports, once per run.
+    executor = ProcessPoolExecutor(
+        min(opts.workers, len(plans)),
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=_worker_init,
+    )
+    try:
+        futures = [executor.submit(build_shard, *job) for job in jobs]
+        for future in as_completed(futures):
+            yield future.result()
+    except BrokenProcessPool as exc:
+        raise ShardsError(
+            "a sharding worker process died before finishing its shard (out of memory or "
+            "killed?): run the same command again to keep the shards already written "
+            "(a script calling create() with workers > 1 needs an `if __name__ == "
+            '"__main__":` guard)'
+        ) from exc
+    finally:
+        executor.shutdown(wait=True, cancel_futures=True)
 
 
 def _existing_manifest(dest: str) -> Manifest | None:

@@ -98,6 +98,21 @@ class Manifest:
     def num_bytes(self) -> int:
         return sum(s.bytes for s in self.shards)
 
+    @property
+    def content_sha256(self) -> str:
+        """sha256 of what the set holds: its classes and every shard's name, size and
+        hashes, not when or by whom it was made. Checkpoints record it, so a resume on a
+        set re-made differently at the same URL is refused, while the same set made again
+        (``shards create`` is deterministic) resumes.
+
+        Example:
+            >>> a = Manifest(classes=["cat"], shards=[], created="monday")
+            >>> a.content_sha256 == Manifest(classes=["cat"], shards=[], created="tuesday").content_sha256
+            True
+        """
+        body = {"classes": self.classes, "shards": [asdict(s) for s in self.shards]}
+        return sha256_hex(json.dumps(body, sort_keys=True).encode())
+
     def to_json(self) -> str:
         body = {
             "format": FORMAT,

@@ -38,6 +38,7 @@ import struct
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -46,6 +47,7 @@ import torch
 
 from shards import storage
 from shards.errors import ShardsError
+from ssl_train.lease import LeaseLost
 
 FORMAT_VERSION = 1
 TENSORS_FILE = "tensors.safetensors"
@@ -295,12 +297,18 @@ class CheckpointStore:
         tensor([30., 30.])
     """
 
-    def __init__(self, run_dir: str, keep: int = 3) -> None:
+    def __init__(
+        self, run_dir: str, keep: int = 3, guard: Callable[[bool], None] | None = None
+    ) -> None:
         if keep < 1:
             raise ValueError(f"keep={keep}: keep at least 1 checkpoint, or resuming is impossible")
         self.run_dir = run_dir
         self.keep = keep
         self.root = storage.join(run_dir, CHECKPOINTS_DIR)
+        # called before a save starts, before pruning and (with True) right before a save
+        # commits: the run dir's lease (ssl_train.lease), so a job that lost the run dir
+        # writes nothing more
+        self.guard = guard or (lambda commit: None)
 
     def url(self, step: int) -> str:
         """Where the checkpoint of ``step`` lives (whether or not it exists).
@@ -385,6 +393,7 @@ class CheckpointStore:
         """Write one flattened state; returns its URL and the bytes written."""
         url = self.url(step)
         started = time.monotonic()
+        self.guard(False)
         try:
             self._delete(url)  # leftovers of a crash or an earlier save of this step
             files = {
@@ -392,6 +401,7 @@ class CheckpointStore:
                 STATE_FILE: self._write_state(url, skeleton),
             }
             complete = {"format": FORMAT_VERSION, "step": step, "files": files}
+            self.guard(True)  # the commit: only while this job still holds the run dir
             storage.write_bytes_atomic(
                 storage.join(url, COMPLETE_FILE), json.dumps(complete, indent=1).encode()
             )
@@ -478,6 +488,7 @@ class CheckpointStore:
         complete = sorted(s for s, names in listing.items() if COMPLETE_FILE in names)
         if not complete:
             return
+        self.guard(False)
         doomed = set(complete[: -self.keep])
         doomed |= {s for s, names in listing.items() if COMPLETE_FILE not in names}
         for step in sorted(doomed - {just_written}):
@@ -591,6 +602,8 @@ class AsyncCheckpointer:
         """Block until no write is in flight; raise :class:`CheckpointError` if it failed."""
         self._idle.wait()
         error, self._error = self._error, None
+        if isinstance(error, LeaseLost):  # not a storage failure: the job must stop
+            raise error
         if isinstance(error, CheckpointError):
             raise CheckpointError(str(error)) from error
         if error is not None:

@@ -6,6 +6,7 @@ import argparse
 import faulthandler
 import json
 import logging
+import os
 import signal
 import sys
 import time
@@ -214,6 +215,24 @@ def list_models(as_json: bool) -> None:
         )
 
 
+def print_result(result: dict) -> None:
+    """Print a command's result as one JSON line, once per job.
+
+    Under torchrun every rank finishes with the same result, and all ranks share one
+    stdout: only rank 0 prints, and in a single write, so that the line cannot be split
+    by another process's output (Python writes a printed text and its newline
+    separately when stdout is unbuffered).
+
+    Example:
+        >>> print_result({"finished": True})
+        {"finished": true}
+    """
+    if os.environ.get("RANK", "0") != "0":
+        return
+    sys.stdout.write(json.dumps(result) + "\n")
+    sys.stdout.flush()
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point.
 
@@ -223,6 +242,7 @@ def main(argv: list[str] | None = None) -> None:
     from shards.errors import ShardsError
     from ssl_train.checkpoint import CheckpointError
     from ssl_train.export import ExportError
+    from ssl_train.lease import LeaseLost
     from ssl_train.pipeline import PipelineError
     from ssl_train.stages.loop import PREEMPTED_EXIT_CODE, Preempted
 
@@ -238,12 +258,11 @@ def main(argv: list[str] | None = None) -> None:
             from ssl_train.stages.flags import config_from_args
             from ssl_train.stages.loop import run_stage
 
-            summary = run_stage(config_from_args(args.command, args))
-            print(json.dumps(summary))
+            print_result(run_stage(config_from_args(args.command, args)))
         elif args.command == "eval":
             from ssl_train.stages.commands import evaluate_run
 
-            print(json.dumps(evaluate_run(args)))
+            print_result(evaluate_run(args))
         elif args.command == "export":
             from ssl_train.stages.commands import export_run
 
@@ -267,7 +286,7 @@ def main(argv: list[str] | None = None) -> None:
     except Preempted as exc:
         print(f"ssl-train: {exc}; the checkpoint is saved, run again to resume", file=sys.stderr)
         sys.exit(PREEMPTED_EXIT_CODE)
-    except (ShardsError, CheckpointError, ExportError, PipelineError, ValueError) as exc:
+    except (ShardsError, CheckpointError, ExportError, PipelineError, LeaseLost, ValueError) as exc:
         print(f"ssl-train: error: {exc}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:

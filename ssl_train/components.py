@@ -17,9 +17,11 @@ import torchx.specs as specs
 from torchx.components.dist import ddp, parse_nnodes
 
 from ssl_train.metrics import DEFAULT_PORT
+from ssl_train.preemption import MIN_GRACE_PERIOD_S, SHUTDOWN_TIMEOUT_ENV, shutdown_timeout_s
 
 DEFAULT_IMAGE = "ssl-train:latest"
 CLI_MODULE = "ssl_train.cli"
+PRESET_METADATA = "ssl_train.preset"  # the network whose checkpoint the grace period must fit
 
 
 def _flag(name: str, value: object) -> list[str]:
@@ -71,12 +73,19 @@ def _stage(
     metrics_port: int,
     env: Optional[Dict[str, str]],
     mounts: Optional[List[str]],
+    preset: Optional[str] = None,
 ) -> specs.AppDef:
-    """One stage as an elastic torchrun job (TorchX's ``dist.ddp``) with ssl-train's needs."""
+    """One stage as an elastic torchrun job (TorchX's ``dist.ddp``) with ssl-train's needs.
+
+    torchrun's shutdown window (how long workers get for the preemption checkpoint after
+    a SIGTERM, 30 s by default) is the default grace period's less torchrun's own exit;
+    the ``kubernetes`` scheduler sets it again from the grace period it gives the pods,
+    which it sizes from the checkpoint of ``preset`` (kept in the app's metadata)."""
     job_env = {
         "PET_MAX_RESTARTS": str(max_restarts),  # torchrun reads its flags from PET_* too
         "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",  # a fresh store per rendezvous round
         "LOGLEVEL": "INFO",
+        SHUTDOWN_TIMEOUT_ENV: str(shutdown_timeout_s(MIN_GRACE_PERIOD_S)),
         **(env or {}),
     }
     metrics = _flag("metrics-port", metrics_port) if stage != "eval" else []
@@ -95,6 +104,8 @@ def _stage(
         max_retries=max_retries,
         mounts=mounts,
     )
+    if preset:
+        app.metadata[PRESET_METADATA] = preset
     role = app.roles[0]
     role.name = stage.replace("-", "_")
     if metrics_port:
@@ -173,7 +184,7 @@ def pretrain(
     )
     return _stage(
         "pretrain", stage_args, extra_args, name, image, j, h, cpu, gpu, memMB,
-        max_restarts, max_retries, metrics_port, env, mounts,
+        max_restarts, max_retries, metrics_port, env, mounts, preset,
     )  # fmt: skip
 
 
@@ -325,7 +336,7 @@ def distill(
     )
     return _stage(
         "distill", stage_args, extra_args, name, image, j, h, cpu, gpu, memMB,
-        max_restarts, max_retries, metrics_port, env, mounts,
+        max_restarts, max_retries, metrics_port, env, mounts, student,
     )  # fmt: skip
 
 
@@ -402,7 +413,7 @@ def supervised(
     )
     return _stage(
         "supervised", stage_args, extra_args, name, image, j, h, cpu, gpu, memMB,
-        max_restarts, max_retries, metrics_port, env, mounts,
+        max_restarts, max_retries, metrics_port, env, mounts, preset,
     )  # fmt: skip
 
 

@@ -10,7 +10,10 @@ options on top of TorchX's (``-cfg`` or ``.torchxconfig``):
   container (``envFrom``), e.g. ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``
   (template: ``k8s/s3-credentials.secret.yaml``). The job spec names the Secret, never
   its values. Leave it unset with workload identity (``service_account``).
-- ``grace_period_s``: seconds between SIGTERM and SIGKILL (default 120).
+- ``grace_period_s``: seconds between SIGTERM and SIGKILL (default: from the size of the
+  preset's checkpoint at a stated write speed, at least 120; ``ssl_train.preemption``).
+  torchrun's shutdown window (``TORCH_ELASTIC_SHUTDOWN_TIMEOUT``) is set from it, less a
+  margin for torchrun's own exit, so the workers' preemption checkpoint has all of it.
 - ``shm_size``: size limit of the memory-backed ``/dev/shm`` (default ``16Gi``).
 """
 
@@ -24,7 +27,14 @@ from torchx.schedulers.kubernetes_scheduler import (
 )
 from torchx.specs import AppDef, runopts
 
-DEFAULT_GRACE_PERIOD_S = 120
+from ssl_train.components import PRESET_METADATA
+from ssl_train.preemption import (
+    MIN_GRACE_PERIOD_S,
+    SHUTDOWN_TIMEOUT_ENV,
+    grace_period_s,
+    shutdown_timeout_s,
+)
+
 DEFAULT_SHM_SIZE = "16Gi"
 
 
@@ -37,8 +47,9 @@ class SSLKubernetesScheduler(KubernetesScheduler):
         opts.add(
             "grace_period_s",
             type_=int,
-            default=DEFAULT_GRACE_PERIOD_S,
-            help="seconds between SIGTERM and SIGKILL: time to save the preemption checkpoint",
+            default=None,
+            help="seconds between SIGTERM and SIGKILL: time to save the preemption checkpoint "
+            f"(default: sized from the preset's checkpoint, at least {MIN_GRACE_PERIOD_S})",
         )
         opts.add("shm_size", type_=str, default=DEFAULT_SHM_SIZE, help="size limit of /dev/shm")
         return opts
@@ -46,21 +57,36 @@ class SSLKubernetesScheduler(KubernetesScheduler):
     def _submit_dryrun(self, app: AppDef, cfg: KubernetesOpts) -> AppDryRunInfo[KubernetesJob]:
         info = super()._submit_dryrun(app, cfg)
         options: dict[str, Any] = dict(cfg)
+        grace = options.get("grace_period_s") or default_grace_period_s(app)
         for task in info.request.resource["spec"]["tasks"]:  # type: ignore[index]
             patch_pod(
                 task["template"],
                 secret=options.get("secret"),
-                grace_period_s=int(options.get("grace_period_s") or DEFAULT_GRACE_PERIOD_S),
+                grace_period_s=int(grace),
                 shm_size=str(options.get("shm_size") or DEFAULT_SHM_SIZE),
             )
         return info
 
 
+def default_grace_period_s(app: AppDef) -> int:
+    """The grace period that fits the preemption checkpoint of the app's preset."""
+    preset = app.metadata.get(PRESET_METADATA)
+    if not preset:
+        return MIN_GRACE_PERIOD_S
+    from ssl_train.models.memory import parameter_count  # torch, on the meta device
+
+    return grace_period_s(parameter_count(preset))
+
+
 def patch_pod(pod: Any, secret: Optional[str], grace_period_s: int, shm_size: str) -> None:
     """Add the Secret reference, grace period and /dev/shm size to a V1Pod in place."""
-    from kubernetes.client.models import V1EnvFromSource, V1SecretEnvSource
+    from kubernetes.client.models import V1EnvFromSource, V1EnvVar, V1SecretEnvSource
 
     pod.spec.termination_grace_period_seconds = grace_period_s
+    window = str(shutdown_timeout_s(grace_period_s))  # torchrun's, inside the grace period
+    for container in pod.spec.containers:
+        others = [e for e in container.env or [] if e.name != SHUTDOWN_TIMEOUT_ENV]
+        container.env = [*others, V1EnvVar(name=SHUTDOWN_TIMEOUT_ENV, value=window)]
     for volume in pod.spec.volumes or []:
         if volume.empty_dir is not None and volume.empty_dir.medium == "Memory":
             volume.empty_dir.size_limit = shm_size

@@ -23,6 +23,7 @@ import random
 import socket
 import struct
 import threading
+import time
 from collections.abc import Iterable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
@@ -56,7 +57,8 @@ class FlakyProxy:
     through the body); any request whose path contains one of ``always_fail`` gets a
     500 every time. A write (PUT/POST) whose path contains one of ``hold_writes`` waits,
     with ``holding`` set, until ``release`` is set (then goes on, or is dropped when
-    ``drop_held``): a writer frozen mid-write, to kill.
+    ``drop_held``): a writer frozen mid-write, to kill. A write whose path contains one
+    of ``slow_writes`` takes ``write_seconds`` before it is forwarded: a slow store.
     Draws come from ``random.Random(seed)``, so a run is repeatable up
     to thread scheduling. Counters: ``requests``, ``failures`` (500s), ``resets``, and
     ``served``: (method, path, status, body bytes) of every answer relayed from upstream,
@@ -77,6 +79,8 @@ class FlakyProxy:
         always_fail: Iterable[str] = (),
         seed: int = 0,
         hold_writes: Iterable[str] = (),
+        slow_writes: Iterable[str] = (),
+        write_seconds: float = 0.0,
     ) -> None:
         parts = urlsplit(upstream)
         self.upstream_host = parts.hostname or "127.0.0.1"
@@ -85,6 +89,10 @@ class FlakyProxy:
         self.reset_rate = reset_rate
         self.always_fail = set(always_fail)
         self.hold_writes = set(hold_writes)
+        self.slow_writes = set(slow_writes)
+        self.write_seconds = write_seconds
+        self.slow_in_flight = 0
+        self.most_slow_in_flight = 0  # slow writes seen at once: a client's parallelism
         self.holding = threading.Event()  # set once a write is being held
         self.release = threading.Event()  # set to let held writes go on
         self.drop_held = False  # on release, drop held writes instead of forwarding them
@@ -153,6 +161,13 @@ def _make_handler(proxy: FlakyProxy) -> type[BaseHTTPRequestHandler]:
                 if proxy.drop_held:  # its client is gone: the write never happened
                     self._reset()
                     return
+            if self.command in ("PUT", "POST") and any(p in self.path for p in proxy.slow_writes):
+                with proxy._lock:
+                    proxy.slow_in_flight += 1
+                    proxy.most_slow_in_flight = max(proxy.most_slow_in_flight, proxy.slow_in_flight)
+                time.sleep(proxy.write_seconds)
+                with proxy._lock:
+                    proxy.slow_in_flight -= 1
             action = proxy.decide(self.path)
             if action == "reset-now":
                 self._reset()

@@ -374,3 +374,51 @@ def test_async_copies_cuda_tensors_to_the_host(tmp_path: Path) -> None:
     first = torch.rand(3, device="cuda")
     set_rng_state(loaded["rng"])
     assert torch.equal(torch.rand(3, device="cuda"), first)
+
+
+def test_a_guard_that_refuses_stops_the_save_before_its_commit(tmp_path: Path) -> None:
+    """The run dir's lease guards every save: refused at the commit, the checkpoint stays
+    incomplete (a resume never picks it), and the background writer raises the refusal
+    itself rather than a storage error."""
+    from ssl_train.lease import LeaseLost
+
+    calls: list[bool] = []
+
+    def guard(commit: bool) -> None:
+        calls.append(commit)
+        if commit and len(calls) > 2:
+            raise LeaseLost("taken over")
+
+    store = CheckpointStore(str(tmp_path), guard=guard)
+    store.save(1, {"w": torch.zeros(2)})
+    assert calls == [False, True, False]  # before writing, before the commit, before pruning
+    with AsyncCheckpointer(store) as saver:
+        saver.save(2, {"w": torch.ones(2)})
+        with pytest.raises(LeaseLost, match="taken over"):
+            saver.wait()
+    assert store.steps() == [1]
+    assert not (tmp_path / "checkpoints" / "step-000000002" / "COMPLETE.json").exists()
+
+
+def test_a_large_checkpoint_goes_up_in_parallel_parts(
+    s3_bucket, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The preemption save has a fixed window: its tensors go up as a multipart upload
+    with several parts in flight at once, so a slow store costs one part's time per
+    batch of parts, not per part."""
+    import s3fs
+    from flaky_proxy import FlakyProxy
+
+    monkeypatch.setattr(storage, "MULTIPART_PART_BYTES", 5 * 1024**2)  # S3's smallest part
+    with FlakyProxy(
+        s3_bucket.server.env["AWS_ENDPOINT_URL"], slow_writes={"partNumber="}, write_seconds=1
+    ) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
+        s3fs.S3FileSystem.clear_instance_cache()
+        store = CheckpointStore(f"{s3_bucket.url}/run")
+        state = {"w": torch.arange(6 * 1024**2, dtype=torch.float32)}  # 24 MiB: 5 parts
+        store.save(1, state)
+        assert torch.equal(store.load(1)["w"], state["w"])
+    parts = [path for method, path, _, _ in proxy.served if "partNumber=" in path]
+    assert len(parts) == 5
+    assert proxy.most_slow_in_flight >= 3, proxy.most_slow_in_flight

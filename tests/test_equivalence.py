@@ -133,6 +133,7 @@ def reference() -> dict:
     return _single_process_reference()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_w_processes_equal_one_process_on_the_global_batch(
     world_size: int, reference: dict
@@ -144,6 +145,7 @@ def test_w_processes_equal_one_process_on_the_global_batch(
     _assert_equal(results[0], reference)
 
 
+@pytest.mark.slow
 def test_breaking_the_gather_gradient_breaks_the_equality(reference: dict) -> None:
     from distributed import run_under_torchrun
 

@@ -283,6 +283,7 @@ _CONFIGS = [
 ]
 
 
+@pytest.mark.slow
 def test_global_bn_across_two_ranks_equals_batch_norm_on_the_global_batch() -> None:
     per_rank = run_under_torchrun(global_bn_on_my_part, 2, _CONFIGS)
     for i, config in enumerate(_CONFIGS):

@@ -33,7 +33,12 @@ def schema_of(crd_file: Path) -> dict:
     return crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
 
 
-def dryrun(component: str, args: list[str], tmp_path: Path) -> tuple[str, dict]:
+CFG = "queue=ssl-train,namespace=ml,secret=s3-credentials"
+
+
+def dryrun(
+    component: str, args: list[str], tmp_path: Path, cfg: str = f"{CFG},grace_period_s=180"
+) -> tuple[str, dict]:
     env = {
         **os.environ,
         "AWS_ACCESS_KEY_ID": FAKE_KEY,
@@ -42,7 +47,7 @@ def dryrun(component: str, args: list[str], tmp_path: Path) -> tuple[str, dict]:
     }
     cmd = [
         str(BIN / "torchx"), "run", "--workspace", "", "--dryrun", "-s", "kubernetes",
-        "-cfg", "queue=ssl-train,namespace=ml,secret=s3-credentials,grace_period_s=180",
+        "-cfg", cfg,
         component, *COMMON, *args,
     ]  # fmt: skip
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
@@ -79,8 +84,29 @@ def test_dryrun_job_is_valid_and_carries_no_credentials(component: str, tmp_path
         assert "--nnodes 2:4" in command and "--metrics-port 9732" in command
         env = {item["name"]: item.get("value") for item in container["env"]}
         assert env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] == "1" and env["PET_MAX_RESTARTS"] == "3"
+        # torchrun gives its workers the grace period, less 15 s for its own exit
+        assert env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] == "165"
         shm = [v for v in spec["volumes"] if v.get("emptyDir", {}).get("medium") == "Memory"]
         assert shm and shm[0]["emptyDir"]["sizeLimit"] == "16Gi"
+
+
+@pytest.mark.parametrize(
+    ("component", "args", "grace"),
+    [
+        # 877M parameters with the head: 7.0 GB at 8 bytes each, 71 s at 100 MB/s + 75 s
+        ("ssl.pretrain", ["--preset", "r152_3x_sk1"], 146),
+        ("ssl.finetune", [], 120),  # its network comes from the pretrained run
+    ],
+)
+def test_the_default_grace_period_fits_the_presets_checkpoint(
+    component: str, args: list[str], grace: int, tmp_path: Path
+) -> None:
+    _, job = dryrun(component, [*COMPONENTS[component], *args], tmp_path, cfg=CFG)
+    for task in job["spec"]["tasks"]:
+        spec = task["template"]["spec"]
+        assert spec["terminationGracePeriodSeconds"] == grace
+        env = {item["name"]: item.get("value") for item in spec["containers"][0]["env"]}
+        assert env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] == str(grace - 15)
 
 
 def test_eval_component_runs_the_eval_command_on_every_node(tmp_path: Path) -> None:

@@ -242,6 +242,7 @@ def nt_xent_on_my_slice(cases: list[list]) -> list[dict]:
     return results
 
 
+@pytest.mark.slow
 def test_nt_xent_across_two_ranks_equals_one_process_on_the_global_batch() -> None:
     cases = [[1, 0.5, 21], [8, 0.1, 22]]
     per_rank = run_under_torchrun(nt_xent_on_my_slice, 2, cases)

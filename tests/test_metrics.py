@@ -183,6 +183,7 @@ def test_prometheus_sees_progress_on_both_ranks_and_the_restart(
             job.kill()
 
 
+@pytest.mark.slow
 def test_two_nodes_on_one_host_serve_their_own_ranks(
     tiny_shards: TinyShards, tmp_path: Path
 ) -> None:

@@ -61,7 +61,8 @@ def test_bottleneck_details_follow_the_official_resnet() -> None:
 
 
 def test_selective_kernel_and_resnet_d_structure() -> None:
-    net = resnet(50, 2, sk_ratio=0.0625)
+    with torch.device("meta"):  # the structure only: no memory, no initialisation
+        net, r152 = resnet(50, 2, sk_ratio=0.0625), resnet(152, 1, 0.0625)
     stem = net.conv1
     convs = [m for m in stem if isinstance(m, nn.Conv2d)]
     assert [(c.out_channels, c.stride[0]) for c in convs] == [
@@ -78,7 +79,7 @@ def test_selective_kernel_and_resnet_d_structure() -> None:
     shortcut = block.downsample
     assert isinstance(shortcut[0], AvgPoolShortcut) and shortcut[0].stride == 2
     assert shortcut[1].stride == (1, 1) and shortcut[1].kernel_size == (1, 1)
-    assert resnet(152, 1, 0.0625).layer4[0].conv2.fc1.out_channels == 512 * 0.0625
+    assert r152.layer4[0].conv2.fc1.out_channels == 512 * 0.0625
 
 
 def test_selective_kernel_equals_a_transcription_of_the_official_layer() -> None:

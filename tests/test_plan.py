@@ -50,22 +50,26 @@ def test_an_epoch_uses_every_sample_once_across_resumes_and_world_size_changes()
         assert len(missing) == epoch.dropped < 24
 
 
-def test_reads_are_few_sequential_ranges_that_cover_the_share() -> None:
+def test_every_rank_reads_exactly_its_share_in_few_sequential_ranges() -> None:
     plan = EpochPlan(SIZES, seed=1, epoch=0, global_batch_size=24, partitions=4)
     for step in range(plan.steps):
-        for world in (1, 2, 4, 3, 8):
+        read_by_all: Counter[SampleRef] = Counter()
+        for world in (1, 2, 4, 3, 8, 12, 24):  # fewer and more ranks than partitions
             for rank in range(world):
                 reads = plan.local_reads(step, rank, world)
-                fetched = {SampleRef(r.shard, i) for r in reads for i in range(r.start, r.end)}
-                share = plan.local_batch(step, rank, world)
-                assert set(share) <= fetched
+                fetched = [SampleRef(r.shard, i) for r in reads for i in range(r.start, r.end)]
+                assert fetched == plan.local_batch(step, rank, world)  # nothing more, in order
                 assert all(0 <= r.start < r.end <= SIZES[r.shard] for r in reads)
-                chunks = len({(ref.shard, ref.index) for ref in share}) // plan.chunk
-                if 4 % world == 0:  # whole partitions: nothing read that is not used
-                    assert len(fetched) == len(share)
-                else:  # shared edge partitions: at most one extra chunk at each edge
-                    assert len(fetched) <= len(share) + 2 * plan.chunk
-                assert len(reads) <= 2 * (chunks + 2)  # a chunk spans at most two shards
+                partitions = len(
+                    {(rank * 24 // world + i) // plan.chunk for i in range(24 // world)}
+                )
+                assert len(reads) <= 2 * partitions  # a partition's part spans at most two shards
+                if world == 8:
+                    read_by_all.update(fetched)
+        # 8 ranks on 4 partitions: each sample of the global batch is read once in all
+        assert sorted(read_by_all.elements(), key=lambda r: (r.shard, r.index)) == sorted(
+            plan.global_batch(step), key=lambda r: (r.shard, r.index)
+        )
 
 
 def test_order_depends_on_seed_and_epoch_only() -> None:

@@ -8,6 +8,7 @@ uninterrupted run of the same configuration: bitwise on the same world size, wit
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
@@ -30,6 +31,9 @@ from stage_runs import (
     trace,
     wait_for_step,
 )
+
+from shards.storage import join, read_bytes, size_or_none
+from ssl_train.lease import LEASE_FILE, LEASE_SECONDS_ENV
 
 from conftest import TinyShards
 
@@ -69,20 +73,7 @@ def baseline_one_rank(tiny_shards: TinyShards, tmp_path_factory: pytest.TempPath
     return root / "run"
 
 
-def test_stop_half_way_and_resume_is_bitwise_equal(
-    tiny_shards: TinyShards, baseline_two_ranks: Path, tmp_path: Path
-) -> None:
-    run_dir, trace_file = tmp_path / "run", tmp_path / "trace"
-    args = pretrain_args(tiny_shards.train, run_dir, "--trace-samples", str(trace_file))
-    out = run(
-        command("pretrain", *args, "--stop-at-step", str(STEPS // 2), nprocs=2), tmp_path / "log"
-    )
-    assert '"finished": false' in out
-    assert not (run_dir / "final").exists()
-    out = run(command("pretrain", *args, nprocs=2), tmp_path / "log")
-    assert f"resumed from step {STEPS // 2}" in out
-    assert_bitwise_equal(final_weights(run_dir), final_weights(baseline_two_ranks))
-    assert_exactly_once(trace(trace_file), tiny_shards.keys, STEPS_PER_EPOCH)
+# Stopping half way and resuming bitwise: tests/test_scale.py (2 nodes x 2 processes, S3).
 
 
 def test_sigkilled_worker_is_restarted_and_the_run_matches(
@@ -102,6 +93,7 @@ def test_sigkilled_worker_is_restarted_and_the_run_matches(
     os.kill(victim, signal.SIGKILL)
     out = job.check(timeout=180)
     assert re.search(r"resumed from step \d+", out), out[-2000:]
+    assert "the run dir's lease is held by" not in out  # its own job's: taken back at once
     assert_bitwise_equal(final_weights(run_dir), final_weights(baseline_two_ranks))
     assert_exactly_once(trace(trace_file), tiny_shards.keys, STEPS_PER_EPOCH)
 
@@ -128,6 +120,7 @@ def test_sigterm_saves_the_current_step_and_resume_starts_there(
     assert saved == done and saved % 4 != 0, (saved, done, job.output()[-2000:])
     out = run(command("pretrain", *args, nprocs=2), tmp_path / "log2")
     assert f"resumed from step {saved}" in out
+    assert "the run dir's lease is held by" not in out  # released by the preempted job
     assert_bitwise_equal(final_weights(run_dir), final_weights(baseline_two_ranks))
     assert_exactly_once(trace(trace_file), tiny_shards.keys, STEPS_PER_EPOCH)
 
@@ -178,9 +171,73 @@ def test_killed_while_writing_a_checkpoint_resumes_from_the_previous_one(
     names = {obj["Key"].split("checkpoints/")[1] for obj in listing["Contents"]}
     assert "step-000000008/tensors.safetensors" in names  # the interrupted checkpoint's data...
     assert "step-000000008/COMPLETE.json" not in names  # ...without its marker
-    out = run(command("pretrain", *args), tmp_path / "log2", env)
+    # the killed job's lease stays until it expires; then the new one takes it over
+    lease = json.loads(read_bytes(join(run_dir, LEASE_FILE)))
+    assert not lease["released"] and lease["pid"] == job.proc.pid
+    out = run(command("pretrain", *args), tmp_path / "log2", {**env, LEASE_SECONDS_ENV: "6"})
+    assert f"took over the run dir's expired lease from job {lease['job']} on " in out
+    assert time.time() > lease["expires"]
     assert "resumed from step 4 " in out
     assert_bitwise_equal(final_weights_s3(s3_bucket, run_dir), final_weights(baseline_one_rank))
+
+
+LONG = ["--max-steps", "80", *CALM]  # long enough for a second job to start meanwhile
+
+
+@pytest.fixture(scope="module")
+def lone_long_run(tiny_shards: TinyShards, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("lone-long")
+    run(command("pretrain", *pretrain_args(tiny_shards.train, root / "run", *LONG)), root / "log")
+    return root / "run"
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_a_second_job_on_the_run_dir_is_refused_and_the_first_matches_a_lone_run(
+    where: str,
+    tiny_shards: TinyShards,
+    lone_long_run: Path,
+    request: pytest.FixtureRequest,
+    tmp_path: Path,
+) -> None:
+    """A user submits twice: the second job names the first and exits; the first runs
+    to the end undisturbed, bit for bit what it would have been alone."""
+    if where == "s3":
+        bucket = request.getfixturevalue("s3_bucket")
+        run_dir, env = f"{bucket.url}/runs/p", dict(bucket.env)
+    else:
+        run_dir, env = str(tmp_path / "run"), dict(os.environ)
+    # The first job is paused until the second has found its lease, so that it cannot
+    # finish first however slowly the second starts. The lease period leaves room for
+    # that pause: the holder gives up after half a period without renewing, and renews
+    # as soon as it runs again, which the second sees as a live holder.
+    env[LEASE_SECONDS_ENV] = "40"
+    args = pretrain_args(tiny_shards.train, run_dir, *LONG)
+    first = start(command("pretrain", *args), tmp_path / "first.log", env)
+    deadline = time.monotonic() + 60
+    while size_or_none(join(run_dir, LEASE_FILE)) is None:
+        assert first.proc.poll() is None and time.monotonic() < deadline, first.output()[-3000:]
+        time.sleep(0.05)
+    os.killpg(first.proc.pid, signal.SIGSTOP)
+    try:
+        second = start(command("pretrain", *args), tmp_path / "second.log", env)
+        deadline = time.monotonic() + 60
+        while "waiting to see whether it is alive" not in second.output():
+            assert second.proc.poll() is None and time.monotonic() < deadline, second.output()
+            time.sleep(0.05)
+    finally:
+        os.killpg(first.proc.pid, signal.SIGCONT)
+    assert second.wait(timeout=60) == 2, second.output()[-3000:]
+    refusal = second.output()
+    assert "another job is writing this run dir: job " in refusal
+    assert f"(pid {first.proc.pid}), holding it since " in refusal  # the holder, by name
+    first.check()
+    if where == "s3":
+        finished = final_weights_s3(request.getfixturevalue("s3_bucket"), run_dir)
+    else:
+        finished = final_weights(Path(run_dir))
+    assert_bitwise_equal(finished, final_weights(lone_long_run))
+    lease = json.loads(read_bytes(join(run_dir, LEASE_FILE)))
+    assert lease["released"] and lease["pid"] == first.proc.pid  # a clean end gives it back
 
 
 def final_weights_s3(s3_bucket, run_dir: str):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -348,3 +350,33 @@ def test_subset_list_may_live_in_object_storage(s3_bucket: S3Bucket) -> None:
     assert read_subset(url) == (["n01_1.JPEG", "n02_7"], url)
     with pytest.raises(ShardsError, match=r"--subset s3://.*/lists/missing\.txt: no such list"):
         read_subset(f"{s3_bucket.url}/lists/missing.txt")
+
+
+def test_worker_processes_are_spawned_and_a_script_without_a_main_guard_fails_clearly(
+    tmp_path: Path,
+) -> None:
+    """Workers start as fresh interpreters (a fork would copy fsspec's event-loop thread
+    mid-use), so a script calling create() must guard its entry point (with forked workers
+    the bare script would work); without the guard a worker dies on start-up and the call
+    ends with that advice instead of restarting workers forever."""
+    tree = make_tree(tmp_path / "in", classes=2, per_class=8, awkward=False)
+    body = (
+        "from shards.create import CreateOptions, create\n"
+        f"opts = CreateOptions(src={str(tree.train)!r}, dest={{dest!r}}, shard_samples=4, workers=2)\n"
+    )
+    guarded = tmp_path / "guarded.py"
+    guarded.write_text(
+        body.format(dest=str(tmp_path / "a")) + "if __name__ == '__main__':\n    create(opts)\n"
+    )
+    ok = subprocess.run([sys.executable, str(guarded)], capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads((tmp_path / "a" / "manifest.json").read_text())["shards"]
+
+    bare = tmp_path / "bare.py"
+    bare.write_text(body.format(dest=str(tmp_path / "b")) + "create(opts)\n")
+    failed = subprocess.run(
+        [sys.executable, str(bare)], capture_output=True, text=True, timeout=120
+    )
+    assert failed.returncode != 0
+    assert 'needs an `if __name__ == "__main__":` guard' in failed.stderr
+    assert not (tmp_path / "b" / "manifest.json").exists()

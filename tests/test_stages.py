@@ -17,6 +17,7 @@ from stage_runs import TINY, assert_exactly_once, command, run, start, trace
 
 from conftest import TinyShards
 
+pytestmark = pytest.mark.slow  # every test runs the stage commands as real processes
 FINETUNE_BATCH = 8
 
 
@@ -184,7 +185,6 @@ def test_eval_counts_every_sample_once_and_matches_a_hand_count(
     assert results[0]["top1"] == correct / total
 
 
-@pytest.mark.slow
 def test_export_of_a_plain_r50_loads_into_torchvision(
     tiny_shards: TinyShards, tmp_path: Path
 ) -> None:
@@ -259,6 +259,39 @@ def test_resuming_with_another_configuration_is_refused_unless_allowed(
         tmp_path / "log2",
     )
     assert "continuing with changed configuration" in allowed and '"finished": true' in allowed
+
+
+def test_resuming_on_replaced_data_or_an_edited_subset_is_refused(
+    tiny_shards: TinyShards, subset: Subset, tmp_path: Path
+) -> None:
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_shards.train, data)
+    base = ["--data", str(data), "--run-dir", str(tmp_path / "run"), *TINY, "--workers", "0"]
+    base += ["--max-steps", "6", "--global-batch-size", "16"]
+    run(command("pretrain", *base, "--stop-at-step", "2"), tmp_path / "log")
+    shutil.rmtree(data)  # re-made at the same URL from other images
+    shutil.copytree(tiny_shards.test, data)
+    refused = subprocess.run(
+        command("pretrain", *base), capture_output=True, text=True, timeout=120
+    )
+    assert refused.returncode == 2, refused.stderr
+    assert f"the shard set at {data} was replaced (content sha256 " in refused.stderr
+
+    listed = tmp_path / "subset.txt"
+    shutil.copy(subset.file, listed)
+    args = ["--data", str(tiny_shards.train), "--run-dir", str(tmp_path / "sup"), *TINY]
+    args += ["--subset", str(listed), "--workers", "0", "--global-batch-size", "8"]
+    args += ["--max-steps", "4"]
+    run(command("supervised", *args, "--stop-at-step", "2"), tmp_path / "log2")
+    listed.write_text("".join(listed.read_text().splitlines(keepends=True)[:-8]))
+    refused = subprocess.run(
+        command("supervised", *args), capture_output=True, text=True, timeout=120
+    )
+    assert refused.returncode == 2, refused.stderr
+    assert f"the label subset {listed} changed (list sha256 " in refused.stderr
+    assert "shard set" not in refused.stderr  # only what changed is named
 
 
 def test_a_crafted_pickle_checkpoint_is_refused_without_running_it(

@@ -6,10 +6,13 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
 
 from distributed import run_under_torchrun
+
+pytestmark = pytest.mark.slow  # every test here starts real torchrun workers
 
 
 def _fingerprint(value) -> str:

@@ -11,19 +11,22 @@ How an epoch is laid out:
 1. The shards are permuted (seeded by seed and epoch) and their samples concatenated: a
    global sequence of N samples. Only its first ``steps * G`` are used.
 2. That prefix is cut into P equal, contiguous *partitions* (P divides G). Each step
-   takes ``G / P`` consecutive samples from every partition, shuffled within that chunk
-   (seeded by seed, epoch, partition and step): one global batch mixes P far-apart
-   regions of the data, while each partition is still read sequentially.
-3. The canonical global batch is the partitions' chunks in partition order; rank r of W
-   takes positions ``[r*G/W, (r+1)*G/W)``. When W divides P a rank owns whole
-   partitions; otherwise the partitions at its edges are shared with a neighbour (each
-   reads the chunks it shares). Either way the global batch is identical for every world
-   size that divides G, so all of those are exact; those that also divide P read nothing
-   twice.
+   takes the next ``G / P`` consecutive samples (a *chunk*) from every partition: one
+   global batch mixes P far-apart regions of the data, while each partition is still
+   read sequentially.
+3. The canonical global batch is the partitions' chunks in partition order, each in
+   storage order; rank r of W takes positions ``[r*G/W, (r+1)*G/W)``: a contiguous part
+   of one chunk, or whole chunks and the edges of its neighbours'. Either way a rank
+   reads exactly its own samples and the global batch is identical for every world size
+   that divides G, so all of those are exact and every sample's bytes are read once per
+   epoch, however many ranks share a partition. P is part of the run's config, never
+   derived from the world size: it sets the batch's make-up, and samples per request
+   are ``G / max(P, W)``.
 
-Shards made by ``shards create`` are already globally shuffled, so this two-level
-shuffle (shard order, then chunk) gives batches that look uniformly random while every
-read stays a large sequential range.
+Shards made by ``shards create`` are already globally shuffled, so shuffling the shard
+order each epoch gives batches that look uniformly random while every read stays a
+large sequential range. (No order within a batch is needed: the losses and global
+batch-norm statistics are sums over the whole global batch.)
 """
 
 from __future__ import annotations
@@ -119,11 +122,8 @@ class EpochPlan:
     def _chunk_start(self, step: int, partition: int) -> int:
         return partition * self.steps * self.chunk + step * self.chunk
 
-    def _chunk_order(self, step: int, partition: int) -> np.ndarray:
-        return _rng(self.seed, self.epoch, partition, step).permutation(self.chunk)
-
     def global_batch(self, step: int) -> list[SampleRef]:
-        """The canonical global batch at ``step`` (partition order, shuffled chunks)."""
+        """The canonical global batch at ``step``: the partitions' chunks in partition order."""
         return self.local_batch(step, rank=0, world_size=1)
 
     def local_batch(self, step: int, rank: int, world_size: int) -> list[SampleRef]:
@@ -135,32 +135,31 @@ class EpochPlan:
             >>> a == plan.global_batch(1)
             True
         """
-        first, last = self._positions(step, rank, world_size)
-        refs: list[SampleRef] = []
-        for partition in range(first // self.chunk, (last - 1) // self.chunk + 1):
-            start = self._chunk_start(step, partition)
-            order = self._chunk_order(step, partition)
-            lo = max(first - partition * self.chunk, 0)
-            hi = min(last - partition * self.chunk, self.chunk)
-            refs += [self._locate(start + int(offset)) for offset in order[lo:hi]]
-        return refs
+        return [
+            SampleRef(r.shard, index)
+            for r in self.local_reads(step, rank, world_size)
+            for index in range(r.start, r.end)
+        ]
 
     def local_reads(self, step: int, rank: int, world_size: int) -> list[ReadRange]:
-        """The sequential reads that fetch this rank's share at ``step``.
+        """The sequential reads that fetch exactly this rank's share at ``step``.
 
-        A rank reads whole chunks of the partitions it touches (at most two chunks more
-        than its share when W does not divide P); each chunk is one or two ranges.
+        One range per partition the rank touches, split where a shard ends.
 
         Example:
             >>> plan = EpochPlan((10, 10, 10), 0, 0, global_batch_size=8, partitions=2)
             >>> sum(r.end - r.start for r in plan.local_reads(0, 0, 1))
             8
+            >>> sum(r.end - r.start for r in plan.local_reads(0, rank=3, world_size=4))
+            2
         """
         first, last = self._positions(step, rank, world_size)
         reads: list[ReadRange] = []
         for partition in range(first // self.chunk, (last - 1) // self.chunk + 1):
             start = self._chunk_start(step, partition)
-            reads += self._ranges(start, start + self.chunk)
+            lo = max(first - partition * self.chunk, 0)
+            hi = min(last - partition * self.chunk, self.chunk)
+            reads += self._ranges(start + lo, start + hi)
         return reads
 
     def _ranges(self, begin: int, end: int) -> list[ReadRange]:

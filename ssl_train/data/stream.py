@@ -297,14 +297,12 @@ class TrainStream(IterableDataset):
     def samples(self, plan: EpochPlan, step: int) -> list[Sample]:
         """This rank's share of global batch ``step``, in canonical order (fetched ahead,
         or now)."""
-        fetched: dict[SampleRef, Sample] = {}
-        for read in plan.local_reads(step, self.rank, self.world_size):
+        samples: list[Sample] = []
+        for read in plan.local_reads(step, self.rank, self.world_size):  # exactly the share
             refs = [SampleRef(read.shard, p) for p in range(read.start, read.end)]
-            if all(ref in self._ahead for ref in refs):
-                fetched.update((ref, self._ahead.pop(ref)) for ref in refs)
-            else:
-                fetched.update(self._fetch(read))
-        return [fetched[ref] for ref in plan.local_batch(step, self.rank, self.world_size)]
+            fetched = self._ahead if all(ref in self._ahead for ref in refs) else self._fetch(read)
+            samples += [fetched.pop(ref) for ref in refs]
+        return samples
 
     def batch(self, plan: EpochPlan, step: int) -> LocalBatch:
         """Read, decode and crop this rank's share of global batch ``step``."""

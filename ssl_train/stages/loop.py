@@ -23,13 +23,17 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from shards import storage
+from shards.manifest import sha256_hex
 from shards.reader import ShardSet
+from shards.sources import read_subset
+from ssl_train import preemption
 from ssl_train.checkpoint import AsyncCheckpointer, CheckpointStore, rng_state, set_rng_state
 from ssl_train.data.loader import make_loader
 from ssl_train.data.plan import DEFAULT_PARTITIONS
 from ssl_train.data.stream import StreamConfig, StreamState, TrainStream
 from ssl_train.dist import convert_to_global_bn
 from ssl_train.export import final_url, save_model
+from ssl_train.lease import LeaseHeld, LeaseLost, RunDirLease
 from ssl_train.metrics import METRICS_NOW, run_label
 from ssl_train.optim import WarmupCosineSchedule, scale_learning_rate
 from ssl_train.stages import runtime as rt
@@ -72,6 +76,42 @@ def read_summary(run_dir: str) -> dict[str, Any] | None:
     return json.loads(storage.read_bytes(url))
 
 
+def data_fingerprint(shard_set: ShardSet, subset: str | None) -> dict[str, str]:
+    """What a run trains on, as checkpoints record it: the sha256 of the manifest's
+    content (classes and shards, not its creation time) and of the label subset list
+    (its names, one per line), so that a resume on a shard set re-made differently at
+    the same URL, or an edited list, is refused instead of silently breaking
+    exactly-once."""
+    fingerprint = {"manifest_sha256": shard_set.manifest.content_sha256}
+    if subset:
+        names, _ = read_subset(subset)
+        fingerprint["subset_sha256"] = sha256_hex("".join(f"{n}\n" for n in names).encode())
+    return fingerprint
+
+
+def data_changes(
+    saved: dict[str, str] | None, now: dict[str, str], config: StageConfig
+) -> list[str]:
+    """What changed in the data since the checkpoint, as ``config_changes`` words it.
+
+    Example:
+        >>> config = StageConfig.for_stage("pretrain", data="s3://b/train", run_dir="/r")
+        >>> data_changes({"manifest_sha256": "aaaa" * 16}, {"manifest_sha256": "bbbb" * 16}, config)
+        ['the shard set at s3://b/train was replaced (content sha256 aaaaaaaaaaaa... -> bbbbbbbbbbbb...)']
+    """
+    if saved is None:  # a checkpoint from before data was recorded
+        return []
+    what = {
+        "manifest_sha256": f"the shard set at {storage.redact(config.data)} was replaced (content",
+        "subset_sha256": f"the label subset {storage.redact(config.subset or '')} changed (list",
+    }
+    return [
+        f"{what[name]} sha256 {str(saved.get(name))[:12]}... -> {str(now.get(name))[:12]}...)"
+        for name in what
+        if saved.get(name) != now.get(name)
+    ]
+
+
 def check_world_size(config: StageConfig, world_size: int) -> None:
     """Before any work: the global batch must split evenly over the ranks."""
     if config.global_batch_size % world_size:
@@ -109,6 +149,25 @@ def _mean_over_ranks(metrics: dict[str, float], runtime: rt.Runtime) -> dict[str
     return dict(zip(metrics, (values / runtime.world_size).tolist(), strict=True))
 
 
+def _report_preemption_save(step: int, seconds: float) -> None:
+    """How long the stop checkpoint took against the window torchrun gave it: a save
+    that nears its window is one slow store away from being killed half-written."""
+    window = preemption.window_s()
+    if window is None:
+        log.info("preemption checkpoint of step %d written in %.1f s", step, seconds)
+        return
+    level = logging.WARNING if seconds > 0.8 * window else logging.INFO
+    log.log(
+        level,
+        "preemption checkpoint of step %d written in %.1f s of its %.0f s window (%s)%s",
+        step,
+        seconds,
+        window,
+        preemption.SHUTDOWN_TIMEOUT_ENV,
+        "; give the job a longer grace period" if level == logging.WARNING else "",
+    )
+
+
 def _barrier(runtime: rt.Runtime) -> None:
     if runtime.distributed:
         dist.barrier()
@@ -136,6 +195,7 @@ class Trainer:
         self.stream = TrainStream(
             stream_config, runtime.rank, runtime.world_size, StreamState(), shard_set
         )
+        self.data = data_fingerprint(shard_set, stream_config.subset)
         steps_per_epoch = self.stream.plan(0).steps
         total = config.total_steps(steps_per_epoch)
         self.position = Position(steps_per_epoch, total)
@@ -148,6 +208,7 @@ class Trainer:
         self.step = 0
         self.saved_step: int | None = None
         self.recorded_checkpoint: int | None = None
+        self.lease: RunDirLease | None = None  # rank 0's, while it runs
         model = self.task.model
         if config.channels_last:
             model.to(memory_format=torch.channels_last)
@@ -158,7 +219,37 @@ class Trainer:
         if runtime.distributed:
             device_ids = [runtime.device] if runtime.device.type == "cuda" else None
             model = DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
+            self._settle_gradient_buckets(model)
         self.forward_model = torch.compile(model) if config.compile else model
+
+    def _settle_gradient_buckets(self, ddp: DistributedDataParallel) -> None:
+        """Run one forward and backward of a small synthetic batch through ``ddp``, then
+        undo it (gradients, BN statistics, RNG), so that every real step all-reduces its
+        gradients with the same bucket layout.
+
+        DDP all-reduces the first backward of a process in one bucket, then lays its
+        buckets out in the order gradients became ready. A resumed process would take its
+        first step with the first layout where the uninterrupted job had the second one;
+        with three or more ranks the rounding of a sum follows the layout (which rank's
+        addends meet first), so the resume would not be bitwise. Costs one small step per
+        process start.
+        """
+        task, config, device = self.task, self.config, self.runtime.device
+        buffers = [buffer.clone() for buffer in self.trained.buffers()]
+        rng = rng_state()
+        views = 2 if task.mode == "pretrain" else 1
+        generator = torch.Generator().manual_seed(0)
+        shape = (2 * views, 3, config.image_size, config.image_size)
+        images = torch.rand(shape, generator=generator).to(device)
+        labels = torch.zeros(2, dtype=torch.long, device=device)
+        task.train_mode()
+        loss, _ = self._loss(ddp, images, labels)
+        loss.backward()
+        task.optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for buffer, saved in zip(self.trained.buffers(), buffers, strict=True):
+                buffer.copy_(saved)
+        set_rng_state(rng)
 
     # --- checkpoints --------------------------------------------------------------------
 
@@ -171,6 +262,7 @@ class Trainer:
             "stream": self.position.stream_state(self.step).to_dict(),
             "rng": rng_state(),
             "config": self.config.to_dict(),
+            "data": self.data,
             "model_config": self.task.model_config,
             "world_size": self.runtime.world_size,
         }
@@ -183,6 +275,7 @@ class Trainer:
             return
         _, state = loaded
         changes = config_changes(state["config"], self.config)
+        changes += data_changes(state.get("data"), self.data, self.config)
         if changes and not self.config.allow_config_change:
             raise ConfigMismatch(
                 f"{storage.redact(self.config.run_dir)} holds a checkpoint of another "
@@ -208,26 +301,49 @@ class Trainer:
         if finished is not None and finished.get("finished"):
             log.info("%s already finished: nothing to do", storage.redact(config.run_dir))
             return finished
-        if runtime.is_main:
-            storage.write_bytes_atomic(
-                storage.join(config.run_dir, CONFIG_FILE),
-                json.dumps(config.to_dict(), indent=2).encode() + b"\n",
-            )
-        self.resume()
-        if config.trace_samples and runtime.is_main:
-            dropped = trace.rewind(config.trace_samples, self.step)
-            if dropped:
-                log.info("trace: dropped %d lines of steps lost since the checkpoint", dropped)
-        _barrier(runtime)
-        self.stream.state = self.position.stream_state(self.step)
-        checkpointer = AsyncCheckpointer(self.store)
+        self._take_lease()
         try:
-            with rt.StopRequest() as stop_request:
-                self._train(checkpointer, stop_request)
-            checkpointer.wait()
+            if runtime.is_main:
+                storage.write_bytes_atomic(
+                    storage.join(config.run_dir, CONFIG_FILE),
+                    json.dumps(config.to_dict(), indent=2).encode() + b"\n",
+                )
+            self.resume()
+            if config.trace_samples and runtime.is_main:
+                dropped = trace.rewind(config.trace_samples, self.step)
+                if dropped:
+                    log.info("trace: dropped %d lines of steps lost since the checkpoint", dropped)
+            _barrier(runtime)
+            self.stream.state = self.position.stream_state(self.step)
+            checkpointer = AsyncCheckpointer(self.store)
+            try:
+                with rt.StopRequest() as stop_request:
+                    self._train(checkpointer, stop_request)
+                checkpointer.wait()
+            finally:
+                checkpointer.close()
+            return self._finish()
         finally:
-            checkpointer.close()
-        return self._finish()
+            if self.lease is not None:
+                self.lease.release()  # not after losing it: then it is another job's
+
+    def _take_lease(self) -> None:
+        """Rank 0 takes the run dir's lease before anything is written; every rank learns
+        whether it did (one tiny all-reduce), so a refusal ends all of them at once."""
+        failure: Exception | None = None
+        if self.runtime.is_main:
+            lease = RunDirLease(self.config.run_dir)
+            try:
+                lease.acquire()
+                self.lease = lease
+                self.store.guard = lease.guard
+            except Exception as exc:  # storage errors too: the other ranks must not wait
+                failure = exc
+        (refused,) = _agree([failure is not None], self.runtime)
+        if failure is not None:
+            raise failure
+        if refused:
+            raise LeaseHeld("rank 0 could not take the run dir's lease: its log says why")
 
     def _train(self, checkpointer: AsyncCheckpointer, stop_request: rt.StopRequest) -> None:
         config, runtime, position = self.config, self.runtime, self.position
@@ -260,9 +376,19 @@ class Trainer:
             time_due = (
                 runtime.is_main and every_s is not None and time.monotonic() - last_save >= every_s
             )
-            stop, time_due = _agree([stop_request.requested or batch is None, time_due], runtime)
+            lost = self.lease is not None and self.lease.is_lost()
+            stop, time_due, lost = _agree(
+                [stop_request.requested or batch is None, time_due, lost], runtime
+            )
+            if lost:  # another job writes this run dir now: stop without writing anything
+                if self.lease is not None:
+                    self.lease.check()
+                raise LeaseLost("rank 0 lost the run dir's lease: its log says to whom")
             if stop:
+                began = time.monotonic()
                 self._save(checkpointer, wait=True)
+                if runtime.is_main:
+                    _report_preemption_save(self.step, time.monotonic() - began)
                 raise Preempted(
                     f"stopped by {stop_request.signal_name or 'another rank'} at step {self.step}"
                 )
@@ -347,20 +473,25 @@ class Trainer:
                 f"stream out of step: got epoch {batch.epoch} step {batch.step}, expected "
                 f"{expected.epoch}/{expected.step} (global step {self.step})"
             )
-        device, config = self.runtime.device, self.config
+        device = self.runtime.device
         views = batch.views.to(device, non_blocking=True)
         labels = batch.labels.to(device, non_blocking=True)
         images = self.task.device_views(views, batch.keys, batch.epoch)
-        if config.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
         lr = self.schedule.step_to(self.step)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16"):
-            loss, extra = self.task.loss(self.forward_model, images, labels)
+        loss, extra = self._loss(self.forward_model, images, labels)
         self.task.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.task.optimizer.step()
         self.step += 1
         return {"loss": float(loss.detach()), "lr": lr, **{k: float(v) for k, v in extra.items()}}
+
+    def _loss(self, model: Any, images: torch.Tensor, labels: torch.Tensor) -> tuple[Any, dict]:
+        """The task's loss in the run's memory format and precision."""
+        config, device = self.config, self.runtime.device
+        if config.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16"):
+            return self.task.loss(model, images, labels)
 
     def _save(self, checkpointer: AsyncCheckpointer, wait: bool) -> None:
         """Rank 0 writes (every rank holds the same weights); ``wait`` also blocks the
@@ -403,6 +534,8 @@ class Trainer:
             METRICS_NOW.set("eval_top1", summary["eval"]["top1"])
             METRICS_NOW.set("eval_top5", summary["eval"]["top5"])
         if runtime.is_main:
+            if self.lease is not None:
+                self.lease.confirm()
             result = summary.get("eval")
             log.info(
                 "finished: %d steps%s",

@@ -1,0 +1,129 @@
+"""Compare-and-swap on one small object: read it with its version, write it only if it
+is still that version (or still absent). Two writers racing cannot both win.
+
+On S3 the version is the object's ETag and the conditions are the service's own
+(``If-None-Match: *`` and ``If-Match`` on PUT), so the check and the write are one atomic
+request. Local files (one machine, or a shared POSIX file system with working locks)
+take an exclusive ``flock`` on a lock file beside the object around read-check-replace;
+their version is the content's sha256.
+
+A conditional PUT whose answer is lost is retried by the caller's retry loop and then
+fails its own condition; callers that need to know whether they won read the object
+back and compare (the content should carry something unique, like an owner token).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import os
+from collections.abc import Iterator
+
+from shards import storage
+from shards.errors import ShardsError
+
+
+def read_versioned(url: str) -> tuple[bytes, str] | None:
+    """The object's bytes and version, or None when there is none.
+
+    Example:
+        >>> _ = write_if("/tmp/ssl-train-versioned-doc", b"a", version_of("/tmp/ssl-train-versioned-doc"))
+        >>> read_versioned("/tmp/ssl-train-versioned-doc")[0]
+        b'a'
+    """
+    fs, path = storage.filesystem(url)
+    if storage.is_local(url):
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            return None
+        return data, _digest(data)
+
+    def read() -> tuple[bytes, str] | None:
+        try:
+            # s3fs reads with If-Match on the ETag its HEAD saw: a change in between fails
+            # the read (retried below) instead of pairing new bytes with an old version
+            with fs.open(path, "rb", cache_type="none") as f:
+                return f.read(), str(f.details["ETag"])
+        except FileNotFoundError:
+            return None
+
+    for _ in range(3):
+        try:
+            return storage.with_retries(read, url)
+        except ShardsError as exc:
+            if not _precondition_failed(exc):
+                raise
+    raise ShardsError(f"{storage.redact(url)}: changed under every read; try again")
+
+
+def version_of(url: str) -> str | None:
+    """The object's current version, or None when there is none."""
+    found = read_versioned(url)
+    return None if found is None else found[1]
+
+
+def write_if(url: str, data: bytes, expected: str | None) -> str | None:
+    """Write ``data`` if the object is still at version ``expected`` (None: still absent);
+    the new version, or None when the condition failed and nothing was written.
+
+    Example:
+        >>> url = "/tmp/ssl-train-versioned-doc2"
+        >>> first = write_if(url, b"one", version_of(url))
+        >>> write_if(url, b"two", None) is None  # it exists: refused
+        True
+        >>> write_if(url, b"two", first) is not None
+        True
+    """
+    fs, path = storage.filesystem(url)
+    if storage.is_local(url):
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with _locked(path):
+            current = read_versioned(path)
+            if (None if current is None else current[1]) != expected:
+                return None
+            storage.write_bytes_atomic(path, data)
+            return _digest(data)
+
+    def put() -> str | None:
+        condition = {"mode": "create"} if expected is None else {"IfMatch": expected}
+        try:
+            answer = fs.pipe_file(path, data, **condition)
+        except (FileExistsError, FileNotFoundError):
+            return None  # created meanwhile / deleted meanwhile
+        except OSError as exc:
+            if _precondition_failed(exc):
+                return None
+            raise
+        etag = answer.get("ETag") if isinstance(answer, dict) else None
+        return str(etag) if etag else version_of(url)
+
+    return storage.with_retries(put, url)
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@contextlib.contextmanager
+def _locked(path: str) -> Iterator[None]:
+    with open(f"{path}.lock", "a+b") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+
+
+def _precondition_failed(exc: BaseException) -> bool:
+    """A 412 from the store: the object is not at the version the request named."""
+    for item in storage._chain(exc):
+        service = storage._service_error(item)
+        if service is not None and (service[0] == "PreconditionFailed" or service[1] == 412):
+            return True
+        if isinstance(item, OSError) and item.errno == errno.EINVAL and "recondition" in str(item):
+            return True
+    return False

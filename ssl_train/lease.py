@@ -1,0 +1,303 @@
+"""Exactly one job writes a run dir: a lease object in the run dir, renewed by the job
+that holds it.
+
+On a cluster two writers happen without anyone asking: a pod on a node that lost its
+network keeps running while the job restarts elsewhere, or a user submits twice. Their
+checkpoints would interleave and pruning would delete the other's. So rank 0 takes
+``lease.json`` before its first write, renews it from a background thread, and checks it
+before every commit; every change is a compare-and-swap (``shards.versioned``), so two
+jobs racing cannot both win.
+
+- Another job's lease that is being renewed: refused, naming the holder.
+- Another job's lease that stops being renewed (the job died): taken over once it
+  expires, so a restarted job waits at most one lease period.
+- The same job's lease (torchrun restarted its worker group): taken back at once.
+- A lease released by a clean stop (finished, preempted, ``--stop-at-step``): taken at once.
+- A holder that cannot renew for half a period, or finds the lease taken, has lost it: it
+  stops without writing again (the clocks of two hosts may differ by up to that margin).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from datetime import datetime, timezone
+
+from shards import storage
+from shards.errors import ShardsError
+from shards.versioned import read_versioned, write_if
+
+log = logging.getLogger(__name__)
+
+LEASE_FILE = "lease.json"
+LEASE_SECONDS_ENV = "SSL_TRAIN_LEASE_SECONDS"
+JOB_ID_ENV = "SSL_TRAIN_JOB_ID"
+DEFAULT_LEASE_SECONDS = 60.0
+# Renewed 6 times a period and lost after half a period without one: a slow store gets
+# two renewals' time before the holder gives up, and a job that died is taken over
+# after one period at most (a minute by default; a cluster restart takes longer).
+RENEWALS_PER_PERIOD = 6
+
+
+class LeaseHeld(ValueError):
+    """Another live job holds the run dir."""
+
+
+class LeaseLost(RuntimeError):
+    """This job no longer holds the run dir: it must stop without writing."""
+
+
+@dataclass(frozen=True)
+class Holder:
+    """What ``lease.json`` says: who holds the run dir, since when, until when."""
+
+    job: str
+    host: str
+    pid: int
+    token: str  # this process's own: tells its lease from its job's earlier processes'
+    since: float
+    expires: float
+    generation: int
+    released: bool = False
+
+    def describe(self) -> str:
+        return (
+            f"job {self.job} on {self.host} (pid {self.pid}), holding it since "
+            f"{_iso(self.since)}, lease valid until {_iso(self.expires)}"
+        )
+
+
+def lease_seconds() -> float:
+    """The lease period: ``SSL_TRAIN_LEASE_SECONDS`` or 60 s."""
+    raw = os.environ.get(LEASE_SECONDS_ENV, "")
+    try:
+        value = float(raw) if raw else DEFAULT_LEASE_SECONDS
+    except ValueError:
+        raise ValueError(f"{LEASE_SECONDS_ENV}={raw!r}: give the lease period in seconds") from None
+    if value <= 0:
+        raise ValueError(f"{LEASE_SECONDS_ENV}={raw!r}: give a positive number of seconds")
+    return value
+
+
+def job_id() -> str:
+    """The job this process belongs to, the same for every worker group torchrun starts
+    within it: ``SSL_TRAIN_JOB_ID``, else torchrun's run id (TorchX sets it to the app
+    id), else this host and process (a plain single-process run)."""
+    explicit = os.environ.get(JOB_ID_ENV)
+    if explicit:
+        return explicit
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID", "")
+    if run_id and run_id != "none":  # torchrun's default id is "none": not a job's own
+        return run_id
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+class RunDirLease:
+    """The run dir's lease, held by this process (rank 0).
+
+    Example:
+        >>> lease = RunDirLease("/tmp/ssl-train-lease-doc")
+        >>> lease.acquire(); lease.check(); lease.release()
+    """
+
+    def __init__(
+        self,
+        run_dir: str,
+        seconds: float | None = None,
+        job: str | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.url = storage.join(run_dir, LEASE_FILE)
+        self.seconds = lease_seconds() if seconds is None else seconds
+        self.job = job_id() if job is None else job
+        self.clock = clock
+        self.token = uuid.uuid4().hex
+        self.version: str | None = None
+        self.holder: Holder | None = None
+        self.lost: str | None = None
+        self._last_renewal = 0.0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # --- taking it ------------------------------------------------------------------
+
+    def acquire(self, patience_s: float | None = None) -> None:
+        """Take the lease, or raise :class:`LeaseHeld` if another job keeps renewing it.
+
+        A lease of another job that is not renewed is waited out (at most one period);
+        one that changes while we watch belongs to a live job.
+        """
+        watched: str | None = None
+        give_up = time.monotonic() + (patience_s if patience_s is not None else 3 * self.seconds)
+        while True:
+            found = read_versioned(self.url)
+            now = self.clock()
+            if found is None:
+                if self._write(None, generation=1, since=now):
+                    return
+                continue
+            data, version = found
+            holder = _parse(data, self.url)
+            takeable = holder.released or holder.job == self.job or now > holder.expires
+            if takeable:
+                if self._write(version, generation=holder.generation + 1, since=now):
+                    if not holder.released and holder.job != self.job:
+                        log.warning(
+                            "took over the run dir's expired lease from %s", holder.describe()
+                        )
+                    return
+                continue
+            if watched is not None and version != watched:
+                raise LeaseHeld(self._held_message(holder))
+            if time.monotonic() > give_up:
+                raise LeaseHeld(self._held_message(holder))
+            if watched is None:
+                log.info(
+                    "the run dir's lease is held by %s: waiting to see whether it is alive",
+                    holder.describe(),
+                )
+            watched = version
+            time.sleep(min(max(holder.expires - now, 0.0) + 0.05, self.seconds / 8))
+
+    def _held_message(self, holder: Holder) -> str:
+        return (
+            f"{storage.redact(self.url)}: another job is writing this run dir: "
+            f"{holder.describe()}. Wait for it to finish or stop it, or use another --run-dir; "
+            f"if that job is gone, its lease expires by itself within {self.seconds:g} s"
+        )
+
+    def _write(self, expected: str | None, generation: int, since: float) -> bool:
+        now = self.clock()
+        holder = Holder(
+            job=self.job,
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            token=self.token,
+            since=since,
+            expires=now + self.seconds,
+            generation=generation,
+        )
+        version = self._put(holder, expected)
+        if version is None:
+            return False
+        self.version, self.holder, self._last_renewal = version, holder, time.monotonic()
+        self._thread = threading.Thread(target=self._renew_forever, name="lease", daemon=True)
+        self._thread.start()
+        return True
+
+    def _put(self, holder: Holder, expected: str | None) -> str | None:
+        data = json.dumps(asdict(holder), indent=2).encode() + b"\n"
+        version = write_if(self.url, data, expected)
+        if version is None:
+            # a retried PUT whose first answer was lost fails its own condition: did we win?
+            found = read_versioned(self.url)
+            if found is not None and found[0] == data:
+                return found[1]
+        return version
+
+    # --- keeping it -----------------------------------------------------------------
+
+    def renew(self) -> None:
+        """Extend the lease by one period; on finding it taken, mark it lost."""
+        with self._lock:
+            if self.lost is not None or self.holder is None:
+                return
+            holder = replace(self.holder, expires=self.clock() + self.seconds)
+            try:
+                version = self._put(holder, self.version)
+            except ShardsError as exc:
+                if time.monotonic() - self._last_renewal > self.seconds / 2:
+                    self._lose(f"could not renew it for {self.seconds / 2:g} s ({exc})")
+                return
+            if version is None:
+                found = read_versioned(self.url)
+                other = _parse(found[0], self.url).describe() if found else "nobody (deleted)"
+                self._lose(f"it was taken over by {other}")
+                return
+            self.version, self.holder, self._last_renewal = version, holder, time.monotonic()
+
+    def check(self) -> None:
+        """Raise :class:`LeaseLost` unless this process still holds the lease; called
+        before every write, so a job that lost it writes nothing more."""
+        if self.lost is None and time.monotonic() - self._last_renewal > self.seconds / 2:
+            self._lose(f"not renewed for {self.seconds / 2:g} s")
+        if self.lost is not None:
+            raise LeaseLost(
+                f"{storage.redact(self.url)}: this job lost the run dir's lease ({self.lost}); "
+                "it stopped without writing again"
+            )
+
+    def is_lost(self) -> bool:
+        """Whether this process no longer holds the lease (checked every step)."""
+        try:
+            self.check()
+        except LeaseLost:
+            return True
+        return False
+
+    def confirm(self) -> None:
+        """Renew now and check: the step right before committing a checkpoint."""
+        self.renew()
+        self.check()
+
+    def guard(self, commit: bool) -> None:
+        """The checkpoint store's hook: a check before it writes or deletes, and a
+        renewal right before it commits (one small request per checkpoint)."""
+        if commit:
+            self.confirm()
+        else:
+            self.check()
+
+    def _lose(self, why: str) -> None:
+        if self.lost is None:
+            self.lost = why
+            log.error("lost the run dir's lease: %s", why)
+
+    def _renew_forever(self) -> None:
+        while not self._stop.wait(self.seconds / RENEWALS_PER_PERIOD):
+            try:
+                self.renew()
+            except Exception as exc:  # the step's check() reports it; never kill the thread
+                log.warning("lease renewal failed: %s", exc)
+            if self.lost is not None:
+                return
+
+    # --- giving it back -------------------------------------------------------------
+
+    def release(self) -> None:
+        """Give the lease back (a clean stop): the next job takes it without waiting."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        with self._lock:
+            if self.lost is not None or self.holder is None:
+                return
+            released = replace(self.holder, released=True, expires=self.clock())
+            try:
+                if self._put(released, self.version) is not None:
+                    self.holder = None
+            except ShardsError as exc:
+                log.warning("could not release the run dir's lease (it expires by itself): %s", exc)
+
+
+def _parse(data: bytes, url: str) -> Holder:
+    try:
+        fields = json.loads(data)
+        return Holder(**fields)
+    except (ValueError, TypeError) as exc:
+        raise ShardsError(
+            f"{storage.redact(url)}: not a lease this version of ssl-train wrote ({exc}); "
+            "if no job is writing this run dir, delete the file"
+        ) from None
+
+
+def _iso(seconds: float) -> str:
+    return datetime.fromtimestamp(seconds, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
