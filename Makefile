@@ -1,8 +1,12 @@
 # `make test` and `make demo` each set up .venv when it is missing or older than
 # pyproject.toml, then run. torch/torchvision are pinned here and installed first
 # (pip finds these builds on this machine's disk); the project then accepts them.
-# --no-compile: Python compiles a module when it is first imported; pip compiling all of
-# torch up front took 91 s against 69 s without (one try here; the first import pays part back).
+# Bytecode: pip installs without compiling (--no-compile; it compiles one file at a time),
+# then compileall compiles the whole environment and the project on every core. Without
+# .pyc files every process compiles torch again when it imports it, since these machines
+# (and CI) set PYTHONDONTWRITEBYTECODE: `import torch, torchvision` took 9.9 CPU-s instead
+# of 3.9 (bench/import_bytecode.py), in each of the suite's few hundred processes.
+# torch ships one Python 3.12-only test file, which compileall skips.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -18,6 +22,8 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install --quiet --no-compile --upgrade pip
 	$(PY) -m pip install --quiet --no-compile $(TORCH)
 	$(PY) -m pip install --quiet --no-compile -e '.[dev]'
+	$(PY) -m compileall -q -j 0 -x 'torch/testing/_internal/py312_intrinsics' \
+		"$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" ssl_train shards
 	touch $(STAMP)
 
 lint: $(STAMP)
