@@ -137,7 +137,8 @@ def stage_flags(stage: str) -> dict[str, tuple[str, Any]]:
 
 def add_stage_parser(sub: argparse._SubParsersAction, stage: str, summary: str) -> None:
     """One subcommand whose flags fill a ``StageConfig``."""
-    parser = sub.add_parser(stage, help=summary, description=summary)
+    # argparse %-formats help strings (not descriptions): "1% or 10%" must be escaped there
+    parser = sub.add_parser(stage, help=summary.replace("%", "%%"), description=summary)
     defaults = STAGE_DEFAULTS[stage]
     for flag, name, kind, text in PER_STAGE[stage] + COMMON:
         if name in defaults:
