@@ -14,19 +14,18 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import statistics
-import subprocess
 import sys
 import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import child_cpu_seconds
 
 
 def cpu_seconds(env: dict[str, str]) -> float:
-    """CPU time (user + system) of one child process importing torch and torchvision."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    subprocess.run([sys.executable, "-c", "import torch, torchvision"], env=env, check=True)
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    """CPU time of one child process importing torch and torchvision."""
+    return child_cpu_seconds([sys.executable, "-c", "import torch, torchvision"], env)
 
 
 def main() -> None:

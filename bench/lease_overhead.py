@@ -18,15 +18,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import machine_info
+from machine import child_cpu_seconds, machine_info
 from metrics_overhead import shard_set
 
 HERE = Path(__file__).resolve().parent
@@ -43,12 +41,9 @@ def one_run(data: Path, steps: int, batch: int, lease: bool) -> float:
             "--checkpoint-every-steps", "10", "--metrics-port", "0",
         ]  # fmt: skip
         env = {**os.environ, "SSL_TRAIN_LEASE_SECONDS": "6", "OMP_NUM_THREADS": "1"}
-        before = resource.getrusage(resource.RUSAGE_CHILDREN)
-        subprocess.run(cmd, env=env, check=True, capture_output=True)
-        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu = child_cpu_seconds(cmd, env)
         if lease and not (Path(run_dir) / "lease.json").exists():
             raise RuntimeError("the run with the lease left no lease.json")
-    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     return cpu / steps
 
 
