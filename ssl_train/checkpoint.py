@@ -47,6 +47,7 @@ import torch
 
 from shards import storage
 from shards.errors import ShardsError
+from ssl_train.errors import UserError
 from ssl_train.lease import LeaseLost
 
 FORMAT_VERSION = 1
@@ -63,7 +64,7 @@ _RESERVED_NAMES = frozenset({"__metadata__"})
 log = logging.getLogger(__name__)
 
 
-class CheckpointError(Exception):
+class CheckpointError(UserError):
     """A checkpoint cannot be written or read; the message names it and says what to do.
 
     Example:

@@ -12,6 +12,7 @@ import sys
 import time
 
 from ssl_train import __version__
+from ssl_train.errors import UserError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -150,7 +151,7 @@ def run_pipeline_command(args: argparse.Namespace) -> None:
     for item in args.stage_arg:
         stage, sep, assignment = item.partition(":")
         if not sep:
-            raise ValueError(f"--stage-arg {item!r}: write STAGE:KEY=VALUE")
+            raise UserError(f"--stage-arg {item!r}: write STAGE:KEY=VALUE")
         per_stage.setdefault(stage, {}).update(parse_assignments([assignment], "--stage-arg"))
     plan = PipelinePlan(
         data=args.data,
@@ -239,11 +240,7 @@ def main(argv: list[str] | None = None) -> None:
     Example:
         >>> main(["demo", "--out", "demo-out"])  # doctest: +SKIP
     """
-    from shards.errors import ShardsError
-    from ssl_train.checkpoint import CheckpointError
-    from ssl_train.export import ExportError
-    from ssl_train.lease import LeaseLost
-    from ssl_train.pipeline import PipelineError
+    from ssl_train.errors import USER_ERRORS
     from ssl_train.stages.loop import PREEMPTED_EXIT_CODE, Preempted
 
     args = build_parser().parse_args(argv)
@@ -286,7 +283,7 @@ def main(argv: list[str] | None = None) -> None:
     except Preempted as exc:
         print(f"ssl-train: {exc}; the checkpoint is saved, run again to resume", file=sys.stderr)
         sys.exit(PREEMPTED_EXIT_CODE)
-    except (ShardsError, CheckpointError, ExportError, PipelineError, LeaseLost, ValueError) as exc:
+    except USER_ERRORS as exc:  # anything else is a bug: its traceback stays
         print(f"ssl-train: error: {exc}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:

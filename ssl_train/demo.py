@@ -35,6 +35,7 @@ from shards.local_s3 import LocalS3Server, free_port
 from shards.sources import mnist5k
 from shards.verify import verify
 from ssl_train import local_prometheus, machine
+from ssl_train.errors import UserError
 from ssl_train.pipeline import PipelinePlan, run_pipeline
 from ssl_train.stages.loop import read_summary
 
@@ -99,7 +100,7 @@ def recipe_with_threads(threads: int) -> dict[str, dict[str, str]]:
         'OMP_NUM_THREADS=2,OMP_WAIT_POLICY=PASSIVE'
     """
     if threads < 1:
-        raise ValueError(f"--threads {threads}: give at least 1 thread per process")
+        raise UserError(f"--threads {threads}: give at least 1 thread per process")
     recipe = {name: dict(args) for name, args in RECIPE.items()}
     for kind in ("pretrain", "finetune", "supervised", "distill"):
         processes = int(recipe[kind].get("j", COMMON_ARGS["j"]).split("x")[1])

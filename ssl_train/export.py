@@ -18,6 +18,7 @@ import torch
 
 from shards import storage
 from shards.errors import ShardsError
+from ssl_train.errors import UserError
 from ssl_train.models import SimCLRv2, build_model
 from ssl_train.state_broadcast import read_bytes_once, transfer_device
 
@@ -27,7 +28,7 @@ CONFIG_FILE = "config.json"
 FORMAT_VERSION = 1
 
 
-class ExportError(Exception):
+class ExportError(UserError):
     """A model folder that is missing, unfinished or not ours; the message says which."""
 
 

@@ -99,7 +99,20 @@ def patch_pod(pod: Any, secret: Optional[str], grace_period_s: int, shm_size: st
 
 
 def create_scheduler(session_name: str, **kwargs: Any) -> SSLKubernetesScheduler:
-    """The factory TorchX calls for ``-s kubernetes``."""
+    """The factory TorchX calls for ``-s kubernetes``.
+
+    The Kubernetes client installs with ssl-train; where it is missing anyway (an install
+    with ``--no-deps``, a pruned image), the user gets one line saying what to install
+    instead of TorchX's traceback from deep inside the job's translation.
+    """
+    try:
+        import kubernetes  # noqa: F401
+    except ImportError:
+        raise SystemExit(
+            "ssl-train: the kubernetes scheduler needs the Kubernetes Python client, which "
+            "is missing here: pip install 'kubernetes>=28,<33' (or reinstall ssl-train "
+            "with its dependencies)"
+        ) from None
     return SSLKubernetesScheduler(
         session_name=session_name,
         client=kwargs.get("client"),

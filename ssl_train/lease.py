@@ -33,6 +33,7 @@ from datetime import datetime, timezone
 from shards import storage
 from shards.errors import ShardsError
 from shards.versioned import read_versioned, write_if
+from ssl_train.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -46,11 +47,11 @@ DEFAULT_LEASE_SECONDS = 60.0
 RENEWALS_PER_PERIOD = 6
 
 
-class LeaseHeld(ValueError):
+class LeaseHeld(UserError):
     """Another live job holds the run dir."""
 
 
-class LeaseLost(RuntimeError):
+class LeaseLost(UserError):
     """This job no longer holds the run dir: it must stop without writing."""
 
 
@@ -80,9 +81,9 @@ def lease_seconds() -> float:
     try:
         value = float(raw) if raw else DEFAULT_LEASE_SECONDS
     except ValueError:
-        raise ValueError(f"{LEASE_SECONDS_ENV}={raw!r}: give the lease period in seconds") from None
+        raise UserError(f"{LEASE_SECONDS_ENV}={raw!r}: give the lease period in seconds") from None
     if value <= 0:
-        raise ValueError(f"{LEASE_SECONDS_ENV}={raw!r}: give a positive number of seconds")
+        raise UserError(f"{LEASE_SECONDS_ENV}={raw!r}: give a positive number of seconds")
     return value
 
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 from shards import storage
 from ssl_train import components
+from ssl_train.errors import UserError
 from ssl_train.stages.flags import stage_flags
 from ssl_train.stages.loop import read_summary
 
@@ -27,7 +28,7 @@ ORDER = {"pretrain": 0, "finetune": 1, "supervised": 2, "distill": 3}
 PROGRESS_LINE = r"ssl_train\.stages\.loop: "
 
 
-class PipelineError(RuntimeError):
+class PipelineError(UserError):
     """A stage's job did not succeed; the message says how to look and to resume."""
 
 
@@ -80,7 +81,7 @@ class PipelinePlan:
         targets = set(ORDER) | {s.name for s in plan}
         for target in self.per_stage:
             if target not in targets:
-                raise ValueError(
+                raise UserError(
                     f"stage argument for {target!r}: name a kind ({', '.join(ORDER)}) or a "
                     f"stage of this plan ({', '.join(s.name for s in plan)})"
                 )
@@ -100,7 +101,7 @@ class PipelinePlan:
         values.update(self.per_stage.get(stage.name, {}))
         unknown = sorted(set(values) - accepted - set(flags))
         if unknown:
-            raise ValueError(
+            raise UserError(
                 f"ssl.{stage.component} has no argument {', '.join(unknown)} and "
                 f"`ssl-train {stage.component}` no such flag"
             )
@@ -135,7 +136,7 @@ def parse_assignments(items: list[str], what: str) -> dict[str, str]:
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise ValueError(f"{what} {item!r}: write KEY=VALUE")
+            raise UserError(f"{what} {item!r}: write KEY=VALUE")
         values[key.replace("-", "_")] = value
     return values
 

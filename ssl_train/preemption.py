@@ -14,6 +14,8 @@ from __future__ import annotations
 import math
 import os
 
+from ssl_train.errors import UserError
+
 SHUTDOWN_TIMEOUT_ENV = "TORCH_ELASTIC_SHUTDOWN_TIMEOUT"
 TORCHRUN_DEFAULT_SHUTDOWN_S = 30
 # The speed the default assumes: one writer to S3-class storage, multipart parts of
@@ -50,7 +52,7 @@ def shutdown_timeout_s(grace_s: int) -> int:
         105
     """
     if grace_s <= TORCHRUN_EXIT_MARGIN_S:
-        raise ValueError(
+        raise UserError(
             f"grace_period_s={grace_s}: give more than {TORCHRUN_EXIT_MARGIN_S} s, or the "
             "preemption checkpoint has no time at all"
         )

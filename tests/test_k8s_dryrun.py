@@ -6,6 +6,7 @@ nowhere in what would be sent."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -129,3 +130,28 @@ def test_torchx_builtins_still_work_beside_the_ssl_components(tmp_path: Path) ->
     assert result.returncode == 0, result.stderr
     for name in ("dist.ddp", "utils.echo", "ssl.eval", *COMPONENTS):
         assert f" {name}\n" in result.stdout + "\n", name
+
+
+def test_the_kubernetes_client_installs_with_the_package() -> None:
+    """`pip install ssl-train` then `torchx run -s kubernetes`: no extra needed."""
+    from importlib.metadata import requires
+
+    required = [r for r in requires("ssl-train") or [] if re.match(r"kubernetes\b(?!-)", r)]
+    assert required and all("extra ==" not in r for r in required), required
+
+
+def test_a_missing_kubernetes_client_is_one_line(tmp_path: Path) -> None:
+    """Where the client is missing anyway (a --no-deps install), one line says what to
+    install instead of TorchX's traceback."""
+    script = (
+        "import sys; sys.modules['kubernetes'] = None\n"  # as if it were not installed
+        "from torchx.cli.main import main; main()\n"
+    )
+    cmd = [
+        sys.executable, "-c", script, "run", "--workspace", "", "--dryrun", "-s", "kubernetes",
+        "-cfg", CFG, "ssl.pretrain", *COMMON, *COMPONENTS["ssl.pretrain"],
+    ]  # fmt: skip
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert "pip install 'kubernetes" in result.stderr.strip().splitlines()[-1]

@@ -24,19 +24,19 @@ import json
 import multiprocessing
 import os
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader
 
 from shards import storage
 from ssl_train.data.augment import SimCLRAugment, apply_view_params, flip_params
+from ssl_train.data.loader import make_loader
 from ssl_train.data.plan import DEFAULT_PARTITIONS, EpochPlan
 from ssl_train.data.stream import LocalBatch, StreamConfig, StreamState, TrainStream
+from ssl_train.errors import UserError
 
 _COUNTERS = (
     "range_bytes",
@@ -281,7 +281,7 @@ def run_data_bench(
         (1250.4, 128.0)
     """
     if batches < 1 or workers < 0:
-        raise ValueError("batches must be at least 1 and workers at least 0")
+        raise UserError("--batches must be at least 1 and --workers at least 0")
     if partitions is None:
         partitions = DEFAULT_PARTITIONS
         while global_batch_size % partitions:
@@ -291,12 +291,7 @@ def run_data_bench(
     install_storage_counters(counters)  # counts the main process too (and workers=0)
     try:
         stream = CountingStream(config, state or StreamState(), 1 + batches, counters)
-        loader = DataLoader(
-            stream,
-            batch_size=None,
-            num_workers=workers,
-            worker_init_fn=functools.partial(_worker_init, counters) if workers else None,
-        )
+        loader = make_loader(stream, workers, worker_init=functools.partial(_worker_init, counters))
         begin = time.perf_counter()
         iterator = iter(loader)
         last = next(iterator)
@@ -386,12 +381,7 @@ def describe(result: BenchResult) -> list[str]:
 
 def main(args: Any) -> None:
     """The ``data-bench`` subcommand: human lines, then one JSON line (the last)."""
-    try:
-        result = _run_from_args(args)
-    except ValueError as exc:  # bad batch/partition/worker numbers: a usage error
-        print(f"ssl-train data-bench: error: {exc}", file=sys.stderr)
-        sys.exit(2)
-    print(result.to_json(), flush=True)
+    print(_run_from_args(args).to_json(), flush=True)  # user errors: `cli.main` says them
 
 
 def _run_from_args(args: Any) -> BenchResult:

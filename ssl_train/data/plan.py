@@ -36,6 +36,8 @@ from functools import cached_property
 
 import numpy as np
 
+from ssl_train.errors import UserError
+
 DEFAULT_PARTITIONS = 32
 
 
@@ -82,7 +84,7 @@ class EpochPlan:
         if self.global_batch_size < 1 or self.partitions < 1:
             raise ValueError("global_batch_size and partitions must be at least 1")
         if self.global_batch_size % self.partitions:
-            raise ValueError(
+            raise UserError(
                 f"the global batch size {self.global_batch_size} must be a multiple of the "
                 f"number of partitions {self.partitions}"
             )

@@ -24,6 +24,7 @@ from shards.reader import Sample, ShardSet
 from shards.sources import read_subset
 from ssl_train.data import decode
 from ssl_train.data.plan import DEFAULT_PARTITIONS, EpochPlan, ReadRange, SampleRef
+from ssl_train.errors import UserError
 
 MODES = ("pretrain", "finetune")
 log = logging.getLogger(__name__)
@@ -84,7 +85,7 @@ def _subset_selection(shard_set: ShardSet, spec: str) -> list[list[int]]:
         for shard in range(len(shard_set.manifest.shards))
     ]
     if not any(selection):
-        raise ValueError(f"--subset {spec}: none of its {len(names)} names is in {shard_set.url}")
+        raise UserError(f"--subset {spec}: none of its {len(names)} names is in {shard_set.url}")
     return selection
 
 
@@ -137,7 +138,7 @@ class TrainStream(IterableDataset):
     ) -> None:
         super().__init__()
         if config.global_batch_size % world_size:
-            raise ValueError(
+            raise UserError(
                 f"global batch size {config.global_batch_size} is not a multiple of the world size "
                 f"{world_size}; choose a batch size that every process count you use divides"
             )
@@ -195,7 +196,7 @@ class TrainStream(IterableDataset):
             config.partitions,
         )
         if plan.steps == 0:
-            raise ValueError(
+            raise UserError(
                 f"{config.data} holds {plan.num_samples} samples, fewer than one global batch "
                 f"of {config.global_batch_size}"
             )

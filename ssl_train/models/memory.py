@@ -23,6 +23,7 @@ from functools import lru_cache
 
 import torch
 
+from ssl_train.errors import UserError
 from ssl_train.models.presets import build_model, get_preset
 
 STATE_BYTES_PER_PARAMETER = 16  # weights, gradients, momentum, DDP buckets (fp32 each)
@@ -153,7 +154,7 @@ def check_fits(
         >>> check_fits("pretrain", "r50_1x_sk0", 224, 4096, 2, 80)
         Traceback (most recent call last):
         ...
-        ValueError: pretrain of r50_1x_sk0 at 224 px, global batch 4096: on 2 GPUs each holds 4096 images and needs about 187 GiB, more than 80 GiB; the elastic minimum must be at least 8 GPUs (raise MIN in -j MIN:MAXxGPUS, or lower --global_batch_size)
+        ssl_train.errors.UserError: pretrain of r50_1x_sk0 at 224 px, global batch 4096: on 2 GPUs each holds 4096 images and needs about 187 GiB, more than 80 GiB; the elastic minimum must be at least 8 GPUs (raise MIN in -j MIN:MAXxGPUS, or lower --global_batch_size)
     """
     get_preset(preset)  # an unknown name is its own error
     budget = int(gpu_memory_gb * 2**30)
@@ -169,7 +170,7 @@ def check_fits(
         if fewest is not None
         else "no number of GPUs holds it: choose a smaller preset or image size"
     )
-    raise ValueError(
+    raise UserError(
         f"{stage} of {preset} at {image_size} px, global batch {global_batch_size}: on "
         f"{min_gpus} GPUs each holds {need.images} images and needs about "
         f"{need.total / 2**30:.0f} GiB, more than {gpu_memory_gb:g} GiB; {advice}"

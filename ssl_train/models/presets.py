@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ssl_train.errors import UserError
 from ssl_train.models.resnet import ResNet, resnet
 from ssl_train.models.simclr import SimCLRv2
 
@@ -71,7 +72,7 @@ def get_preset(name: str) -> Preset:
     try:
         return PRESETS[name]
     except KeyError:
-        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}") from None
+        raise UserError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}") from None
 
 
 def count_weights(module: nn.Module) -> tuple[int, int]:

@@ -23,7 +23,15 @@ def evaluate_run(args: argparse.Namespace) -> dict[str, Any]:
     try:
         model, config = load_model(final_url(args.run_dir), runtime.device)
         image_size = args.image_size or config.get("image_size", 224)
-        return evaluate(model, args.data, image_size, args.batch_size, runtime, args.workers)
+        return evaluate(
+            model,
+            args.data,
+            image_size,
+            args.batch_size,
+            runtime,
+            args.workers,
+            config.get("classes"),
+        )
     finally:
         rt.stop(runtime)
 

@@ -12,10 +12,32 @@ import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+from ssl_train.errors import UserError
 from ssl_train.metrics import DEFAULT_PORT
 
 STAGES = ("pretrain", "finetune", "distill", "linear-eval", "supervised")
 PRECISIONS = ("fp32", "bf16")
+DEVICES = ("cpu", "cuda")
+
+
+def check_device_flag(device: str | None) -> None:
+    """Refuse a ``--device`` ssl-train cannot train on, before anything starts.
+
+    Example:
+        >>> check_device_flag("tpu")
+        Traceback (most recent call last):
+        ...
+        ssl_train.errors.UserError: --device tpu: use cpu, cuda or cuda:N (leave it out to take cuda when a GPU is visible)
+    """
+    if device is None:
+        return
+    kind, _, index = device.partition(":")
+    if kind not in DEVICES or (index and (kind != "cuda" or not index.isdigit())):
+        raise UserError(
+            f"--device {device}: use cpu, cuda or cuda:N (leave it out to take cuda when a "
+            "GPU is visible)"
+        )
+
 
 # Fields a resumed run may change without --allow-config-change.
 OPERATIONAL = frozenset(
@@ -139,7 +161,7 @@ class StageConfig:
     def for_stage(cls, stage: str, **values: Any) -> StageConfig:
         """The stage's paper defaults, overridden by ``values`` (None means default)."""
         if stage not in STAGES:
-            raise ValueError(f"unknown stage {stage!r}; use one of {', '.join(STAGES)}")
+            raise UserError(f"unknown stage {stage!r}; use one of {', '.join(STAGES)}")
         merged = dict(STAGE_DEFAULTS[stage])
         merged.update({k: v for k, v in values.items() if v is not None})
         config = cls(stage=stage, **merged)
@@ -167,10 +189,32 @@ class StageConfig:
             (0.0 <= self.labeled_weight <= 1.0, "--labeled-weight must be between 0 and 1"),
             (self.workers >= 0, "--workers must be 0 or more"),
             (self.temperature > 0, "--temperature must be positive"),
+            (self.learning_rate > 0, "--learning-rate must be positive"),
+            (0 <= self.momentum < 1, "--momentum must be at least 0 and below 1"),
+            (self.warmup_epochs >= 0, "--warmup-epochs must be 0 or more"),
+            (self.weight_decay >= 0, "--weight-decay must be 0 or more"),
+            (self.head_layers >= 1, "--head-layers must be at least 1"),
+            (self.proj_dim >= 1, "--proj-dim must be at least 1"),
+            (
+                0 <= self.from_proj_layer <= self.head_layers,
+                f"--from-proj-layer {self.from_proj_layer}: the classifier reads head layer 0 "
+                f"(the backbone) to --head-layers ({self.head_layers})",
+            ),
+            (self.partitions is None or self.partitions >= 1, "--partitions must be at least 1"),
+            (self.eval_batch_size >= 1, "--eval-batch-size must be at least 1"),
+            (self.log_every_steps >= 1, "--log-every-steps must be at least 1"),
+            (0 <= self.metrics_port <= 65535, "--metrics-port must be 0 (off) or a TCP port"),
+            (
+                self.stage != "pretrain" or self.global_batch_size >= 2,
+                f"--global-batch-size {self.global_batch_size}: contrastive pretraining needs "
+                "at least 2 samples per global batch (an image's negatives are the batch's "
+                "other images; with none the loss is 0 and nothing is learnt)",
+            ),
         ]
         for ok, message in checks:
             if not ok:
-                raise ValueError(message)
+                raise UserError(message)
+        check_device_flag(self.device)
 
     def resolved_epochs(self) -> float:
         """Epochs to train when --max-steps is not given."""

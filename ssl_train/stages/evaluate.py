@@ -11,9 +11,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from shards import storage
+from shards.errors import ShardsError
+from shards.manifest import read_manifest
 from ssl_train.data.augment import to_unit_float
 from ssl_train.data.loader import make_loader
 from ssl_train.data.stream import EvalStream
+from ssl_train.errors import UserError
 from ssl_train.stages.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -34,21 +38,59 @@ def topk_correct(
     return [int(hits[:, :k].any(dim=1).sum()) for k in ks]
 
 
+def check_eval_data(data: str, classes: list[str] | None, flag: str = "--eval-data") -> None:
+    """Open the evaluation shard set's manifest now, in this process, so that a wrong
+    path, an unreachable endpoint or another label set is one clear line before any work
+    (a training stage checks this before its first step, not after its last).
+
+    ``classes`` are the labels the model's classifier was trained on, in order: an
+    evaluation set whose class list differs would score the wrong logits.
+
+    Example:
+        >>> check_eval_data("s3://b/imagenet/val", ["n01440764", ...])  # doctest: +SKIP
+    """
+    try:
+        manifest = read_manifest(data)
+    except ShardsError as exc:
+        raise UserError(f"{flag}: {exc}") from None
+    if classes is not None and manifest.classes != list(classes):
+        theirs, ours = manifest.classes, list(classes)
+        differ = next(
+            (i for i, (a, b) in enumerate(zip(theirs, ours, strict=False)) if a != b),
+            min(len(theirs), len(ours)),
+        )
+        raise UserError(
+            f"{flag} {storage.redact(data)}: its {len(theirs)} classes are not the model's "
+            f"{len(ours)} in the same order (first difference at class {differ}); evaluate on "
+            "a shard set made with the training set's class list"
+        )
+
+
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, data: str, image_size: int, batch_size: int, runtime: Runtime, workers: int
+    model: nn.Module,
+    data: str,
+    image_size: int,
+    batch_size: int,
+    runtime: Runtime,
+    workers: int,
+    classes: list[str] | None = None,
+    flag: str = "--data",
 ) -> dict[str, Any]:
-    """Accuracy of ``model``'s classifier on the shard set ``data`` (centre crops).
+    """Accuracy of ``model``'s classifier on the shard set ``data`` (centre crops);
+    ``classes``, when known, are the model's labels, checked against the data's (an
+    error names ``data`` by ``flag``).
 
     Example:
         >>> evaluate(model, "s3://b/imagenet/val", 224, 256, runtime, workers=4)  # doctest: +SKIP
         {'top1': 0.7391, 'top5': 0.9162, 'samples': 50000, 'corrupt': 0}
     """
     if getattr(model, "classifier", None) is None:
-        raise ValueError(
+        raise UserError(
             "this model has no classifier to evaluate: evaluate a finetune, "
             "linear-eval or distill run"
         )
+    check_eval_data(data, classes, flag)
     was_training = model.training
     model.eval()
     stream = EvalStream(data, image_size, batch_size, runtime.rank, runtime.world_size)

@@ -32,6 +32,7 @@ from ssl_train.data.loader import make_loader
 from ssl_train.data.plan import DEFAULT_PARTITIONS
 from ssl_train.data.stream import StreamConfig, StreamState, TrainStream
 from ssl_train.dist import convert_to_global_bn
+from ssl_train.errors import UserError
 from ssl_train.export import final_url, save_model
 from ssl_train.lease import LeaseHeld, LeaseLost, RunDirLease
 from ssl_train.metrics import METRICS_NOW, run_label
@@ -39,7 +40,7 @@ from ssl_train.optim import WarmupCosineSchedule, scale_learning_rate
 from ssl_train.stages import runtime as rt
 from ssl_train.stages import trace
 from ssl_train.stages.config import StageConfig, config_changes
-from ssl_train.stages.evaluate import evaluate
+from ssl_train.stages.evaluate import check_eval_data, evaluate
 from ssl_train.stages.tasks import Task, build_task
 from ssl_train.state_broadcast import load_latest_once, transfer_device
 
@@ -53,7 +54,7 @@ class Preempted(Exception):
     """Raised after the checkpoint of a stop request is safely written."""
 
 
-class ConfigMismatch(ValueError):
+class ConfigMismatch(UserError):
     """The run dir holds a checkpoint of a different experiment."""
 
 
@@ -115,7 +116,7 @@ def data_changes(
 def check_world_size(config: StageConfig, world_size: int) -> None:
     """Before any work: the global batch must split evenly over the ranks."""
     if config.global_batch_size % world_size:
-        raise ValueError(
+        raise UserError(
             f"--global-batch-size {config.global_batch_size} does not divide over {world_size} "
             f"processes; use a multiple of {world_size} (the global batch stays what you ask for, "
             "whatever the world size, so it must split evenly)"
@@ -181,6 +182,8 @@ class Trainer:
         self.config, self.runtime = config, runtime
         shard_set = ShardSet(config.data)
         self.classes = shard_set.manifest.classes
+        if config.eval_data:  # now, not after the last step
+            check_eval_data(config.eval_data, self.classes)
         torch.manual_seed(config.seed)  # the same initial weights on every rank
         self.task: Task = build_task(config, len(self.classes), runtime.device)
         stream_config = StreamConfig(
@@ -530,6 +533,8 @@ class Trainer:
                 config.eval_batch_size,
                 runtime,
                 config.workers,
+                self.classes,
+                "--eval-data",
             )
             METRICS_NOW.set("eval_top1", summary["eval"]["top1"])
             METRICS_NOW.set("eval_top5", summary["eval"]["top5"])

@@ -17,6 +17,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from ssl_train.errors import UserError
+from ssl_train.stages.config import check_device_flag
+
 log = logging.getLogger(__name__)
 
 
@@ -49,13 +52,7 @@ def start(device: str | None = None) -> Runtime:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    chosen = torch.device(device)
-    if chosen.type == "cuda" and chosen.index is None:
-        chosen = torch.device("cuda", local_rank)
-    if chosen.type == "cuda":
-        torch.cuda.set_device(chosen)
+    chosen = pick_device(device, local_rank)
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if chosen.type == "cuda" else "gloo"
         store, rank, world = next(dist.rendezvous("env://"))
@@ -67,6 +64,36 @@ def start(device: str | None = None) -> Runtime:
             device_id=chosen if chosen.type == "cuda" else None,
         )
     return Runtime(rank, world, local_rank, chosen)
+
+
+def pick_device(device: str | None, local_rank: int = 0) -> torch.device:
+    """The device of this rank: ``--device`` or the GPU when one is visible; a rank of
+    torchrun takes the GPU of its local rank unless an index is given.
+
+    Example:
+        >>> pick_device("cpu")
+        device(type='cpu')
+    """
+    check_device_flag(device)
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    chosen = torch.device(device)
+    if chosen.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(
+                f"--device {device}: this machine has no usable CUDA GPU (no NVIDIA driver or "
+                "device is visible to torch); use --device cpu, or run where a GPU is"
+            )
+        if chosen.index is None:
+            chosen = torch.device("cuda", local_rank)
+        if chosen.index >= torch.cuda.device_count():
+            raise UserError(
+                f"--device {device}: GPU {chosen.index} does not exist here "
+                f"({torch.cuda.device_count()} visible); check CUDA_VISIBLE_DEVICES and "
+                "--nproc-per-node"
+            )
+        torch.cuda.set_device(chosen)
+    return chosen
 
 
 def _store_for_this_attempt(store: dist.Store, world: int) -> dist.Store:

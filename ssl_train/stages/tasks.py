@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ssl_train.data.augment import SimCLRAugment, apply_view_params, flip_params
+from ssl_train.errors import UserError
 from ssl_train.export import final_url, load_model, model_config
 from ssl_train.losses import contrastive_accuracy, distillation_loss, nt_xent
 from ssl_train.models import SimCLRv2, build_model
@@ -106,7 +107,7 @@ def _lars(model: nn.Module, config: StageConfig) -> LARS:
 def _pretrained(url: str, what: str, device: torch.device) -> tuple[SimCLRv2, dict[str, Any]]:
     model, saved = load_model(final_url(url), device)
     if saved.get("kept_head_layers") != saved.get("head_layers"):
-        raise ValueError(f"{what} {url}: its projection head was cut; pass a pretraining run")
+        raise UserError(f"{what} {url}: its projection head was cut; pass a pretraining run")
     return model, saved
 
 
@@ -122,7 +123,7 @@ def build_task(config: StageConfig, num_classes: int, device: torch.device) -> T
     stage = config.stage
     if stage == "pretrain":
         if not config.preset:
-            raise ValueError("pretrain needs --preset (see `ssl-train models`)")
+            raise UserError("pretrain needs --preset (see `ssl-train models`)")
         model = build_model(config.preset, None, config.head_layers, config.proj_dim, device=device)
         described = model_config(
             config.preset, None, config.head_layers, config.proj_dim, 0, config.head_layers
@@ -130,7 +131,7 @@ def build_task(config: StageConfig, num_classes: int, device: torch.device) -> T
         return PretrainTask(config, model, _lars(model, config), "pretrain", described)
     if stage == "supervised":
         if not config.preset:
-            raise ValueError("supervised needs --preset (see `ssl-train models`)")
+            raise UserError("supervised needs --preset (see `ssl-train models`)")
         layer = config.from_proj_layer
         model = build_model(
             config.preset, num_classes, config.head_layers, config.proj_dim, layer, device
@@ -142,9 +143,14 @@ def build_task(config: StageConfig, num_classes: int, device: torch.device) -> T
         return FinetuneTask(config, model, _lars(model, config), "finetune", described)
     if stage in ("finetune", "linear-eval"):
         if not config.pretrained:
-            raise ValueError(f"{stage} needs --pretrained RUN_DIR (a finished pretrain run)")
+            raise UserError(f"{stage} needs --pretrained RUN_DIR (a finished pretrain run)")
         base, saved = _pretrained(config.pretrained, "--pretrained", device)
         layer = config.from_proj_layer
+        if layer > saved["head_layers"]:
+            raise UserError(
+                f"--from-proj-layer {layer}: --pretrained {config.pretrained} has a "
+                f"{saved['head_layers']}-layer head; choose 0 to {saved['head_layers']}"
+            )
         model = SimCLRv2(base.backbone, saved["head_layers"], saved["proj_dim"], num_classes, layer)
         model.head = base.head
         model.keep_head_layers(layer)
@@ -165,12 +171,12 @@ def build_task(config: StageConfig, num_classes: int, device: torch.device) -> T
         )
     if stage == "distill":
         if not config.teacher:
-            raise ValueError("distill needs --teacher RUN_DIR (a finished finetune run)")
+            raise UserError("distill needs --teacher RUN_DIR (a finished finetune run)")
         if not config.preset:
-            raise ValueError("distill needs --student PRESET (see `ssl-train models`)")
+            raise UserError("distill needs --student PRESET (see `ssl-train models`)")
         teacher, saved = load_model(final_url(config.teacher), device)
         if teacher.classifier is None or saved["num_classes"] != num_classes:
-            raise ValueError(
+            raise UserError(
                 f"--teacher {config.teacher} has no classifier for the {num_classes} classes "
                 "of --data: pass a finetune run on the same classes"
             )
@@ -185,4 +191,4 @@ def build_task(config: StageConfig, num_classes: int, device: torch.device) -> T
         task = DistillTask(config, model, _lars(model, config), "finetune", described)
         task.teacher = teacher
         return task
-    raise ValueError(f"unknown stage {stage!r}")
+    raise UserError(f"unknown stage {stage!r}")
