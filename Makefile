@@ -13,7 +13,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TORCH := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: test test-fast demo lint setup clean bench
+.PHONY: test test-fast demo lint setup clean bench components
 
 setup: $(STAMP)
 
@@ -29,6 +29,11 @@ $(STAMP): pyproject.toml Makefile
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(PY) -m ssl_train.stages.codegen --check
+
+# ssl_train/components.py (the TorchX components) is generated from the stage declarations
+components: $(STAMP)
+	$(PY) -m ssl_train.stages.codegen
 
 test: $(STAMP) lint
 	$(PY) -m pytest -q --durations=20

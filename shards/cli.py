@@ -102,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     copy = sub.add_parser("copy", help="copy a shard set between URLs (resumable)")
     copy.add_argument("src", metavar="SRC")
-    copy.add_argument("dst", metavar="DST")
+    copy.add_argument("dst", metavar="DEST")
     copy.add_argument("--workers", type=_positive_int, default=4)
     for command in (create, verify, copy):
         command.add_argument(
@@ -190,6 +190,20 @@ def run(argv: list[str] | None = None) -> int:
     raise AssertionError(args.command)
 
 
+def stdout_closed() -> None:
+    """End quietly when the reader of our output went away (``shards info | head``):
+    send what is still buffered to /dev/null so that Python's exit does not raise the
+    same BrokenPipeError again while flushing.
+
+    Example:
+        >>> stdout_closed  # doctest: +ELLIPSIS
+        <function stdout_closed at ...>
+    """
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    sys.exit(0)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: one-line errors, no traceback walls.
 
@@ -205,6 +219,8 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         print("shards: interrupted; run the same command again to resume", file=sys.stderr)
         code = 130
+    except BrokenPipeError:
+        stdout_closed()
     sys.exit(code)
 
 

@@ -75,13 +75,13 @@ def copy(src: str, dst: str, workers: int = 4, log: Callable[[str], None] = prin
     manifest_bytes = storage.read_bytes(manifest_url(src))
     storage.check_reachable(dst, for_writing=True)
     src_base = base_url(src)
-    if storage.size_or_none(storage.join(dst, MANIFEST_NAME)) is not None:
-        if storage.read_bytes(storage.join(dst, MANIFEST_NAME)) == manifest_bytes:
-            log(f"{storage.redact(dst)} already holds this shard set; nothing to do")
-            return manifest
+    complete = storage.size_or_none(storage.join(dst, MANIFEST_NAME)) is not None
+    if complete and storage.read_bytes(storage.join(dst, MANIFEST_NAME)) != manifest_bytes:
         raise ShardsError(
-            f"{storage.redact(dst)} already holds a different shard set; choose another DST"
+            f"{storage.redact(dst)} already holds a different shard set; choose another DEST"
         )
+    # A finished copy is checked too: every shard's size and sha256 against the manifest,
+    # and a damaged one copied again (re-running copy is how a copy is repaired).
 
     if storage.is_local(dst):
         staging, cleanup = storage.filesystem(dst)[1], False
@@ -124,8 +124,15 @@ def copy(src: str, dst: str, workers: int = 4, log: Callable[[str], None] = prin
         progress.close()
         if cleanup:
             shutil.rmtree(staging, ignore_errors=True)
-    log(
-        f"copied {storage.redact(src)} -> {storage.redact(dst)}: {moved} shards copied, "
-        f"{len(manifest.shards) - moved} already present"
-    )
+    intact = len(manifest.shards) - moved
+    if complete:
+        log(
+            f"{storage.redact(dst)} already held this shard set: {intact} shards intact, "
+            f"{moved} damaged or missing and copied again"
+        )
+    else:
+        log(
+            f"copied {storage.redact(src)} -> {storage.redact(dst)}: {moved} shards copied, "
+            f"{intact} already present"
+        )
     return manifest

@@ -386,6 +386,31 @@ class CheckpointStore:
                 "older one"
             ) from None
 
+    def load_values(self, step: int) -> dict[str, Any]:
+        """The entries of checkpoint ``step``'s top-level state that hold no tensors (its
+        configuration, data fingerprint, step...), read from its small ``state.json``
+        alone: what a check before training needs, without the tensors' gigabytes.
+
+        Example:
+            >>> import tempfile
+            >>> store = CheckpointStore(tempfile.mkdtemp())
+            >>> _ = store.save(3, {"step": 3, "w": torch.zeros(2)})
+            >>> store.load_values(3)
+            {'step': 3}
+        """
+        url = self.url(step)
+        complete = self._read_complete(url, step)
+        skeleton = _parse_state_json(
+            url, self._read_verified(url, STATE_FILE, complete[STATE_FILE])
+        )
+        values = {}
+        for key, value in skeleton.get("dict", []) if isinstance(skeleton, dict) else []:
+            try:
+                values[key] = unflatten_state(value, {})
+            except KeyError:  # a tensor in it
+                continue
+        return values
+
     # -- writing
 
     def _save_flat(

@@ -50,7 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--global-batch-size", type=int, default=256)
     bench.add_argument("--mode", choices=("pretrain", "finetune"), default="pretrain")
     bench.add_argument(
-        "--partitions", type=int, help="plan partitions (default 32, or a divisor of the batch)"
+        "--partitions",
+        type=int,
+        help="plan partitions (default 32, or the global batch when 32 does not divide it)",
     )
     bench.add_argument("--seed", type=int, default=0)
     bench.add_argument("--device", help="device of the augmentation stage (default cuda if any)")
@@ -107,21 +109,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-STAGE_SUMMARIES = {
-    "pretrain": "SimCLRv2 contrastive pretraining on unlabelled images",
-    "finetune": "finetune a pretrained network on labelled images (e.g. 1% or 10% of them)",
-    "distill": "distill a finetuned teacher into a student on unlabelled images",
-    "linear-eval": "train a linear classifier on a frozen pretrained backbone",
-    "supervised": "the baseline: finetuning's network trained from random weights on labels only",
-}
-
-
 def add_stage_commands(sub: argparse._SubParsersAction) -> None:
     """The training stages, plus evaluating and exporting their results."""
     from ssl_train.stages.flags import add_stage_parser
+    from ssl_train.stages.registry import STAGES
 
-    for stage, summary in STAGE_SUMMARIES.items():
-        add_stage_parser(sub, stage, summary)
+    for stage in STAGES:
+        add_stage_parser(sub, stage)
     evaluate = sub.add_parser(
         "eval",
         help="top-1/top-5 of a finished run's model on a shard set",
@@ -129,7 +123,14 @@ def add_stage_commands(sub: argparse._SubParsersAction) -> None:
     )
     evaluate.add_argument("run_dir", metavar="RUN_DIR")
     evaluate.add_argument("--data", required=True, help="shard set: a local path or s3://...")
-    evaluate.add_argument("--batch-size", type=int, default=256, help="per process (default 256)")
+    evaluate.add_argument(
+        "--eval-batch-size",
+        "--batch-size",
+        dest="batch_size",
+        type=int,
+        default=256,
+        help="images per process and batch, as the stages' flag (default 256)",
+    )
     evaluate.add_argument("--image-size", type=int, help="default: the size the model trained at")
     evaluate.add_argument("--workers", type=int, default=4)
     evaluate.add_argument("--device", help="cpu or cuda (default: cuda when present)")
@@ -141,6 +142,9 @@ def add_stage_commands(sub: argparse._SubParsersAction) -> None:
     export.add_argument("run_dir", metavar="RUN_DIR")
     export.add_argument("out_dir", metavar="OUT_DIR")
     export.add_argument("--step", type=int, help="export this checkpoint step (default newest)")
+    export.add_argument(
+        "--force", action="store_true", help="replace a model OUT_DIR already holds"
+    )
 
 
 def run_pipeline_command(args: argparse.Namespace) -> None:
@@ -234,6 +238,26 @@ def print_result(result: dict) -> None:
     sys.stdout.flush()
 
 
+def record_error(message: str) -> None:
+    """Leave a user error where TorchX and torchrun look for a process's error: the JSON
+    file named by ``TORCHELASTIC_ERROR_FILE`` (torchrun sets it per rank, TorchX's
+    schedulers per replica). ``torchx status`` then shows this line as the job's error
+    instead of an exit code.
+
+    Example:
+        >>> record_error("--data s3://b/x: no manifest")  # no-op outside a job
+    """
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    body = {"message": {"message": message, "extraInfo": {"timestamp": str(int(time.time()))}}}
+    try:
+        with open(path, "w") as file:
+            json.dump(body, file)
+    except OSError:
+        pass  # the message is on stderr already
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point.
 
@@ -242,6 +266,7 @@ def main(argv: list[str] | None = None) -> None:
     """
     from ssl_train.errors import USER_ERRORS
     from ssl_train.stages.loop import PREEMPTED_EXIT_CODE, Preempted
+    from ssl_train.stages.registry import STAGES
 
     args = build_parser().parse_args(argv)
     faulthandler.register(signal.SIGUSR1)  # `kill -USR1 <pid>`: where is this rank stuck?
@@ -251,11 +276,13 @@ def main(argv: list[str] | None = None) -> None:
     for chatty in ("botocore", "aiobotocore"):  # "found credentials in ..." on every client
         logging.getLogger(chatty).setLevel(logging.WARNING)
     try:
-        if args.command in STAGE_SUMMARIES:
+        if args.command in STAGES:
             from ssl_train.stages.flags import config_from_args
             from ssl_train.stages.loop import run_stage
+            from ssl_train.stages.preflight import check_stage
 
-            print_result(run_stage(config_from_args(args.command, args)))
+            config = config_from_args(args.command, args)
+            print_result(check_stage(config) if args.check_only else run_stage(config))
         elif args.command == "eval":
             from ssl_train.stages.commands import evaluate_run
 
@@ -263,7 +290,7 @@ def main(argv: list[str] | None = None) -> None:
         elif args.command == "export":
             from ssl_train.stages.commands import export_run
 
-            export_run(args.run_dir, args.out_dir, args.step)
+            export_run(args.run_dir, args.out_dir, args.step, args.force)
         elif args.command == "demo":
             from ssl_train.demo import run_demo
 
@@ -285,10 +312,15 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(PREEMPTED_EXIT_CODE)
     except USER_ERRORS as exc:  # anything else is a bug: its traceback stays
         print(f"ssl-train: error: {exc}", file=sys.stderr)
+        record_error(str(exc))
         sys.exit(2)
     except KeyboardInterrupt:
         print("ssl-train: interrupted", file=sys.stderr)
         sys.exit(130)
+    except BrokenPipeError:  # `ssl-train metrics | head`
+        from shards.cli import stdout_closed
+
+        stdout_closed()
 
 
 if __name__ == "__main__":

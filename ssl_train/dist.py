@@ -7,7 +7,7 @@ Both need collectives whose backward passes route gradients to the rank that own
 each sample. torch's own answers fall short here: ``all_gather`` has no gradient, and
 ``SyncBatchNorm`` refuses CPU tensors (so it cannot run under gloo in tests) and
 spends an ``all_gather`` per forward. Global batch norm here needs one ``all_reduce``
-forward and one backward; the gather is one ``all_gather_into_tensor`` forward and one
+forward and one backward; the gather is one ``all_gather_single`` forward and one
 ``all_reduce`` backward. gloo and NCCL implement both, so the same code runs in CPU
 tests and on GPUs.
 
@@ -80,7 +80,9 @@ class _GatherWithGrad(torch.autograd.Function):
         ctx.rank = rank(group)
         x = x.contiguous()
         out = x.new_empty((world_size(group) * x.shape[0], *x.shape[1:]))
-        dist.all_gather_into_tensor(out, x, group=group)
+        # torch 2.14 renamed all_gather_into_tensor (now a deprecated alias)
+        gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+        gather(out, x, group=group)
         return out
 
     @staticmethod

@@ -27,7 +27,7 @@ from torchx.schedulers.kubernetes_scheduler import (
 )
 from torchx.specs import AppDef, runopts
 
-from ssl_train.components import PRESET_METADATA
+from ssl_train.jobs import CHECK_FAILED_EXIT_CODE, PRESET_METADATA
 from ssl_train.preemption import (
     MIN_GRACE_PERIOD_S,
     SHUTDOWN_TIMEOUT_ENV,
@@ -59,6 +59,12 @@ class SSLKubernetesScheduler(KubernetesScheduler):
         options: dict[str, Any] = dict(cfg)
         grace = options.get("grace_period_s") or default_grace_period_s(app)
         for task in info.request.resource["spec"]["tasks"]:  # type: ignore[index]
+            # the check before torchrun failed (ssl_train.jobs): no retry can fix it; listed
+            # first, Volcano applies it before the PodFailed -> RestartJob policy
+            task["policies"] = [
+                {"exitCode": CHECK_FAILED_EXIT_CODE, "action": "TerminateJob"},
+                *task.get("policies", []),
+            ]
             patch_pod(
                 task["template"],
                 secret=options.get("secret"),

@@ -20,12 +20,11 @@ from dataclasses import dataclass, field
 from shards import storage
 from ssl_train import components
 from ssl_train.errors import UserError
-from ssl_train.stages.flags import stage_flags
 from ssl_train.stages.loop import read_summary
+from ssl_train.stages.progress import PROGRESS_PATTERN
+from ssl_train.stages.registry import STAGES
 
-ORDER = {"pretrain": 0, "finetune": 1, "supervised": 2, "distill": 3}
-# The training loop's lines (progress, resume, result), which `follow` echoes from a job.
-PROGRESS_LINE = r"ssl_train\.stages\.loop: "
+PIPELINE_STAGES = ("pretrain", "finetune", "supervised", "distill")  # kinds it runs
 
 
 class PipelineError(UserError):
@@ -77,47 +76,44 @@ class PipelinePlan:
                         {"preset": self.preset, "subset": subset},
                     )
                 )
-        plan.sort(key=lambda s: ORDER[s.component])  # stable: subsets keep their order
-        targets = set(ORDER) | {s.name for s in plan}
+        taken = set().union(
+            *(inspect.signature(getattr(components, s.component)).parameters for s in plan)
+        )
+        unknown = sorted(set(self.common) - taken)
+        if unknown:
+            raise UserError(
+                f"--arg {', '.join(unknown)}: no stage of this plan takes it (see "
+                "`torchx run ssl.pretrain --help`)"
+            )
+        # the declarations' order; stable: subsets keep their order
+        plan.sort(key=lambda s: STAGES[s.component].pipeline_order)
+        targets = set(PIPELINE_STAGES) | {s.name for s in plan}
         for target in self.per_stage:
             if target not in targets:
                 raise UserError(
-                    f"stage argument for {target!r}: name a kind ({', '.join(ORDER)}) or a "
-                    f"stage of this plan ({', '.join(s.name for s in plan)})"
+                    f"stage argument for {target!r}: name a kind ({', '.join(PIPELINE_STAGES)}) "
+                    f"or a stage of this plan ({', '.join(s.name for s in plan)})"
                 )
         return plan
 
     def component_args(self, stage: Stage) -> list[str]:
-        """``--name value`` pairs for the component: its stage's arguments, the common ones it
-        accepts, and the per-stage overrides. A stage flag the component has no argument for
-        (``warmup_epochs``) goes to the stage's command line after ``--``."""
+        """``--name value`` pairs for the component: its stage's arguments, the common ones
+        it accepts (every stage flag is one), and the per-stage overrides."""
         accepted = set(inspect.signature(getattr(components, stage.component)).parameters)
-        flags = stage_flags(stage.component)
         values = {"data": self.data, "run_dir": self.run_dir(stage.name), **stage.args}
-        if self.eval_data and "eval_data" in accepted:
+        if self.eval_data:
             values["eval_data"] = self.eval_data
-        values.update({k: v for k, v in self.common.items() if k in accepted or k in flags})
+        values.update({k: v for k, v in self.common.items() if k in accepted})
         values.update(self.per_stage.get(stage.component, {}))
         values.update(self.per_stage.get(stage.name, {}))
-        unknown = sorted(set(values) - accepted - set(flags))
+        unknown = sorted(set(values) - accepted)
         if unknown:
-            raise UserError(
-                f"ssl.{stage.component} has no argument {', '.join(unknown)} and "
-                f"`ssl-train {stage.component}` no such flag"
-            )
+            raise UserError(f"ssl.{stage.component} has no argument {', '.join(unknown)}")
         values.setdefault("name", f"ssl-{stage.name}")
         args: list[str] = []
-        passed: list[str] = []
         for key, value in values.items():
-            if key in accepted:
-                args += ["-j" if key == "j" else f"--{key}", str(value)]
-                continue
-            flag, kind = flags[key]
-            if kind is not bool:
-                passed += [flag, str(value)]
-            elif value.lower() in ("1", "true", "yes"):
-                passed.append(flag)
-        return args + (["--", *passed] if passed else [])
+            args += ["-j" if key == "j" else f"--{key}", str(value)]
+        return args
 
 
 def subset_label(subset: str) -> str:
@@ -222,7 +218,7 @@ def _follow_log(
 
     def pump() -> None:
         try:
-            lines = runner.log_lines(handle, role, 0, regex=PROGRESS_LINE, should_tail=True)  # type: ignore[attr-defined]
+            lines = runner.log_lines(handle, role, 0, regex=PROGRESS_PATTERN, should_tail=True)  # type: ignore[attr-defined]
             for line in lines:
                 follow(stage.name, line.rstrip())
         except Exception as error:  # a log that cannot be read must not stop the pipeline

@@ -26,6 +26,8 @@ COMPONENTS = {
     "ssl.linear_eval": ["--data", "s3://b/train", "--run_dir", "s3://b/runs/l", "--pretrained", "s3://b/runs/p"],
     "ssl.supervised": ["--data", "s3://b/train", "--run_dir", "s3://b/runs/s", "--subset", "10percent"],
 }  # fmt: skip
+for _args in COMPONENTS.values():  # 3072 divides over 16, 24 and 32 processes (-j 2:4x8)
+    _args += ["--global_batch_size", "3072"]
 EVAL = ["--run_dir", "s3://b/runs/f", "--data", "s3://b/val"]
 
 
@@ -72,6 +74,9 @@ def test_dryrun_job_is_valid_and_carries_no_credentials(component: str, tmp_path
     assert sum(task.get("minAvailable", 0) for task in tasks) == 2  # min nodes (elastic)
     for task in tasks:
         assert task["maxRetry"] == 3  # the scheduler's retries of the job (max_retries)
+        # the check before torchrun failed: Volcano ends the job instead of retrying it
+        assert task["policies"][0] == {"exitCode": 2, "action": "TerminateJob"}
+        assert {"event": "PodFailed", "action": "RestartJob"} in task["policies"]
         pod = {"apiVersion": "v1", "kind": "Pod", **task["template"]}
         kubernetes_validate.validate(pod, kubernetes_validate.latest_version(), strict=True)
         spec = pod["spec"]
@@ -83,6 +88,12 @@ def test_dryrun_job_is_valid_and_carries_no_credentials(component: str, tmp_path
         assert ports["metrics"] == 9732
         command = " ".join(container["command"])
         assert "--nnodes 2:4" in command and "--metrics-port 9732" in command
+        stage = component.split(".")[1].replace("_", "-")
+        check, _, launch = container["command"][2].partition(" && exec ")
+        assert check.startswith(f"ssl-train {stage} --data s3://b/train") and check.endswith(
+            "--check-only"
+        )
+        assert launch.startswith("torchrun ") and f"-m ssl_train.cli {stage}" in launch
         env = {item["name"]: item.get("value") for item in container["env"]}
         assert env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] == "1" and env["PET_MAX_RESTARTS"] == "3"
         # torchrun gives its workers the grace period, less 15 s for its own exit

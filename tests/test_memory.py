@@ -64,8 +64,8 @@ def test_a_component_refuses_an_elastic_minimum_whose_gpus_cannot_hold_the_batch
     common = {"data": "s3://b/train", "run_dir": "s3://b/runs/p", "preset": "r152_3x_sk1"}
     with pytest.raises(ValueError, match=f"the elastic minimum must be at least {fewest} GPUs"):
         components.pretrain(**common, j="2:16x8", gpu=8)
-    app = components.pretrain(**common, j=f"{fewest // 8}:16x8", gpu=8)
+    app = components.pretrain(**common, j=f"{fewest // 8}x8", gpu=8)
     assert app.roles[0].min_replicas == fewest // 8
     components.pretrain(**common, j="1:2x8")  # CPU processes
     with pytest.raises(ValueError, match="at least"):  # a 40 GiB card needs more of them
-        components.pretrain(**common, j=f"{fewest // 8}:16x8", gpu=8, gpu_memory_gb=40)
+        components.pretrain(**common, j=f"{fewest // 8}x8", gpu=8, gpu_memory_gb=40)

@@ -90,21 +90,21 @@ def test_plan_adds_the_supervised_baseline_and_passes_stage_flags_through() -> N
         "supervised-10percent", "distill-1pct", "distill-10percent",
     ]  # fmt: skip
     args = plan.component_args(stages["supervised-1pct"])
-    dashes = args.index("--")
-    named = dict(zip(args[:dashes:2], args[1:dashes:2], strict=True))
+    named = dict(zip(args[::2], args[1::2], strict=True))
     assert named["--preset"] == "tiny" and named["--subset"] == "s3://b/lists/1pct.txt"
     assert named["--learning_rate"] == "0.1" and named["--epochs"] == "90"
     assert named["--eval_data"] == "s3://b/test" and named["-j"] == "1x2"
-    # flags the component has no argument for reach `ssl-train supervised` after `--`;
-    # a false switch is left out
-    assert args[dashes + 1 :] == ["--warmup-epochs", "1", "--compile"]
+    # every stage flag is a component argument: no `--` passthrough needed
+    assert named["--warmup_epochs"] == "1" and named["--compile"] == "true"
     ten = plan.component_args(stages["supervised-10percent"])
     assert ten[ten.index("--epochs") + 1] == "30"  # a stage's name beats its kind
     pretrain = plan.component_args(stages["pretrain"])
-    assert "--channels_last" in pretrain and "--warmup-epochs" in pretrain
-    with pytest.raises(ValueError, match=r"ssl\.finetune has no argument lr and .* no such flag"):
+    assert "--channels_last" in pretrain and "--warmup_epochs" in pretrain
+    with pytest.raises(ValueError, match=r"ssl\.finetune has no argument lr"):
         PipelinePlan("d", "r", ["1percent"], per_stage={"finetune": {"lr": "1"}}).component_args(
             Stage("finetune-1percent", "finetune", {"pretrained": "r/pretrain"})
         )
     with pytest.raises(ValueError, match="'finetune-2percent': name a kind"):
         PipelinePlan("d", "r", ["1percent"], per_stage={"finetune-2percent": {}}).stages()
+    with pytest.raises(ValueError, match="--arg warmup: no stage of this plan takes it"):
+        PipelinePlan("d", "r", ["1percent"], common={"warmup": "1"}).stages()

@@ -218,6 +218,14 @@ def test_copy_between_storages_is_resumable_and_checked(
     )
     assert run_cli("verify", dst).returncode == 0
 
+    # a finished copy whose shard was damaged later: copy again repairs it (it used to
+    # say "nothing to do")
+    broken.write_bytes(b"bit rot")
+    repaired = run_cli("copy", src, dst, env=s3_bucket.env)
+    assert repaired.returncode == 0, repaired.stderr
+    assert "1 damaged or missing and copied again" in repaired.stdout
+    assert run_cli("verify", dst).returncode == 0
+
     # and back up to S3 under another prefix
     again = f"{s3_bucket.url}/copy2"
     assert run_cli("copy", dst, again, env=s3_bucket.env).returncode == 0

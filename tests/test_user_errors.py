@@ -224,3 +224,19 @@ def test_flags_that_would_fail_later_are_refused_by_name(values: dict, flag: str
 
     with pytest.raises(UserError, match=flag):
         StageConfig.for_stage("supervised", data="d", run_dir="r", preset="tiny", **values)
+
+
+@pytest.mark.parametrize(
+    "argv", [["ssl-train", "metrics"], ["ssl-train", "models"], ["shards", "--help"]]
+)
+def test_a_closed_pipe_ends_the_output_quietly(argv: list[str]) -> None:
+    """`ssl-train metrics | head`: the reader went away before we wrote."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    command = [str(Path(sys.executable).parent / argv[0]), *argv[1:]]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # closed before the command imports and writes anything
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and b"BrokenPipe" not in err, err.decode()[-2000:]

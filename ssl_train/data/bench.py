@@ -34,7 +34,7 @@ import torch
 from shards import storage
 from ssl_train.data.augment import SimCLRAugment, apply_view_params, flip_params
 from ssl_train.data.loader import make_loader
-from ssl_train.data.plan import DEFAULT_PARTITIONS, EpochPlan
+from ssl_train.data.plan import EpochPlan, default_partitions
 from ssl_train.data.stream import LocalBatch, StreamConfig, StreamState, TrainStream
 from ssl_train.errors import UserError
 
@@ -271,8 +271,8 @@ def run_data_bench(
 ) -> BenchResult:
     """Run the training stream for one warm-up batch and ``batches`` timed batches.
 
-    ``partitions`` defaults to the training default (32), lowered to the largest divisor
-    of the batch size when 32 does not divide it. ``device_repeats=0`` skips the device
+    ``partitions`` defaults to what training takes (``default_partitions``).
+    ``device_repeats=0`` skips the device
     stage (reported as 0 s).
 
     Example:
@@ -283,9 +283,7 @@ def run_data_bench(
     if batches < 1 or workers < 0:
         raise UserError("--batches must be at least 1 and --workers at least 0")
     if partitions is None:
-        partitions = DEFAULT_PARTITIONS
-        while global_batch_size % partitions:
-            partitions -= 1
+        partitions = default_partitions(global_batch_size)
     config = StreamConfig(data, global_batch_size, image_size, mode, seed, partitions)
     counters = Counters()
     install_storage_counters(counters)  # counts the main process too (and workers=0)

@@ -41,6 +41,20 @@ from ssl_train.errors import UserError
 DEFAULT_PARTITIONS = 32
 
 
+def default_partitions(global_batch_size: int) -> int:
+    """The partition count of a run that does not set one: 32, or the global batch
+    itself when 32 does not divide it (each partition gives a step the same number of
+    samples). Training and ``data-bench`` both take it from here.
+
+    Example:
+        >>> default_partitions(4096), default_partitions(48)
+        (32, 48)
+    """
+    if global_batch_size % DEFAULT_PARTITIONS == 0:
+        return DEFAULT_PARTITIONS
+    return global_batch_size
+
+
 @dataclass(frozen=True)
 class SampleRef:
     """One sample of the shard set: its shard (manifest order) and position in it."""

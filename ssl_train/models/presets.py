@@ -15,6 +15,7 @@ from torch import nn
 from ssl_train.errors import UserError
 from ssl_train.models.resnet import ResNet, resnet
 from ssl_train.models.simclr import SimCLRv2
+from ssl_train.preset_names import PRESET_NAMES, TABLE1
 
 SK_RATIO = 0.0625
 
@@ -41,18 +42,11 @@ class Preset:
         )
 
 
-_TABLE1 = {
-    (50, 1, False): 24, (50, 1, True): 35, (50, 2, False): 94, (50, 2, True): 140,
-    (101, 1, False): 43, (101, 1, True): 65, (101, 2, False): 170, (101, 2, True): 257,
-    (152, 1, False): 58, (152, 1, True): 89, (152, 2, False): 233, (152, 2, True): 354,
-    (152, 3, True): 795,
-}  # fmt: skip
-
 PRESETS: dict[str, Preset] = {
     f"r{depth}_{width}x_sk{int(sk)}": Preset(
         f"r{depth}_{width}x_sk{int(sk)}", depth, width, sk, False, m
     )
-    for (depth, width, sk), m in _TABLE1.items()
+    for (depth, width, sk), m in TABLE1.items()
 }
 PRESETS["tiny"] = Preset(
     "tiny", 18, 0.25, True, True, note="SK ResNet-18 at width 1/4 for 32 px images; tests, demo"
@@ -60,6 +54,7 @@ PRESETS["tiny"] = Preset(
 PRESETS["tiny_student"] = Preset(
     "tiny_student", 18, 0.125, False, True, note="half of tiny's width, no SK: distillation demo"
 )
+assert tuple(PRESETS) == PRESET_NAMES, "ssl_train/preset_names.py lists the presets in order"
 
 
 def get_preset(name: str) -> Preset:

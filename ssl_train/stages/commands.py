@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import json
 from typing import Any
 
 from shards import storage
 from ssl_train.checkpoint import CheckpointError, CheckpointStore
-from ssl_train.export import final_url, load_model, save_model
+from ssl_train.export import (
+    CONFIG_FILE,
+    ExportError,
+    final_url,
+    load_model,
+    read_config,
+    save_model,
+)
 from ssl_train.stages import runtime as rt
 from ssl_train.stages.evaluate import evaluate
 
@@ -36,9 +44,10 @@ def evaluate_run(args: argparse.Namespace) -> dict[str, Any]:
         rt.stop(runtime)
 
 
-def export_run(run_dir: str, out_dir: str, step: int | None = None) -> str:
+def export_run(run_dir: str, out_dir: str, step: int | None = None, force: bool = False) -> str:
     """Write checkpoint ``step`` (default newest) of ``run_dir`` as ``model.safetensors``
-    and ``config.json`` in ``out_dir``; returns the step exported.
+    and ``config.json`` in ``out_dir``; returns the step exported. An ``out_dir`` that
+    holds another model is refused unless ``force``.
 
     Example:
         >>> export_run("s3://b/runs/pretrain", "/tmp/r50")  # doctest: +SKIP
@@ -53,6 +62,15 @@ def export_run(run_dir: str, out_dir: str, step: int | None = None) -> str:
     state = store.load(step)
     config = state["config"]
     about = {"stage": config["stage"], "image_size": config["image_size"], "step": step}
-    save_model(state["model"], {**state["model_config"], **about}, out_dir)
+    described = {**state["model_config"], **about}
+    if storage.size_or_none(storage.join(out_dir, CONFIG_FILE)) is not None and not force:
+        there = read_config(out_dir)
+        if there != json.loads(json.dumps(described)):
+            raise ExportError(
+                f"{storage.redact(out_dir)} already holds a model (a {there.get('stage')} "
+                f"{there.get('preset')}, step {there.get('step')}): choose another OUT_DIR, "
+                "or pass --force to replace it"
+            )
+    save_model(state["model"], described, out_dir)
     print(f"exported step {step} of {storage.redact(run_dir)} to {storage.redact(out_dir)}")
     return step

@@ -9,13 +9,14 @@ operational fields (workers, checkpoint cadence, trace file, ...) may change fre
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 from ssl_train.errors import UserError
 from ssl_train.metrics import DEFAULT_PORT
+from ssl_train.preset_names import PRESET_NAMES
+from ssl_train.stages import registry
 
-STAGES = ("pretrain", "finetune", "distill", "linear-eval", "supervised")
 PRECISIONS = ("fp32", "bf16")
 DEVICES = ("cpu", "cuda")
 
@@ -60,53 +61,6 @@ OPERATIONAL = frozenset(
     }
 )
 
-# The paper's hyperparameters per stage (SimCLRv2 paper and the official tf2 code).
-STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
-    "pretrain": {
-        "global_batch_size": 4096,
-        "epochs": 800.0,
-        "learning_rate": 0.075,
-        "lr_scaling": "sqrt",
-        "warmup_epochs": 10.0,
-        "weight_decay": 1e-4,
-        "temperature": 0.1,
-    },
-    "finetune": {  # epochs: 60 on the 1% subset, 30 otherwise (see resolved_epochs)
-        "global_batch_size": 1024,
-        "learning_rate": 0.005,
-        "lr_scaling": "sqrt",
-        "warmup_epochs": 0.0,
-        "weight_decay": 0.0,
-        "from_proj_layer": 1,
-    },
-    "distill": {  # pretraining's optimiser settings; the teacher's soft labels at tau=1
-        "global_batch_size": 4096,
-        "epochs": 400.0,
-        "learning_rate": 0.075,
-        "lr_scaling": "sqrt",
-        "warmup_epochs": 10.0,
-        "weight_decay": 1e-4,
-        "temperature": 1.0,
-    },
-    "supervised": {  # the baseline: finetuning's network and recipe from random weights
-        "global_batch_size": 1024,
-        "learning_rate": 0.005,
-        "lr_scaling": "sqrt",
-        "warmup_epochs": 0.0,
-        "weight_decay": 1e-4,
-        "from_proj_layer": 1,
-    },
-    "linear-eval": {  # SimCLR's linear protocol: frozen backbone, momentum SGD, 90 epochs
-        "global_batch_size": 4096,
-        "epochs": 90.0,
-        "learning_rate": 0.1,
-        "lr_scaling": "linear",
-        "warmup_epochs": 0.0,
-        "weight_decay": 0.0,
-        "from_proj_layer": 0,
-    },
-}
-
 
 @dataclass
 class StageConfig:
@@ -141,8 +95,8 @@ class StageConfig:
     pretrained: str | None = None
     teacher: str | None = None
     labeled_weight: float = 0.0
-    precision: str = "fp32"
-    channels_last: bool = False
+    precision: str | None = None  # None: bf16 on a GPU, fp32 on CPUs (on_device)
+    channels_last: bool | None = None  # None: on for a GPU, off on CPUs (on_device)
     compile: bool = False
     device: str | None = None
     workers: int = 4
@@ -159,10 +113,9 @@ class StageConfig:
 
     @classmethod
     def for_stage(cls, stage: str, **values: Any) -> StageConfig:
-        """The stage's paper defaults, overridden by ``values`` (None means default)."""
-        if stage not in STAGES:
-            raise UserError(f"unknown stage {stage!r}; use one of {', '.join(STAGES)}")
-        merged = dict(STAGE_DEFAULTS[stage])
+        """The stage's paper defaults (its ``StageSpec``), overridden by ``values`` (None
+        means default)."""
+        merged = dict(registry.stage(stage).defaults)
         merged.update({k: v for k, v in values.items() if v is not None})
         config = cls(stage=stage, **merged)
         config.validate()
@@ -175,7 +128,10 @@ class StageConfig:
             (self.image_size >= 8, "--image-size must be at least 8"),
             (self.max_steps is None or self.max_steps >= 1, "--max-steps must be at least 1"),
             (self.epochs is None or self.epochs > 0, "--epochs must be positive"),
-            (self.precision in PRECISIONS, f"--precision must be one of {', '.join(PRECISIONS)}"),
+            (
+                self.precision is None or self.precision in PRECISIONS,
+                f"--precision must be one of {', '.join(PRECISIONS)}",
+            ),
             (self.lr_scaling in ("sqrt", "linear"), "--lr-scaling must be sqrt or linear"),
             (self.keep_checkpoints >= 1, "--keep-checkpoints must be at least 1"),
             (
@@ -189,6 +145,11 @@ class StageConfig:
             (0.0 <= self.labeled_weight <= 1.0, "--labeled-weight must be between 0 and 1"),
             (self.workers >= 0, "--workers must be 0 or more"),
             (self.temperature > 0, "--temperature must be positive"),
+            (
+                self.preset is None or self.preset in PRESET_NAMES,
+                f"unknown preset {self.preset!r}; choose one of {', '.join(PRESET_NAMES)} "
+                "(`ssl-train models` describes them)",
+            ),
             (self.learning_rate > 0, "--learning-rate must be positive"),
             (0 <= self.momentum < 1, "--momentum must be at least 0 and below 1"),
             (self.warmup_epochs >= 0, "--warmup-epochs must be 0 or more"),
@@ -205,16 +166,38 @@ class StageConfig:
             (self.log_every_steps >= 1, "--log-every-steps must be at least 1"),
             (0 <= self.metrics_port <= 65535, "--metrics-port must be 0 (off) or a TCP port"),
             (
-                self.stage != "pretrain" or self.global_batch_size >= 2,
+                registry.stage(self.stage).views == 1 or self.global_batch_size >= 2,
                 f"--global-batch-size {self.global_batch_size}: contrastive pretraining needs "
                 "at least 2 samples per global batch (an image's negatives are the batch's "
                 "other images; with none the loss is 0 and nothing is learnt)",
             ),
         ]
+        spec = registry.stage(self.stage)
+        for required in sorted(spec.required):
+            flag = next(f.flag for f in spec.all_flags if f.field == required)
+            checks.append((getattr(self, required) is not None, f"{self.stage} needs {flag}"))
         for ok, message in checks:
             if not ok:
                 raise UserError(message)
         check_device_flag(self.device)
+
+    def on_device(self, device_type: str) -> StageConfig:
+        """This configuration with the device-dependent choices made: bf16 autocast and
+        channels-last on a GPU, fp32 and the default layout on CPUs, unless set. Resolved
+        before training so checkpoints record what the run did.
+
+        Example:
+            >>> config = StageConfig.for_stage("pretrain", data="d", run_dir="/r")
+            >>> gpu = config.on_device("cuda")
+            >>> (gpu.precision, gpu.channels_last), config.on_device("cpu").precision
+            (('bf16', True), 'fp32')
+        """
+        on_gpu = device_type == "cuda"
+        return replace(
+            self,
+            precision=self.precision or ("bf16" if on_gpu else "fp32"),
+            channels_last=on_gpu if self.channels_last is None else self.channels_last,
+        )
 
     def resolved_epochs(self) -> float:
         """Epochs to train when --max-steps is not given."""

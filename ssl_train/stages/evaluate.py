@@ -13,11 +13,12 @@ from torch import nn
 
 from shards import storage
 from shards.errors import ShardsError
-from shards.manifest import read_manifest
+from shards.manifest import Manifest, read_manifest
 from ssl_train.data.augment import to_unit_float
 from ssl_train.data.loader import make_loader
 from ssl_train.data.stream import EvalStream
 from ssl_train.errors import UserError
+from ssl_train.stages import progress
 from ssl_train.stages.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,7 @@ def topk_correct(
     return [int(hits[:, :k].any(dim=1).sum()) for k in ks]
 
 
-def check_eval_data(data: str, classes: list[str] | None, flag: str = "--eval-data") -> None:
+def check_eval_data(data: str, classes: list[str] | None, flag: str = "--eval-data") -> Manifest:
     """Open the evaluation shard set's manifest now, in this process, so that a wrong
     path, an unreachable endpoint or another label set is one clear line before any work
     (a training stage checks this before its first step, not after its last).
@@ -64,6 +65,7 @@ def check_eval_data(data: str, classes: list[str] | None, flag: str = "--eval-da
             f"{len(ours)} in the same order (first difference at class {differ}); evaluate on "
             "a shard set made with the training set's class list"
         )
+    return manifest
 
 
 @torch.no_grad()
@@ -76,10 +78,12 @@ def evaluate(
     workers: int,
     classes: list[str] | None = None,
     flag: str = "--data",
+    stage: str = "eval",
 ) -> dict[str, Any]:
     """Accuracy of ``model``'s classifier on the shard set ``data`` (centre crops);
     ``classes``, when known, are the model's labels, checked against the data's (an
-    error names ``data`` by ``flag``).
+    error names ``data`` by ``flag``). Rank 0 reports its progress about ten times, as
+    ``stage``'s progress lines.
 
     Example:
         >>> evaluate(model, "s3://b/imagenet/val", 224, 256, runtime, workers=4)  # doctest: +SKIP
@@ -90,7 +94,10 @@ def evaluate(
             "this model has no classifier to evaluate: evaluate a finetune, "
             "linear-eval or distill run"
         )
-    check_eval_data(data, classes, flag)
+    total = check_eval_data(data, classes, flag).num_samples
+    rank, world = runtime.rank, runtime.world_size
+    share = (rank + 1) * total // world - rank * total // world  # as EvalStream splits
+    report_every, reported = max(1, share // 10), 0
     was_training = model.training
     model.eval()
     stream = EvalStream(data, image_size, batch_size, runtime.rank, runtime.world_size)
@@ -103,6 +110,11 @@ def evaluate(
         logits = model(images).logits.float()
         top1, top5 = topk_correct(logits, batch.labels.to(runtime.device))
         counts[:3] += torch.tensor([top1, top5, len(batch.keys)], dtype=torch.float64)
+        done = int(counts[2] + counts[3])
+        if runtime.is_main and done - reported >= report_every and done < share:
+            reported = done
+            whose = "" if runtime.world_size == 1 else " of rank 0's share"
+            progress.say(stage, f"eval {done}/{share} samples{whose}")
     if runtime.distributed:
         reduced = counts.to(runtime.device) if runtime.device.type == "cuda" else counts
         dist.all_reduce(reduced)

@@ -11,6 +11,7 @@ and exits non-zero, so the scheduler retries it and the retry resumes from that 
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
@@ -29,7 +30,7 @@ from shards.sources import read_subset
 from ssl_train import preemption
 from ssl_train.checkpoint import AsyncCheckpointer, CheckpointStore, rng_state, set_rng_state
 from ssl_train.data.loader import make_loader
-from ssl_train.data.plan import DEFAULT_PARTITIONS
+from ssl_train.data.plan import default_partitions
 from ssl_train.data.stream import StreamConfig, StreamState, TrainStream
 from ssl_train.dist import convert_to_global_bn
 from ssl_train.errors import UserError
@@ -37,10 +38,11 @@ from ssl_train.export import final_url, save_model
 from ssl_train.lease import LeaseHeld, LeaseLost, RunDirLease
 from ssl_train.metrics import METRICS_NOW, run_label
 from ssl_train.optim import WarmupCosineSchedule, scale_learning_rate
+from ssl_train.stages import progress, registry, trace
 from ssl_train.stages import runtime as rt
-from ssl_train.stages import trace
 from ssl_train.stages.config import StageConfig, config_changes
 from ssl_train.stages.evaluate import check_eval_data, evaluate
+from ssl_train.stages.scalars import ScalarLog
 from ssl_train.stages.tasks import Task, build_task
 from ssl_train.state_broadcast import load_latest_once, transfer_device
 
@@ -113,6 +115,21 @@ def data_changes(
     ]
 
 
+def check_same_experiment(state: dict[str, Any], config: StageConfig, data: dict[str, str]) -> None:
+    """Refuse to continue a checkpoint (its ``config`` and ``data`` entries in ``state``)
+    of another experiment, unless --allow-config-change, which only warns."""
+    changes = config_changes(state["config"], config)
+    changes += data_changes(state.get("data"), data, config)
+    if changes and not config.allow_config_change:
+        raise ConfigMismatch(
+            f"{storage.redact(config.run_dir)} holds a checkpoint of another "
+            f"configuration ({'; '.join(changes)}): use a new --run-dir, restore those "
+            "values, or pass --allow-config-change to continue anyway"
+        )
+    if changes:
+        log.warning("continuing with changed configuration: %s", "; ".join(changes))
+
+
 def check_world_size(config: StageConfig, world_size: int) -> None:
     """Before any work: the global batch must split evenly over the ranks."""
     if config.global_batch_size % world_size:
@@ -123,11 +140,35 @@ def check_world_size(config: StageConfig, world_size: int) -> None:
         )
 
 
-def _partitions(config: StageConfig) -> int:
-    if config.partitions:
-        return config.partitions
-    batch = config.global_batch_size
-    return DEFAULT_PARTITIONS if batch % DEFAULT_PARTITIONS == 0 else batch
+# Global batch norm computes its statistics over every rank itself and all ranks start
+# from the same buffers: DDP must not broadcast them at each forward. torch 2.14 renamed
+# the switch (the old one warns); with the new one DDP also copies them once at start,
+# which changes nothing since they are equal.
+_NO_BUFFER_SYNC = (
+    {"forward_sync_buffers": False}
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters
+    else {"broadcast_buffers": False}
+)
+
+
+def stream_config_of(config: StageConfig) -> StreamConfig:
+    """What the stage's data stream yields: its views, its subset, its plan's partitions.
+
+    Example:
+        >>> config = StageConfig.for_stage("finetune", data="d", run_dir="/r", pretrained="p", subset="1percent")
+        >>> stream_config_of(config).mode, stream_config_of(config).partitions
+        ('finetune', 32)
+    """
+    spec = registry.stage(config.stage)
+    return StreamConfig(
+        config.data,
+        config.global_batch_size,
+        config.image_size,
+        spec.mode,
+        config.seed,
+        config.partitions or default_partitions(config.global_batch_size),
+        config.subset if spec.label_subset else None,
+    )
 
 
 def _agree(flags: list[bool], runtime: rt.Runtime) -> list[bool]:
@@ -179,6 +220,7 @@ class Trainer:
 
     def __init__(self, config: StageConfig, runtime: rt.Runtime) -> None:
         check_world_size(config, runtime.world_size)
+        config = config.on_device(runtime.device.type)  # what checkpoints record
         self.config, self.runtime = config, runtime
         shard_set = ShardSet(config.data)
         self.classes = shard_set.manifest.classes
@@ -186,15 +228,7 @@ class Trainer:
             check_eval_data(config.eval_data, self.classes)
         torch.manual_seed(config.seed)  # the same initial weights on every rank
         self.task: Task = build_task(config, len(self.classes), runtime.device)
-        stream_config = StreamConfig(
-            config.data,
-            config.global_batch_size,
-            config.image_size,
-            self.task.mode,
-            config.seed,
-            _partitions(config),
-            config.subset if config.stage in ("finetune", "linear-eval", "supervised") else None,
-        )
+        stream_config = stream_config_of(config)
         self.stream = TrainStream(
             stream_config, runtime.rank, runtime.world_size, StreamState(), shard_set
         )
@@ -212,6 +246,7 @@ class Trainer:
         self.saved_step: int | None = None
         self.recorded_checkpoint: int | None = None
         self.lease: RunDirLease | None = None  # rank 0's, while it runs
+        self.scalars = ScalarLog(config.run_dir)  # written by rank 0
         model = self.task.model
         if config.channels_last:
             model.to(memory_format=torch.channels_last)
@@ -221,7 +256,7 @@ class Trainer:
         self.trained = model  # unwrapped: what checkpoints hold
         if runtime.distributed:
             device_ids = [runtime.device] if runtime.device.type == "cuda" else None
-            model = DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
+            model = DistributedDataParallel(model, device_ids=device_ids, **_NO_BUFFER_SYNC)
             self._settle_gradient_buckets(model)
         self.forward_model = torch.compile(model) if config.compile else model
 
@@ -277,22 +312,17 @@ class Trainer:
         if loaded is None:
             return
         _, state = loaded
-        changes = config_changes(state["config"], self.config)
-        changes += data_changes(state.get("data"), self.data, self.config)
-        if changes and not self.config.allow_config_change:
-            raise ConfigMismatch(
-                f"{storage.redact(self.config.run_dir)} holds a checkpoint of another "
-                f"configuration ({'; '.join(changes)}): use a new --run-dir, restore those "
-                "values, or pass --allow-config-change to continue anyway"
-            )
-        if changes:
-            log.warning("continuing with changed configuration: %s", "; ".join(changes))
+        check_same_experiment(state, self.config, self.data)
         self.trained.load_state_dict(state["model"])
         self.task.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
         set_rng_state(state["rng"])
         self.step = self.saved_step = int(state["step"])
-        log.info("resumed from step %d (saved on %s ranks)", self.step, state.get("world_size"))
+        if self.runtime.is_main:
+            progress.say(
+                self.config.stage,
+                f"resumed from step {self.step} (saved on {state.get('world_size')} ranks)",
+            )
         METRICS_NOW.inc("resumes_total")
         METRICS_NOW.set("global_step", self.step)
 
@@ -302,7 +332,12 @@ class Trainer:
         config, runtime = self.config, self.runtime
         finished = read_summary(config.run_dir)
         if finished is not None and finished.get("finished"):
-            log.info("%s already finished: nothing to do", storage.redact(config.run_dir))
+            if runtime.is_main:
+                progress.say(
+                    config.stage,
+                    f"{storage.redact(config.run_dir)} already finished: nothing to do; model "
+                    f"in {storage.redact(final_url(config.run_dir))}",
+                )
             return finished
         self._take_lease()
         try:
@@ -318,6 +353,8 @@ class Trainer:
                     log.info("trace: dropped %d lines of steps lost since the checkpoint", dropped)
             _barrier(runtime)
             self.stream.state = self.position.stream_state(self.step)
+            if runtime.is_main:
+                self._say_start()
             checkpointer = AsyncCheckpointer(self.store)
             try:
                 with rt.StopRequest() as stop_request:
@@ -329,6 +366,23 @@ class Trainer:
         finally:
             if self.lease is not None:
                 self.lease.release()  # not after losing it: then it is another job's
+
+    def _say_start(self) -> None:
+        """What this run is about to do, in one line (rank 0)."""
+        config, runtime, position = self.config, self.runtime, self.position
+        plan = self.stream.plan(0)
+        progress.say(
+            config.stage,
+            f"start: {plan.num_samples} samples ({len(self.classes)} classes) of "
+            f"{storage.redact(config.data)}"
+            + (f", subset {config.subset}" if self.stream.config.subset else "")
+            + f"; {position.total_steps} steps "
+            f"({position.total_steps / position.steps_per_epoch:g} epochs of "
+            f"{position.steps_per_epoch}) from step {self.step}; global batch "
+            f"{config.global_batch_size} on {runtime.world_size} rank{'s' if runtime.world_size > 1 else ''} "
+            f"({config.global_batch_size // runtime.world_size} each); "
+            f"{runtime.device} {config.precision}; run dir {storage.redact(config.run_dir)}",
+        )
 
     def _take_lease(self) -> None:
         """Rank 0 takes the run dir's lease before anything is written; every rank learns
@@ -392,6 +446,7 @@ class Trainer:
                 self._save(checkpointer, wait=True)
                 if runtime.is_main:
                     _report_preemption_save(self.step, time.monotonic() - began)
+                    self._record_checkpoint(checkpointer)
                 raise Preempted(
                     f"stopped by {stop_request.signal_name or 'another rank'} at step {self.step}"
                 )
@@ -423,18 +478,23 @@ class Trainer:
                         METRICS_NOW.set("train_top1" if name == "top1" else name, metrics[name])
                 if runtime.is_main:
                     elapsed = time.monotonic() - started
-                    rate = (self.step - started_step) * config.global_batch_size / elapsed
-                    log.info(
-                        "step %d/%d epoch %d loss %.4f %s lr %.4g %.1f samples/s",
+                    done = self.step - started_step
+                    self.scalars.add(
                         self.step,
-                        position.total_steps,
-                        batch.epoch,
-                        metrics["loss"],
-                        " ".join(
-                            f"{k} {v:.3f}" for k, v in metrics.items() if k not in ("loss", "lr")
-                        ),
-                        metrics["lr"],
-                        rate,
+                        {
+                            **{f"train/{k}": v for k, v in metrics.items()},
+                            "train/samples_per_s": done * config.global_batch_size / elapsed,
+                        },
+                    )
+                    others = " ".join(
+                        f"{k} {v:.3f}" for k, v in metrics.items() if k not in ("loss", "lr")
+                    )
+                    progress.say(
+                        config.stage,
+                        f"step {self.step}/{position.total_steps} epoch {batch.epoch} "
+                        f"loss {metrics['loss']:.4f} {others} lr {metrics['lr']:.4g} "
+                        f"{done * config.global_batch_size / elapsed:.1f} samples/s "
+                        f"eta {progress.eta(position.total_steps - self.step, elapsed / done)}",
                     )
         self._save(checkpointer, wait=True)
         self._record_checkpoint(checkpointer)
@@ -465,6 +525,7 @@ class Trainer:
         if checkpointer.last_step is None or checkpointer.last_step == self.recorded_checkpoint:
             return
         self.recorded_checkpoint = checkpointer.last_step
+        self.scalars.write_through(checkpointer.last_step)  # what a resume will not redo
         METRICS_NOW.observe("checkpoint_save_seconds", checkpointer.last_duration_s or 0.0)
         METRICS_NOW.set("checkpoint_size_bytes", checkpointer.last_bytes or 0)
         METRICS_NOW.set("last_checkpoint_timestamp_seconds", time.time())
@@ -510,11 +571,12 @@ class Trainer:
     def _finish(self) -> dict[str, Any]:
         config, runtime = self.config, self.runtime
         if self.step < self.position.total_steps:
-            log.info(
-                "stopped at step %d of %d (--stop-at-step): run again to continue",
-                self.step,
-                self.position.total_steps,
-            )
+            if runtime.is_main:
+                progress.say(
+                    config.stage,
+                    f"stopped at step {self.step} of {self.position.total_steps} "
+                    "(--stop-at-step): run again to continue",
+                )
             return {"finished": False, "steps": self.step}
         summary: dict[str, Any] = {
             "finished": True,
@@ -535,20 +597,28 @@ class Trainer:
                 config.workers,
                 self.classes,
                 "--eval-data",
+                config.stage,
             )
             METRICS_NOW.set("eval_top1", summary["eval"]["top1"])
             METRICS_NOW.set("eval_top5", summary["eval"]["top5"])
+            if runtime.is_main:
+                scores = {f"eval/{k}": summary["eval"][k] for k in ("top1", "top5")}
+                self.scalars.add(self.step, scores)
+                self.scalars.write_through(self.step)
         if runtime.is_main:
             if self.lease is not None:
                 self.lease.confirm()
             result = summary.get("eval")
-            log.info(
-                "finished: %d steps%s",
-                self.step,
-                f"; top-1 {result['top1']:.4f}, top-5 {result['top5']:.4f} on "
-                f"{result['samples']} samples of {storage.redact(config.eval_data)}"
-                if result
-                else "",
+            progress.say(
+                config.stage,
+                f"finished: {self.step} steps"
+                + (
+                    f"; top-1 {result['top1']:.4f}, top-5 {result['top5']:.4f} on "
+                    f"{result['samples']} samples of {storage.redact(config.eval_data)}"
+                    if result
+                    else ""
+                )
+                + f"; model in {storage.redact(final_url(config.run_dir))}",
             )
             about = {
                 "stage": config.stage,

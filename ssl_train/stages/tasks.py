@@ -23,10 +23,11 @@ from torch import Tensor, nn
 
 from ssl_train.data.augment import SimCLRAugment, apply_view_params, flip_params
 from ssl_train.errors import UserError
-from ssl_train.export import final_url, load_model, model_config
+from ssl_train.export import final_url, load_model, model_config, read_config
 from ssl_train.losses import contrastive_accuracy, distillation_loss, nt_xent
 from ssl_train.models import SimCLRv2, build_model
 from ssl_train.optim import LARS, lars_param_groups
+from ssl_train.stages import registry
 from ssl_train.stages.config import StageConfig
 
 
@@ -104,15 +105,48 @@ def _lars(model: nn.Module, config: StageConfig) -> LARS:
     return LARS(groups, lr=0.0, momentum=config.momentum)
 
 
-def _pretrained(url: str, what: str, device: torch.device) -> tuple[SimCLRv2, dict[str, Any]]:
-    model, saved = load_model(final_url(url), device)
-    if saved.get("kept_head_layers") != saved.get("head_layers"):
-        raise UserError(f"{what} {url}: its projection head was cut; pass a pretraining run")
-    return model, saved
+def check_sources(config: StageConfig, num_classes: int) -> None:
+    """The models a stage starts from exist, are finished, and fit it.
+
+    Example:
+        >>> config = StageConfig.for_stage("finetune", data="d", run_dir="/r", pretrained="/nope")
+        >>> check_sources(config, 2)
+        Traceback (most recent call last):
+        ...
+        ssl_train.export.ExportError: --pretrained /nope/final holds no finished model (config.json missing): let the stage that writes it finish, or point at another run
+    """
+    if config.pretrained:
+        saved = _model_config("--pretrained", config.pretrained)
+        if saved.get("kept_head_layers") != saved.get("head_layers"):
+            raise UserError(
+                f"--pretrained {config.pretrained}: its projection head was cut; pass a "
+                "pretraining run"
+            )
+        if config.from_proj_layer > saved["head_layers"]:
+            raise UserError(
+                f"--from-proj-layer {config.from_proj_layer}: --pretrained "
+                f"{config.pretrained} has a {saved['head_layers']}-layer head; choose 0 to "
+                f"{saved['head_layers']}"
+            )
+    if config.teacher:
+        saved = _model_config("--teacher", config.teacher)
+        if saved.get("num_classes") != num_classes:
+            raise UserError(
+                f"--teacher {config.teacher} has no classifier for the {num_classes} classes "
+                "of --data: pass a finetune run on the same classes"
+            )
+
+
+def _model_config(flag: str, run_dir: str) -> dict[str, Any]:
+    try:
+        return read_config(final_url(run_dir))
+    except UserError as exc:
+        raise type(exc)(f"{flag} {exc}") from None
 
 
 def build_task(config: StageConfig, num_classes: int, device: torch.device) -> Task:
-    """The stage's task on ``device``; reads the previous stage's model where needed.
+    """The stage's task on ``device``, by the builder its declaration names; reads the
+    previous stage's model where needed.
 
     Example:
         >>> config = StageConfig.for_stage("pretrain", data="d", run_dir="/r", preset="tiny")
@@ -120,75 +154,76 @@ def build_task(config: StageConfig, num_classes: int, device: torch.device) -> T
         >>> task.mode, task.model.classifier is None
         ('pretrain', True)
     """
-    stage = config.stage
-    if stage == "pretrain":
-        if not config.preset:
-            raise UserError("pretrain needs --preset (see `ssl-train models`)")
-        model = build_model(config.preset, None, config.head_layers, config.proj_dim, device=device)
-        described = model_config(
-            config.preset, None, config.head_layers, config.proj_dim, 0, config.head_layers
-        )
-        return PretrainTask(config, model, _lars(model, config), "pretrain", described)
-    if stage == "supervised":
-        if not config.preset:
-            raise UserError("supervised needs --preset (see `ssl-train models`)")
-        layer = config.from_proj_layer
-        model = build_model(
-            config.preset, num_classes, config.head_layers, config.proj_dim, layer, device
-        )
-        model.keep_head_layers(layer)
-        described = model_config(
-            config.preset, num_classes, config.head_layers, config.proj_dim, layer, layer
-        )
-        return FinetuneTask(config, model, _lars(model, config), "finetune", described)
-    if stage in ("finetune", "linear-eval"):
-        if not config.pretrained:
-            raise UserError(f"{stage} needs --pretrained RUN_DIR (a finished pretrain run)")
-        base, saved = _pretrained(config.pretrained, "--pretrained", device)
-        layer = config.from_proj_layer
-        if layer > saved["head_layers"]:
-            raise UserError(
-                f"--from-proj-layer {layer}: --pretrained {config.pretrained} has a "
-                f"{saved['head_layers']}-layer head; choose 0 to {saved['head_layers']}"
-            )
-        model = SimCLRv2(base.backbone, saved["head_layers"], saved["proj_dim"], num_classes, layer)
-        model.head = base.head
-        model.keep_head_layers(layer)
-        model.zero_init_classifier()
-        model.to(device)
-        described = model_config(
-            saved["preset"], num_classes, saved["head_layers"], saved["proj_dim"], layer, layer
-        )
-        if stage == "finetune":
-            return FinetuneTask(config, model, _lars(model, config), "finetune", described)
-        for param in list(model.backbone.parameters()) + list(model.head.parameters()):
-            param.requires_grad_(False)
-        optimizer = torch.optim.SGD(
-            model.classifier.parameters(), lr=0.0, momentum=config.momentum, nesterov=True
-        )
-        return FinetuneTask(
-            config, model, optimizer, "finetune", described, frozen=[model.backbone, model.head]
-        )
-    if stage == "distill":
-        if not config.teacher:
-            raise UserError("distill needs --teacher RUN_DIR (a finished finetune run)")
-        if not config.preset:
-            raise UserError("distill needs --student PRESET (see `ssl-train models`)")
-        teacher, saved = load_model(final_url(config.teacher), device)
-        if teacher.classifier is None or saved["num_classes"] != num_classes:
-            raise UserError(
-                f"--teacher {config.teacher} has no classifier for the {num_classes} classes "
-                "of --data: pass a finetune run on the same classes"
-            )
-        teacher.eval().requires_grad_(False)
-        model = build_model(
-            config.preset, num_classes, config.head_layers, config.proj_dim, 0, device
-        )
-        model.keep_head_layers(0)
-        described = model_config(
-            config.preset, num_classes, config.head_layers, config.proj_dim, 0, 0
-        )
-        task = DistillTask(config, model, _lars(model, config), "finetune", described)
-        task.teacher = teacher
-        return task
-    raise UserError(f"unknown stage {stage!r}")
+    return registry.stage(config.stage).build_task()(config, num_classes, device)
+
+
+def build_pretrain(config: StageConfig, num_classes: int, device: torch.device) -> Task:
+    """SimCLRv2's network with its projection head and no classifier, under LARS."""
+    model = build_model(config.preset, None, config.head_layers, config.proj_dim, device=device)
+    described = model_config(
+        config.preset, None, config.head_layers, config.proj_dim, 0, config.head_layers
+    )
+    return PretrainTask(config, model, _lars(model, config), "pretrain", described)
+
+
+def build_supervised(config: StageConfig, num_classes: int, device: torch.device) -> Task:
+    """Finetuning's network from random weights."""
+    layer = config.from_proj_layer
+    model = build_model(
+        config.preset, num_classes, config.head_layers, config.proj_dim, layer, device
+    )
+    model.keep_head_layers(layer)
+    described = model_config(
+        config.preset, num_classes, config.head_layers, config.proj_dim, layer, layer
+    )
+    return FinetuneTask(config, model, _lars(model, config), "finetune", described)
+
+
+def _from_pretrained(
+    config: StageConfig, num_classes: int, device: torch.device
+) -> tuple[SimCLRv2, dict[str, Any]]:
+    """The pretrained backbone and head layers up to --from-proj-layer, a zero classifier."""
+    check_sources(config, num_classes)
+    base, saved = load_model(final_url(config.pretrained), device)
+    layer = config.from_proj_layer
+    model = SimCLRv2(base.backbone, saved["head_layers"], saved["proj_dim"], num_classes, layer)
+    model.head = base.head
+    model.keep_head_layers(layer)
+    model.zero_init_classifier()
+    model.to(device)
+    described = model_config(
+        saved["preset"], num_classes, saved["head_layers"], saved["proj_dim"], layer, layer
+    )
+    return model, described
+
+
+def build_finetune(config: StageConfig, num_classes: int, device: torch.device) -> Task:
+    """Every layer trained from the pretrained weights, under LARS."""
+    model, described = _from_pretrained(config, num_classes, device)
+    return FinetuneTask(config, model, _lars(model, config), "finetune", described)
+
+
+def build_linear_eval(config: StageConfig, num_classes: int, device: torch.device) -> Task:
+    """Only the classifier trained (Nesterov momentum SGD); backbone and head frozen."""
+    model, described = _from_pretrained(config, num_classes, device)
+    for param in list(model.backbone.parameters()) + list(model.head.parameters()):
+        param.requires_grad_(False)
+    optimizer = torch.optim.SGD(
+        model.classifier.parameters(), lr=0.0, momentum=config.momentum, nesterov=True
+    )
+    return FinetuneTask(
+        config, model, optimizer, "finetune", described, frozen=[model.backbone, model.head]
+    )
+
+
+def build_distill(config: StageConfig, num_classes: int, device: torch.device) -> Task:
+    """A student from random weights learning the frozen teacher's soft labels."""
+    check_sources(config, num_classes)
+    teacher, _ = load_model(final_url(config.teacher), device)
+    teacher.eval().requires_grad_(False)
+    model = build_model(config.preset, num_classes, config.head_layers, config.proj_dim, 0, device)
+    model.keep_head_layers(0)
+    described = model_config(config.preset, num_classes, config.head_layers, config.proj_dim, 0, 0)
+    task = DistillTask(config, model, _lars(model, config), "finetune", described)
+    task.teacher = teacher
+    return task

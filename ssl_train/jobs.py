@@ -1,0 +1,229 @@
+"""What every TorchX component does with its arguments: one stage as an elastic torchrun
+job (TorchX's own ``dist.ddp``), checked before anything is submitted.
+
+The components in ``ssl_train/components.py`` are generated from the stage declarations
+(``ssl_train.stages.registry``); each hands its arguments here. When ``torchx run`` builds
+the job (before submitting it):
+
+- the stage's flags are parsed and validated by the stage's own command-line parser, so a
+  bad value fails the same way as ``ssl-train STAGE`` would, as one line;
+- the global batch must divide over every world size of the elastic range (``-j
+  MIN:MAXxN``), and on GPUs the smallest one must hold it in memory.
+
+On every node the job first runs ``ssl-train STAGE --check-only`` (the data, the models
+it starts from, the run dir), then starts torchrun in its place (``exec``: signals reach
+torchrun as before). A check that fails exits with status 2 and its one-line message,
+which the ``kubernetes`` scheduler turns into the end of the job (no retry can fix it),
+and which ``torchx status`` shows as the replica's error.
+"""
+
+from __future__ import annotations
+
+import math
+import shlex
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torchx.specs as specs
+from torchx.components.dist import ddp, parse_nnodes
+from torchx.specs.finder import ComponentValidationException
+
+from ssl_train.errors import UserError
+from ssl_train.metrics import DEFAULT_PORT
+from ssl_train.preemption import MIN_GRACE_PERIOD_S, SHUTDOWN_TIMEOUT_ENV, shutdown_timeout_s
+from ssl_train.stages import registry
+
+DEFAULT_IMAGE = "ssl-train:latest"
+CLI_MODULE = "ssl_train.cli"
+PRESET_METADATA = "ssl_train.preset"  # the network whose checkpoint the grace period must fit
+CHECK_FAILED_EXIT_CODE = 2  # `ssl-train` on a user error: the job ends, no retry
+
+
+class JobRefused(ComponentValidationException, UserError):
+    """A job that cannot run as asked; ``torchx run`` prints it as one message and
+    submits nothing (and Python callers may catch it as a ``ValueError``)."""
+
+
+@dataclass(frozen=True)
+class JobOptions:
+    """How a stage runs on the cluster (the components' arguments that are not flags)."""
+
+    name: str
+    image: str = DEFAULT_IMAGE
+    j: str = "1x1"
+    h: str | None = None
+    cpu: int = 8
+    gpu: int = 0
+    memMB: int = 32768
+    gpu_memory_gb: float = 80.0
+    max_restarts: int = 3
+    max_retries: int = 3
+    metrics_port: int = DEFAULT_PORT
+    env: Mapping[str, str] | None = None
+    mounts: Sequence[str] | None = None
+
+
+def stage_argv(stage: str, values: Mapping[str, Any], extra_args: Sequence[str] = ()) -> list[str]:
+    """``ssl-train STAGE`` flags for component argument ``values`` (unset ones left out:
+    the stage's declaration decides them) and the job's defaults.
+
+    Example:
+        >>> stage_argv("pretrain", {"data": "s3://b/t", "run_dir": "s3://b/p", "channels_last": "False"})
+        ['pretrain', '--data', 's3://b/t', '--run-dir', 's3://b/p', '--no-channels-last', '--workers', '8']
+    """
+    spec = registry.stage(stage)
+    by_argument = {flag.argument: flag for flag in spec.all_flags}
+    unknown = sorted(set(values) - set(by_argument))
+    if unknown:
+        raise UserError(f"ssl.{stage.replace('-', '_')} has no argument {', '.join(unknown)}")
+    given = {k: v for k, v in values.items() if v is not None}
+    for argument, value in registry.JOB_DEFAULTS.items():
+        given.setdefault(argument, value)
+    argv = [stage]
+    for argument, value in given.items():
+        flag = by_argument[argument]
+        if flag.kind is bool:
+            on = value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes")
+            argv.append(flag.flag if on else "--no-" + flag.flag[2:])
+        else:
+            argv += [flag.flag, str(value)]
+    return [*argv, *extra_args]
+
+
+def parse_stage(argv: Sequence[str]) -> Any:
+    """The ``StageConfig`` that ``ssl-train`` would run for ``argv``, validated; a user
+    error as TorchX reports a component's (one message, nothing submitted)."""
+    from ssl_train.cli import build_parser
+    from ssl_train.stages.flags import config_from_args
+
+    parser = build_parser()
+    try:
+        args = parser.parse_args(list(argv))
+        return config_from_args(argv[0], args)
+    except UserError as exc:
+        raise JobRefused(str(exc)) from None
+
+
+def check_world_sizes(stage: str, global_batch_size: int, j: str) -> None:
+    """Every world size the elastic range allows must divide the global batch, which stays
+    fixed as the job shrinks or grows.
+
+    Example:
+        >>> check_world_sizes("pretrain", 63, "1x2")
+        Traceback (most recent call last):
+        ...
+        ssl_train.jobs.JobRefused: --global_batch_size 63 does not divide over 2 processes, which -j 1x2 allows (the global batch stays fixed as the job shrinks or grows, so every size must divide it): use a global batch that is a multiple of 2
+    """
+    min_nodes, max_nodes, nproc, _ = parse_nnodes(j)
+    sizes = [nodes * nproc for nodes in range(min_nodes, max_nodes + 1)]
+    bad = [size for size in sizes if global_batch_size % size]
+    if bad:
+        fits = [n for n in range(min_nodes, max_nodes + 1) if global_batch_size % (n * nproc) == 0]
+        ranges = _runs(fits)
+        advice = f"a global batch that is a multiple of {math.lcm(*sizes)}"
+        if ranges:
+            choices = " or ".join(
+                f"-j {a}:{b}x{nproc}" if a != b else f"-j {a}x{nproc}" for a, b in ranges[:2]
+            )
+            advice = f"{choices}, or {advice}"
+        raise JobRefused(
+            f"--global_batch_size {global_batch_size} does not divide over "
+            f"{' or '.join(map(str, bad))} processes, which -j {j} allows (the global batch "
+            f"stays fixed as the job shrinks or grows, so every size must divide it): use "
+            f"{advice}"
+        )
+
+
+def _runs(values: list[int]) -> list[tuple[int, int]]:
+    """Contiguous runs of sorted integers as (first, last), longest first."""
+    runs: list[tuple[int, int]] = []
+    for value in values:
+        if runs and runs[-1][1] == value - 1:
+            runs[-1] = (runs[-1][0], value)
+        else:
+            runs.append((value, value))
+    return sorted(runs, key=lambda run: run[0] - run[1])
+
+
+def check_gpu_memory(config: Any, options: JobOptions) -> None:
+    """Refuse a GPU job whose elastic minimum cannot hold its global batch: the batch
+    stays fixed as the job shrinks, so the fewest GPUs carry the largest share."""
+    spec = registry.stage(config.stage)
+    if spec.model_field is None:
+        return  # a network built from another run's: sized by that run's job
+    if specs.resource(cpu=1, gpu=options.gpu, memMB=1, h=options.h).gpu <= 0:
+        return  # CPU processes: host memory, not a GPU's, is the limit
+    from ssl_train.models.memory import check_fits  # torch: only for GPU jobs
+
+    min_nodes, _, nproc_per_node, _ = parse_nnodes(options.j)
+    try:
+        check_fits(
+            config.stage, getattr(config, spec.model_field), config.image_size,
+            config.global_batch_size, min_nodes * nproc_per_node, options.gpu_memory_gb,
+            config.precision or "bf16",
+        )  # fmt: skip
+    except UserError as exc:
+        raise JobRefused(str(exc)) from None
+
+
+def stage_job(
+    stage: str, values: Mapping[str, Any], extra_args: Sequence[str], options: JobOptions
+) -> specs.AppDef:
+    """The TorchX app of one stage (what every generated component returns).
+
+    Example:
+        >>> app = stage_job("pretrain", {"data": "s3://b/t", "run_dir": "s3://b/p", "preset": "tiny"}, (), JobOptions("p", j="1x2"))
+        >>> app.roles[0].name, app.roles[0].args[1].startswith("ssl-train pretrain --data s3://b/t")
+        ('pretrain', True)
+    """
+    argv = stage_argv(stage, values, extra_args)
+    config = parse_stage(argv)
+    check_gpu_memory(config, options)
+    check_world_sizes(stage, config.global_batch_size, options.j)
+    metrics = ["--metrics-port", str(options.metrics_port)]
+    app = _torchrun_app([*argv, *metrics], options)
+    spec = registry.stage(stage)
+    if spec.model_field is not None:
+        app.metadata[PRESET_METADATA] = getattr(config, spec.model_field)
+    if options.metrics_port:
+        app.roles[0].port_map["metrics"] = options.metrics_port
+    return app
+
+
+def eval_job(argv: Sequence[str], options: JobOptions) -> specs.AppDef:
+    """``ssl-train eval`` as a torchrun job (every node evaluates its share)."""
+    return _torchrun_app(argv, options, check=False)
+
+
+def _torchrun_app(argv: Sequence[str], options: JobOptions, check: bool = True) -> specs.AppDef:
+    """TorchX's ``dist.ddp`` running ``python -m ssl_train.cli ARGV``, with a fresh
+    rendezvous store per round, torchrun's restarts and shutdown window, and the check
+    before torchrun."""
+    job_env = {
+        "PET_MAX_RESTARTS": str(options.max_restarts),  # torchrun reads its flags from PET_*
+        "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",  # a fresh store per rendezvous round
+        "LOGLEVEL": "INFO",
+        SHUTDOWN_TIMEOUT_ENV: str(shutdown_timeout_s(MIN_GRACE_PERIOD_S)),
+        **(options.env or {}),
+    }
+    app = ddp(
+        *argv,
+        m=CLI_MODULE,
+        image=options.image,
+        name=options.name,
+        h=options.h,
+        cpu=options.cpu,
+        gpu=options.gpu,
+        memMB=options.memMB,
+        j=options.j,
+        env=job_env,
+        max_retries=options.max_retries,
+        mounts=list(options.mounts) if options.mounts else None,
+    )
+    role = app.roles[0]
+    role.name = argv[0].replace("-", "_")
+    if check:
+        command = shlex.join(["ssl-train", *argv, "--check-only"])
+        role.args = ["-c", f"{command} && exec {role.args[1]}"]
+    return app

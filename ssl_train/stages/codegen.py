@@ -1,0 +1,214 @@
+"""Writes ``ssl_train/components.py``, the TorchX components, from the stage declarations.
+
+TorchX reads a component's arguments from its Python signature and checks the function's
+source text (``torchx.specs.file_linter``), so every component must be a literal function
+in the module TorchX loads; this generator writes them from ``ssl_train.stages.registry``
+(every stage flag an argument, with the declaration's help and default) so that nothing
+about a stage is written twice. ``make components`` runs it; a test fails when the file
+is out of date.
+
+    .venv/bin/python -m ssl_train.stages.codegen          # rewrite components.py
+    .venv/bin/python -m ssl_train.stages.codegen --check  # exit 1 if it is out of date
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from ssl_train.jobs import JobOptions
+from ssl_train.stages import registry
+
+COMPONENTS_FILE = Path(__file__).resolve().parent.parent / "components.py"
+
+HEADER = '''"""TorchX components for every ssl-train stage: ``torchx run [-s SCHEDULER] ssl.<stage>``.
+
+GENERATED from the stage declarations (``ssl_train/stages/registry.py``) by
+``make components``; do not edit by hand (a test compares it with the declarations).
+
+Every component is TorchX's own ``dist.ddp`` (elastic torchrun, c10d rendezvous on the
+first replica) running ``python -m ssl_train.cli <stage>``, built and checked by
+``ssl_train.jobs.stage_job``: every stage flag is an argument (unset ones take the
+stage's default, the same as on the command line), bad values and a global batch that
+does not divide over the elastic range are refused before anything is submitted, and
+each node checks the data, models and run dir once before torchrun starts. Plus what a
+preemptible cluster job needs: torchrun's in-place restarts (``max_restarts``), the
+scheduler's retries (``max_retries``), a container port named ``metrics`` that the
+PodMonitor in ``k8s/monitoring/`` scrapes, and a fresh rendezvous store per round.
+
+    torchx run -s local_cwd ssl.pretrain -j 1x2 --data s3://b/imagenet/train --run_dir s3://b/runs/p
+    torchx run -s kubernetes ssl.finetune -j 2:4x8 --h gpu.8 --pretrained s3://b/runs/p ...
+"""
+
+from typing import Dict, List, Optional
+
+import torchx.specs as specs
+
+from ssl_train.jobs import DEFAULT_IMAGE, JobOptions, eval_job, stage_job
+from ssl_train.metrics import DEFAULT_PORT
+'''
+
+# (argument, annotation, default source text, help); the values are JobOptions' defaults
+JOB_ARGUMENTS: tuple[tuple[str, str, str, str], ...] = (
+    ("image", "str", "DEFAULT_IMAGE", "container image with ssl-train installed"),
+    ("j", "str", repr(JobOptions.j), "nodes x processes per node, elastic as min:max (e.g. 2:4x8)"),
+    ("h", "Optional[str]", "None", "a registered named resource (overrides cpu, gpu, memMB)"),
+    ("cpu", "int", repr(JobOptions.cpu), "CPUs per node"),
+    ("gpu", "int", repr(JobOptions.gpu), "GPUs per node"),
+    ("memMB", "int", repr(JobOptions.memMB), "memory per node in MB"),
+    (
+        "gpu_memory_gb",
+        "float",
+        repr(JobOptions.gpu_memory_gb),
+        "memory of one GPU in GiB; the elastic minimum must hold the global batch",
+    ),
+    (
+        "max_restarts",
+        "int",
+        repr(JobOptions.max_restarts),
+        "times torchrun restarts failed workers in place",
+    ),
+    (
+        "max_retries",
+        "int",
+        repr(JobOptions.max_retries),
+        "times the scheduler reschedules the whole job",
+    ),
+    (
+        "metrics_port",
+        "int",
+        "DEFAULT_PORT",
+        'Prometheus port (container port named "metrics"); 0 disables metrics',
+    ),
+    (
+        "env",
+        "Optional[Dict[str, str]]",
+        "None",
+        "extra environment variables (e.g. AWS_ENDPOINT_URL=...)",
+    ),
+    (
+        "mounts",
+        "Optional[List[str]]",
+        "None",
+        "mounts (type=<bind/volume>,src=...,dst=...[,readonly])",
+    ),
+)
+NOT_ARGUMENTS = frozenset({"metrics_port"})  # a job option: it also names the container port
+
+
+def _stage_component(spec: registry.StageSpec) -> str:
+    function = spec.name.replace("-", "_")
+    required = ["data", "run_dir", *sorted(spec.required)]
+    flags = [f for f in spec.all_flags if f.field not in NOT_ARGUMENTS]
+    by_field = {f.field: f for f in flags}
+    ordered = [by_field[r] for r in required] + [f for f in flags if f.field not in required]
+    params = ["    *extra_args: str,"]
+    docs = [f"        extra_args: more `ssl-train {spec.name}` flags, after `--`"]
+    for flag in ordered:
+        help_text = registry.help_text(spec, flag)
+        job_default = registry.JOB_DEFAULTS.get(flag.argument)
+        if job_default is not None:
+            help_text += f" (in a job: {job_default})"
+        if flag.field in required:
+            params.append(f"    {flag.argument}: str,")
+        else:
+            params.append(f"    {flag.argument}: Optional[{flag.kind.__name__}] = None,")
+        docs.append(f"        {flag.argument}: {help_text}")
+    params.append(f'    name: str = "ssl-{spec.name}",')
+    docs.append("        name: job name")
+    for argument, annotation, default, help_text in JOB_ARGUMENTS:
+        params.append(f"    {argument}: {annotation} = {default},")
+        docs.append(f"        {argument}: {help_text}")
+    values = ", ".join(f'"{f.argument}": {f.argument}' for f in ordered)
+    options = ", ".join(["name=name", *(f"{a}={a}" for a, _, _, _ in JOB_ARGUMENTS)])
+    summary = spec.summary[0].upper() + spec.summary[1:]
+    return "\n".join(
+        [
+            f"def {function}(",
+            *params,
+            ") -> specs.AppDef:",
+            f'    """{summary} (resumes from run_dir).',
+            "",
+            "    Args:",
+            *docs,
+            '    """',
+            f"    values = {{{values}}}",
+            f'    return stage_job("{spec.name}", values, extra_args, JobOptions({options}))',
+        ]
+    )
+
+
+EVAL_COMPONENT = '''def eval(
+    run_dir: str,
+    data: str,
+    eval_batch_size: int = 256,
+    image_size: int = 0,
+    workers: int = 8,
+    name: str = "ssl-eval",
+    image: str = DEFAULT_IMAGE,
+    j: str = "1x1",
+    h: Optional[str] = None,
+    cpu: int = 8,
+    gpu: int = 0,
+    memMB: int = 16384,
+    max_retries: int = 1,
+    env: Optional[Dict[str, str]] = None,
+    mounts: Optional[List[str]] = None,
+) -> specs.AppDef:
+    """Top-1/top-5 of a finished run's model on every sample of a shard set, in order.
+
+    Args:
+        run_dir: run dir of a finished finetune, distill or linear-eval run
+        data: shard set to evaluate on (e.g. s3://b/imagenet/val)
+        eval_batch_size: images per process and batch
+        image_size: evaluation size (0: what the model trained at)
+        workers: data-loading processes per process
+        name: job name
+        image: container image with ssl-train installed
+        j: nodes x processes per node
+        h: a registered named resource (overrides cpu, gpu, memMB)
+        cpu: CPUs per node
+        gpu: GPUs per node
+        memMB: memory per node in MB
+        max_retries: times the scheduler reschedules the job
+        env: extra environment variables
+        mounts: mounts (type=<bind/volume>,src=...,dst=...[,readonly])
+    """
+    argv = ["eval", run_dir, "--data", data, "--eval-batch-size", str(eval_batch_size)]
+    argv += ["--workers", str(workers)] + (["--image-size", str(image_size)] if image_size else [])
+    options = JobOptions(
+        name=name, image=image, j=j, h=h, cpu=cpu, gpu=gpu, memMB=memMB, max_restarts=0,
+        max_retries=max_retries, metrics_port=0, env=env, mounts=mounts,
+    )
+    return eval_job(argv, options)'''
+
+
+def render_components() -> str:
+    """The text of ``ssl_train/components.py`` for today's declarations.
+
+    Example:
+        >>> "def linear_eval(" in render_components()
+        True
+    """
+    parts = [HEADER.rstrip("\n")]
+    parts += [_stage_component(spec) for spec in registry.STAGES.values()]
+    parts.append(EVAL_COMPONENT)
+    return "\n\n\n".join(parts) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--check", action="store_true", help="exit 1 if the file is stale")
+    args = parser.parse_args()
+    text = render_components()
+    if args.check:
+        if COMPONENTS_FILE.read_text() != text:
+            sys.exit(f"{COMPONENTS_FILE} is out of date: run `make components`")
+        return
+    COMPONENTS_FILE.write_text(text)
+    print(f"wrote {COMPONENTS_FILE}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,68 @@
+"""``ssl-train STAGE --check-only``: everything a stage needs that no restart can fix,
+checked without training.
+
+A TorchX job runs it once per node before torchrun (``ssl_train.jobs``), so a bad flag,
+a missing shard set or model, a label subset that names nothing, or a run dir holding
+another experiment's checkpoint ends the job after one attempt with one message, instead
+of torchrun restarting every rank on it ``max_restarts`` times. It reads what the ranks
+are about to read anyway (the manifest, the subset list, the newest checkpoint's small
+``state.json``, the configs of the models the stage starts from), never tensors.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from shards import storage
+from shards.reader import ShardSet
+from ssl_train.checkpoint import CheckpointStore
+from ssl_train.data.stream import StreamState, TrainStream
+from ssl_train.stages.config import StageConfig, check_device_flag
+from ssl_train.stages.evaluate import check_eval_data
+from ssl_train.stages.loop import (
+    check_same_experiment,
+    data_fingerprint,
+    read_summary,
+    stream_config_of,
+)
+from ssl_train.stages.tasks import check_sources
+
+
+def check_stage(config: StageConfig) -> dict[str, Any]:
+    """Check ``config``'s stage before any work; returns what a run would do.
+
+    Example:
+        >>> check_stage(StageConfig.for_stage("pretrain", data="s3://b/train", run_dir="s3://b/p"))  # doctest: +SKIP
+        {'checked': True, 'stage': 'pretrain', 'samples': 1281167, 'steps_per_epoch': 312, ...}
+    """
+    check_device_flag(config.device)
+    kind = (config.device or ("cuda" if torch.cuda.is_available() else "cpu")).split(":")[0]
+    config = config.on_device(kind)  # as the ranks will resolve it
+    shard_set = ShardSet(config.data)
+    classes = shard_set.manifest.classes
+    stream_config = stream_config_of(config)
+    stream = TrainStream(stream_config, 0, 1, StreamState(), shard_set)
+    plan = stream.plan(0)  # a subset that names nothing, fewer samples than one batch
+    check_sources(config, len(classes))
+    if config.eval_data:
+        check_eval_data(config.eval_data, classes)
+    result: dict[str, Any] = {
+        "checked": True,
+        "stage": config.stage,
+        "samples": plan.num_samples,
+        "steps_per_epoch": plan.steps,
+        "resumes_from_step": None,
+    }
+    summary = read_summary(config.run_dir)
+    if summary is not None and summary.get("finished"):
+        result["finished_earlier"] = True
+    store = CheckpointStore(config.run_dir)
+    step = store.latest()
+    if step is not None:
+        values = store.load_values(step)
+        check_same_experiment(values, config, data_fingerprint(shard_set, stream_config.subset))
+        result["resumes_from_step"] = step
+    result["run_dir"] = storage.redact(config.run_dir)
+    return result

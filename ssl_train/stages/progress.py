@@ -1,0 +1,43 @@
+"""The lines a stage writes for people, and for ``ssl-train pipeline --follow``.
+
+Rank 0 writes them through the ``ssl_train.progress`` logger, each starting with the tag
+``[ssl-train STAGE]``, so a reader finds them with ``PROGRESS_PATTERN`` whatever the log
+format around them:
+
+    [ssl-train pretrain] start: 160 samples (4 classes) of /data/train; 100 steps (10 epochs of 10) from step 0; global batch 16 on 2 ranks (8 each); cpu fp32; run dir /runs/p
+    [ssl-train pretrain] step 10/100 epoch 0 loss 11.9880 contrastive_top1 0.000 lr 0.3 130.1 samples/s eta 0:01:05
+    [ssl-train finetune] eval 2560/25000 samples of rank 0's share
+    [ssl-train pretrain] finished: 100 steps; model in /runs/p/final
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+PROGRESS_LOGGER = "ssl_train.progress"
+PROGRESS_PATTERN = r"\[ssl-train [a-z-]+\] "  # what `ssl-train pipeline --follow` echoes
+
+_log = logging.getLogger(PROGRESS_LOGGER)
+
+
+def say(stage: str, text: str) -> None:
+    """Write one progress line of ``stage``.
+
+    Example:
+        >>> say("pretrain", "start: ...")  # logs "[ssl-train pretrain] start: ..."
+    """
+    _log.info("[ssl-train %s] %s", stage, text)
+
+
+def eta(remaining_steps: int, seconds_per_step: float) -> str:
+    """Time left as ``H:MM:SS`` at the pace so far.
+
+    Example:
+        >>> eta(90, 0.5), eta(0, 1.0), eta(5, float("nan"))
+        ('0:00:45', '0:00:00', '?')
+    """
+    if not math.isfinite(seconds_per_step):
+        return "?"
+    seconds = round(max(0, remaining_steps) * seconds_per_step)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"

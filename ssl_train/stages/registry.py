@@ -1,0 +1,318 @@
+"""Every training stage, declared once.
+
+A stage is its name, a one-line summary, the paper's defaults, its own flags, the values
+it cannot run without, what its batches hold (two augmented views of unlabelled images,
+or one labelled view), whether it trains on a label subset, the function that builds its
+task and its place in the pipeline. The CLI's subcommands and their help, the stage
+configuration, the TorchX components (``ssl_train/components.py`` is generated from
+here), the pipeline's order and the task builder all read this module: adding a stage is
+one ``StageSpec`` here, its task builder, and its tests.
+
+Torch-free: TorchX imports it (through the components) on the machine that submits jobs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+DEFAULT_PRESET = "r50_1x_sk0"
+
+
+@dataclass(frozen=True)
+class Flag:
+    """One command-line flag, which is also the TorchX component argument of the same
+    name (``--warmup-epochs`` is ``warmup_epochs``): it sets ``StageConfig.<field>``."""
+
+    field: str
+    kind: type  # int, float, str, or bool for an on/off switch (--x / --no-x)
+    help: str
+    name: str | None = None  # when the flag is not the field's name (distill's --student)
+
+    @property
+    def flag(self) -> str:
+        return self.name or "--" + self.field.replace("_", "-")
+
+    @property
+    def argument(self) -> str:
+        """The component argument (TorchX spells arguments with underscores)."""
+        return self.flag[2:].replace("-", "_")
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """One training stage (see the module's docstring)."""
+
+    name: str
+    summary: str
+    defaults: Mapping[str, Any]  # the paper's values; fields not named take StageConfig's
+    flags: tuple[Flag, ...]  # the stage's own flags, listed before the common ones
+    required: frozenset[str]  # fields without which it cannot run (beyond data and run_dir)
+    views: int  # 2: two augmented views, unlabelled (contrastive); 1: one labelled view
+    label_subset: bool  # trains on --subset's labelled samples only
+    task: str  # "module:function" that builds its Task (torch; imported when training)
+    pipeline_order: int  # its place in `ssl-train pipeline`: lower runs first
+    model_field: str | None = None  # field naming the network it trains (GPU memory check)
+    # defaults that are not one value, as --help words them
+    default_notes: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def mode(self) -> str:
+        """What the data stream yields: ``pretrain`` (two views) or ``finetune`` (one)."""
+        return "pretrain" if self.views == 2 else "finetune"
+
+    @property
+    def all_flags(self) -> tuple[Flag, ...]:
+        return self.flags + COMMON_FLAGS
+
+    def build_task(self) -> Callable[..., Any]:
+        module, _, function = self.task.partition(":")
+        return getattr(importlib.import_module(module), function)
+
+    def default(self, field_name: str) -> Any:
+        """The value a field takes when its flag is not given."""
+        if field_name in self.defaults:
+            return self.defaults[field_name]
+        from ssl_train.stages.config import StageConfig
+
+        spec = {f.name: f for f in dataclasses.fields(StageConfig)}[field_name]
+        return spec.default
+
+
+_SUBSET_HELP = "labelled subset: 1percent, 10percent or a list file (default: every label)"
+
+# Flags every stage has, in the order --help lists them.
+COMMON_FLAGS: tuple[Flag, ...] = (
+    Flag("data", str, "training shard set: a local path or s3://bucket/prefix"),
+    Flag(
+        "run_dir",
+        str,
+        "where checkpoints and the final model go (local or s3://); "
+        "running the same command again resumes from it",
+    ),
+    Flag("global_batch_size", int, "samples per step over all processes"),
+    Flag("epochs", float, "training length in epochs"),
+    Flag("max_steps", int, "training length in steps (overrides --epochs)"),
+    Flag("image_size", int, "side of the training crops in pixels"),
+    Flag("seed", int, "fixes the initial weights, data order and augmentation"),
+    Flag("learning_rate", float, "base learning rate, scaled by --lr-scaling"),
+    Flag("lr_scaling", str, "sqrt: lr*sqrt(B); linear: lr*B/256"),
+    Flag("warmup_epochs", float, "linear warmup, then cosine decay"),
+    Flag("weight_decay", float, "L2 weight decay (not on BN or biases)"),
+    Flag("momentum", float, "optimizer momentum"),
+    Flag("head_layers", int, "projection head depth"),
+    Flag("proj_dim", int, "projection output width"),
+    Flag(
+        "partitions",
+        int,
+        "data-plan partitions, part of the run's configuration like the seed "
+        "(default 32, or the global batch when 32 does not divide it)",
+    ),
+    Flag("precision", str, "fp32, or bf16 autocast (default: bf16 on a GPU, fp32 on CPUs)"),
+    Flag(
+        "channels_last",
+        bool,
+        "channels-last memory format (default: on for a GPU, off on CPUs)",
+    ),
+    Flag("compile", bool, "torch.compile the model"),
+    Flag("device", str, "cpu, cuda or cuda:N (default: cuda when a GPU is visible)"),
+    Flag("workers", int, "data-loading processes per rank"),
+    Flag("checkpoint_every_steps", int, "also checkpoint every N steps"),
+    Flag("checkpoint_every_minutes", float, "checkpoint every M minutes"),
+    Flag("keep_checkpoints", int, "how many recent checkpoints to keep"),
+    Flag("trace_samples", str, "append one JSON line per rank and step with the sample keys"),
+    Flag("stop_at_step", int, "checkpoint and stop at this global step (run again to continue)"),
+    Flag(
+        "allow_config_change",
+        bool,
+        "resume even if training settings differ from the checkpoint's",
+    ),
+    Flag("eval_data", str, "shard set to report top-1/top-5 on at the end (checked at the start)"),
+    Flag("eval_batch_size", int, "evaluation batch per process"),
+    Flag("log_every_steps", int, "progress line every N steps"),
+    Flag(
+        "metrics_port",
+        int,
+        "serve Prometheus /metrics for this node on PORT + node rank (0 = off)",
+    ),
+)
+
+_PRESET = Flag("preset", str, "model preset (see `ssl-train models`)")
+
+STAGES: Mapping[str, StageSpec] = MappingProxyType(
+    {
+        spec.name: spec
+        for spec in (
+            StageSpec(
+                name="pretrain",
+                summary="SimCLRv2 contrastive pretraining on unlabelled images",
+                defaults={
+                    "preset": DEFAULT_PRESET,
+                    "global_batch_size": 4096,
+                    "epochs": 800.0,
+                    "learning_rate": 0.075,
+                    "lr_scaling": "sqrt",
+                    "warmup_epochs": 10.0,
+                    "weight_decay": 1e-4,
+                    "temperature": 0.1,
+                },
+                flags=(_PRESET, Flag("temperature", float, "NT-Xent temperature")),
+                required=frozenset(),
+                views=2,
+                label_subset=False,
+                task="ssl_train.stages.tasks:build_pretrain",
+                pipeline_order=0,
+                model_field="preset",
+            ),
+            StageSpec(
+                name="finetune",
+                summary="finetune a pretrained network on labelled images (e.g. 1% or 10% of them)",
+                defaults={
+                    "global_batch_size": 1024,
+                    "learning_rate": 0.005,
+                    "lr_scaling": "sqrt",
+                    "warmup_epochs": 0.0,
+                    "weight_decay": 0.0,
+                    "from_proj_layer": 1,
+                },
+                flags=(
+                    Flag("pretrained", str, "run dir of a finished pretrain run"),
+                    Flag("subset", str, _SUBSET_HELP),
+                    Flag("from_proj_layer", int, "head layer the classifier reads"),
+                ),
+                required=frozenset({"pretrained"}),
+                views=1,
+                label_subset=True,
+                task="ssl_train.stages.tasks:build_finetune",
+                pipeline_order=1,
+                default_notes=MappingProxyType(
+                    {"epochs": "60 on the 1percent subset, 30 otherwise"}
+                ),
+            ),
+            StageSpec(
+                name="supervised",
+                summary="the baseline: finetuning's network trained from random weights on labels only",
+                defaults={
+                    "preset": DEFAULT_PRESET,
+                    "global_batch_size": 1024,
+                    "learning_rate": 0.005,
+                    "lr_scaling": "sqrt",
+                    "warmup_epochs": 0.0,
+                    "weight_decay": 1e-4,
+                    "from_proj_layer": 1,
+                },
+                flags=(
+                    _PRESET,
+                    Flag("subset", str, _SUBSET_HELP),
+                    Flag("from_proj_layer", int, "head layers kept under the classifier"),
+                ),
+                required=frozenset(),
+                views=1,
+                label_subset=True,
+                task="ssl_train.stages.tasks:build_supervised",
+                pipeline_order=2,
+                model_field="preset",
+                default_notes=MappingProxyType({"epochs": "100"}),  # StageConfig.resolved_epochs
+            ),
+            StageSpec(
+                name="distill",
+                summary="distill a finetuned teacher into a student on unlabelled images",
+                defaults={  # pretraining's optimiser settings; the teacher's soft labels at tau=1
+                    "preset": DEFAULT_PRESET,
+                    "global_batch_size": 4096,
+                    "epochs": 400.0,
+                    "learning_rate": 0.075,
+                    "lr_scaling": "sqrt",
+                    "warmup_epochs": 10.0,
+                    "weight_decay": 1e-4,
+                    "temperature": 1.0,
+                },
+                flags=(
+                    Flag("teacher", str, "run dir of a finished finetune run"),
+                    Flag(
+                        "preset",
+                        str,
+                        "student preset (same size as the teacher or smaller)",
+                        name="--student",
+                    ),
+                    Flag("temperature", float, "distillation temperature"),
+                    Flag(
+                        "labeled_weight",
+                        float,
+                        "weight of a cross-entropy term on the true labels (0 = unlabelled only)",
+                    ),
+                ),
+                required=frozenset({"teacher"}),
+                views=1,
+                label_subset=False,
+                task="ssl_train.stages.tasks:build_distill",
+                pipeline_order=3,
+                model_field="preset",
+            ),
+            StageSpec(
+                name="linear-eval",
+                summary="train a linear classifier on a frozen pretrained backbone",
+                defaults={  # SimCLR's linear protocol: frozen backbone, momentum SGD, 90 epochs
+                    "global_batch_size": 4096,
+                    "epochs": 90.0,
+                    "learning_rate": 0.1,
+                    "lr_scaling": "linear",
+                    "warmup_epochs": 0.0,
+                    "weight_decay": 0.0,
+                    "from_proj_layer": 0,
+                },
+                flags=(
+                    Flag("pretrained", str, "run dir of a finished pretrain run"),
+                    Flag("subset", str, _SUBSET_HELP),
+                    Flag("from_proj_layer", int, "head layer the classifier reads"),
+                ),
+                required=frozenset({"pretrained"}),
+                views=1,
+                label_subset=True,
+                task="ssl_train.stages.tasks:build_linear_eval",
+                pipeline_order=4,
+            ),
+        )
+    }
+)
+
+# What a TorchX job passes to its stage unless told otherwise: the one place where a
+# cluster job's settings differ from the command's. A cluster node gives every rank
+# several CPU cores to decode with; a laptop does not. (Device-dependent choices,
+# bf16 and channels-last, follow the device instead: see StageConfig.on_device.)
+JOB_DEFAULTS: Mapping[str, Any] = MappingProxyType({"workers": 8})
+
+
+def stage(name: str) -> StageSpec:
+    """The declaration of stage ``name``; a clear error for an unknown one.
+
+    Example:
+        >>> stage("distill").mode, stage("pretrain").views
+        ('finetune', 2)
+    """
+    from ssl_train.errors import UserError
+
+    try:
+        return STAGES[name]
+    except KeyError:
+        raise UserError(f"unknown stage {name!r}; use one of {', '.join(STAGES)}") from None
+
+
+def help_text(spec: StageSpec, flag: Flag) -> str:
+    """A flag's help, ending with the default the stage gives it (none for unset ones).
+
+    Example:
+        >>> help_text(stage("pretrain"), stage("pretrain").flags[1])
+        'NT-Xent temperature (default 0.1)'
+    """
+    if flag.field in spec.default_notes:
+        return f"{flag.help} (default {spec.default_notes[flag.field]})"
+    value = spec.default(flag.field)
+    if value is None or value is dataclasses.MISSING or flag.kind is bool:
+        return flag.help
+    shown = f"{value:g}" if isinstance(value, float) else str(value)
+    return f"{flag.help} (default {shown})"
