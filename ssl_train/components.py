@@ -31,6 +31,8 @@ def pretrain(
     run_dir: str,
     preset: Optional[str] = None,
     temperature: Optional[float] = None,
+    memory_size: Optional[int] = None,
+    memory_momentum: Optional[float] = None,
     global_batch_size: Optional[int] = None,
     epochs: Optional[float] = None,
     max_steps: Optional[int] = None,
@@ -80,6 +82,8 @@ def pretrain(
         run_dir: where checkpoints and the final model go (local or s3://); running the same command again resumes from it
         preset: model preset (see `ssl-train models`) (default r50_1x_sk0)
         temperature: NT-Xent temperature (default 0.1)
+        memory_size: negatives kept from earlier steps by SimCLRv2's memory (the paper's 64K, MoCo's queue of 65,536); 0 turns the memory off (default 65536 for the Table-1 presets, 0 for tiny)
+        memory_momentum: moving-average coefficient of the memory network (SimCLRv2 and MoCo: 0.999) (default 0.999)
         global_batch_size: samples per step over all processes (default 4096)
         epochs: training length in epochs (default 800)
         max_steps: training length in steps (overrides --epochs)
@@ -121,7 +125,7 @@ def pretrain(
         env: extra environment variables (e.g. AWS_ENDPOINT_URL=...)
         mounts: mounts (type=<bind/volume>,src=...,dst=...[,readonly])
     """
-    values = {"data": data, "run_dir": run_dir, "preset": preset, "temperature": temperature, "global_batch_size": global_batch_size, "epochs": epochs, "max_steps": max_steps, "image_size": image_size, "seed": seed, "learning_rate": learning_rate, "lr_scaling": lr_scaling, "warmup_epochs": warmup_epochs, "weight_decay": weight_decay, "momentum": momentum, "head_layers": head_layers, "proj_dim": proj_dim, "partitions": partitions, "precision": precision, "channels_last": channels_last, "compile": compile, "device": device, "workers": workers, "checkpoint_every_steps": checkpoint_every_steps, "checkpoint_every_minutes": checkpoint_every_minutes, "keep_checkpoints": keep_checkpoints, "trace_samples": trace_samples, "stop_at_step": stop_at_step, "allow_config_change": allow_config_change, "eval_data": eval_data, "eval_batch_size": eval_batch_size, "log_every_steps": log_every_steps}
+    values = {"data": data, "run_dir": run_dir, "preset": preset, "temperature": temperature, "memory_size": memory_size, "memory_momentum": memory_momentum, "global_batch_size": global_batch_size, "epochs": epochs, "max_steps": max_steps, "image_size": image_size, "seed": seed, "learning_rate": learning_rate, "lr_scaling": lr_scaling, "warmup_epochs": warmup_epochs, "weight_decay": weight_decay, "momentum": momentum, "head_layers": head_layers, "proj_dim": proj_dim, "partitions": partitions, "precision": precision, "channels_last": channels_last, "compile": compile, "device": device, "workers": workers, "checkpoint_every_steps": checkpoint_every_steps, "checkpoint_every_minutes": checkpoint_every_minutes, "keep_checkpoints": keep_checkpoints, "trace_samples": trace_samples, "stop_at_step": stop_at_step, "allow_config_change": allow_config_change, "eval_data": eval_data, "eval_batch_size": eval_batch_size, "log_every_steps": log_every_steps}
     return stage_job("pretrain", values, extra_args, JobOptions(name=name, image=image, j=j, h=h, cpu=cpu, gpu=gpu, memMB=memMB, gpu_memory_gb=gpu_memory_gb, max_restarts=max_restarts, max_retries=max_retries, metrics_port=metrics_port, env=env, mounts=mounts))
 
 

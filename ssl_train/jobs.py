@@ -161,7 +161,7 @@ def check_gpu_memory(config: Any, options: JobOptions) -> None:
         check_fits(
             config.stage, getattr(config, spec.model_field), config.image_size,
             config.global_batch_size, min_nodes * nproc_per_node, options.gpu_memory_gb,
-            config.precision or "bf16",
+            config.precision or "bf16", None, config.memory_size or 0,
         )  # fmt: skip
     except UserError as exc:
         raise JobRefused(str(exc)) from None

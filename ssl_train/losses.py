@@ -27,12 +27,16 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
     return torch.promote_types(x.dtype, torch.float32)
 
 
-def _contrastive_logits(z1: Tensor, z2: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
-    """Logits (2B, 2N) of every local anchor against the global batch, and the targets.
+def _contrastive_logits(
+    z1: Tensor, z2: Tensor, temperature: float, memory: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """Logits (2B, 2N [+ M]) of every local anchor against the global batch (and the M
+    memory entries), and the targets.
 
     Rows are the local anchors [z1; z2]; columns are [z1; z2] of rank 0, then rank 1, ...
-    (one all-gather of both views instead of two). The softmax does not care about the
-    column order, so this is the official [logits_ab, logits_aa] row up to a permutation.
+    (one all-gather of both views instead of two), then the memory. The softmax does not
+    care about the column order, so this is the official [logits_ab, logits_aa] row up to
+    a permutation.
     """
     if z1.shape != z2.shape or z1.dim() != 2:
         raise ValueError(
@@ -50,10 +54,15 @@ def _contrastive_logits(z1: Tensor, z2: Tensor, temperature: float) -> tuple[Ten
     offset = rank() * 2 * batch
     logits.index_put_((rows, rows + offset), logits.new_tensor(_MASKED_LOGIT))
     targets = (rows + batch) % (2 * batch) + offset  # the other view of the same image
+    if memory is not None and memory.shape[0]:
+        negatives = memory.detach().to(dtype)  # unit vectors from ContrastiveMemory
+        logits = torch.cat([logits, (hidden / temperature) @ negatives.T], dim=1)
     return logits, targets
 
 
-def nt_xent(z1: Tensor, z2: Tensor, temperature: float = 0.1) -> Tensor:
+def nt_xent(
+    z1: Tensor, z2: Tensor, temperature: float = 0.1, memory: Tensor | None = None
+) -> Tensor:
     """NT-Xent (SimCLR's contrastive loss) of two views' projections, as in the official code.
 
     Each of the 2B local anchors has its other view as the positive and the 2N-2 other
@@ -63,13 +72,25 @@ def nt_xent(z1: Tensor, z2: Tensor, temperature: float = 0.1) -> Tensor:
     lightly's NTXentLoss, which averages over 2B anchors. Under DDP the gradient averaged
     over ranks is exactly the single-process gradient on the global batch.
 
+    With ``memory`` (M unit-length projections of earlier batches by SimCLRv2's memory
+    network, ``ssl_train.memory``; no gradient flows into them), every anchor's
+    denominator also holds them. For anchor i with normalized projection h_i, positive p
+    and global batch projections h_k:
+
+        loss_i = -log( exp(h_i.h_p / t) /
+                       ( sum_{k != i} exp(h_i.h_k / t) + sum_{m=1..M} exp(h_i.m_m / t) ) )
+
+    where the first sum runs over the 2N - 1 other projections of the global batch (the
+    positive included) and the second over the memory. Without memory (None, or no
+    entry yet) the loss is exactly the one above.
+
     Example:
         >>> z1, z2 = torch.randn(8, 128), torch.randn(8, 128)
         >>> loss = nt_xent(z1, z2, temperature=0.1)
         >>> loss.shape
         torch.Size([])
     """
-    logits, targets = _contrastive_logits(z1, z2, temperature)
+    logits, targets = _contrastive_logits(z1, z2, temperature, memory)
     return F.cross_entropy(logits, targets, reduction="sum") / z1.shape[0]
 
 

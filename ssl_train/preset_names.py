@@ -13,8 +13,5 @@ TABLE1 = {
     (152, 3, True): 795,
 }  # fmt: skip
 
-PRESET_NAMES: tuple[str, ...] = (
-    *(f"r{depth}_{width}x_sk{int(sk)}" for depth, width, sk in TABLE1),
-    "tiny",
-    "tiny_student",
-)
+TABLE1_NAMES: tuple[str, ...] = tuple(f"r{d}_{w}x_sk{int(sk)}" for d, w, sk in TABLE1)
+PRESET_NAMES: tuple[str, ...] = (*TABLE1_NAMES, "tiny", "tiny_student")

@@ -16,6 +16,7 @@ import torch
 GLOBAL_PAIRS = 8
 IMAGE = 16
 LR, WEIGHT_DECAY = 0.6, 1e-4
+MEMORY_SIZE = 20
 
 
 def _model() -> torch.nn.Module:
@@ -40,8 +41,22 @@ def _views() -> tuple[torch.Tensor, torch.Tensor]:
     )
 
 
+def _memory(model: torch.nn.Module):
+    """SimCLRv2's memory, partly filled: this step's 16 entries wrap its ring of 20."""
+    from ssl_train.memory import ContrastiveMemory
+
+    memory = ContrastiveMemory(model, size=MEMORY_SIZE, momentum=0.9, dim=16)
+    rows = torch.randn(13, 16, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    memory._write(torch.nn.functional.normalize(rows, dim=1))
+    return memory
+
+
 def _step(
-    model: torch.nn.Module, trained: torch.nn.Module, view1: torch.Tensor, view2: torch.Tensor
+    model: torch.nn.Module,
+    trained: torch.nn.Module,
+    view1: torch.Tensor,
+    view2: torch.Tensor,
+    memory=None,
 ):
     from ssl_train.losses import nt_xent
     from ssl_train.optim import LARS, lars_param_groups
@@ -49,11 +64,20 @@ def _step(
     optimizer = LARS(lars_param_groups(trained, weight_decay=WEIGHT_DECAY), lr=LR)
     projection = model(torch.cat([view1, view2])).projection
     z1, z2 = projection.chunk(2)
-    loss = nt_xent(z1, z2, temperature=0.1)
+    negatives = memory.negatives() if memory is not None else None
+    loss = nt_xent(z1, z2, temperature=0.1, memory=negatives)
     loss.backward()
     grads = {n: p.grad.detach().clone() for n, p in trained.named_parameters()}
     optimizer.step()
+    if memory is not None:  # what PretrainTask.after_step does
+        memory.update(trained)
+        memory.push(torch.cat([view1, view2]))
     return loss.detach(), grads
+
+
+def _memory_snapshot(memory) -> dict[str, list]:
+    state = {f"memory:{n}": v.double().flatten().tolist() for n, v in memory.state_dict().items()}
+    return state
 
 
 def _snapshot(trained: torch.nn.Module) -> dict[str, list]:
@@ -64,7 +88,7 @@ def _snapshot(trained: torch.nn.Module) -> dict[str, list]:
     return state
 
 
-def distributed_step(break_gather: bool) -> dict:
+def distributed_step(break_gather: bool, with_memory: bool = False) -> dict:
     """One training step on this rank's share of the global batch (runs under torchrun)."""
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
@@ -88,23 +112,40 @@ def distributed_step(break_gather: bool) -> dict:
     rank, world = dist.get_rank(), dist.get_world_size()
     local = GLOBAL_PAIRS // world
     view1, view2 = (v[rank * local : (rank + 1) * local] for v in _views())
-    model = convert_to_global_bn(_model())
+    plain = _model()
+    memory = _memory(plain) if with_memory else None  # built as build_pretrain does
+    model = convert_to_global_bn(plain)
     ddp = DistributedDataParallel(model)
-    loss, grads = _step(ddp, model, view1, view2)
+    loss, grads = _step(ddp, model, view1, view2, memory)
     dist.all_reduce(loss)  # the global loss: mean of the ranks' local means
     result = {
         "loss": loss.item() / world,
         "grads": {n: g.flatten().tolist() for n, g in grads.items()},
     }
     result.update(_snapshot(model))
+    if memory is not None:
+        result.update(_memory_snapshot(memory))
+        result["memory_same_on_every_rank"] = _same_on_every_rank(memory)
     return result if rank == 0 else {"loss": result["loss"]}
 
 
-def _single_process_reference() -> dict:
+def _same_on_every_rank(memory) -> bool:
+    import torch.distributed as dist
+
+    flat = torch.cat([v.double().flatten() for v in memory.state_dict().values()])
+    gathered = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, flat)
+    return all(torch.equal(g, flat) for g in gathered)
+
+
+def _single_process_reference(with_memory: bool = False) -> dict:
     model = _model()
-    loss, grads = _step(model, model, *_views())
+    memory = _memory(model) if with_memory else None
+    loss, grads = _step(model, model, *_views(), memory)
     result = {"loss": loss.item(), "grads": {n: g.flatten().tolist() for n, g in grads.items()}}
     result.update(_snapshot(model))
+    if memory is not None:
+        result.update(_memory_snapshot(memory))
     return result
 
 
@@ -131,6 +172,35 @@ def _assert_equal(distributed: dict, reference: dict) -> None:
 @pytest.fixture(scope="module")
 def reference() -> dict:
     return _single_process_reference()
+
+
+@pytest.fixture(scope="module")
+def memory_reference() -> dict:
+    return _single_process_reference(with_memory=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_with_the_memory_w_processes_equal_one_process(
+    world_size: int, memory_reference: dict
+) -> None:
+    """The same step with SimCLRv2's memory: its negatives in the loss, then the moving
+    average and the buffer's new (wrapping) entries, equal on every rank and to one
+    process's."""
+    from distributed import run_under_torchrun
+
+    results = run_under_torchrun(distributed_step, world_size, False, True, timeout_s=240)
+    assert results[0].pop("memory_same_on_every_rank")
+    _assert_equal(results[0], memory_reference)
+    assert any(k.startswith("memory:network.") for k in memory_reference)
+
+
+def test_the_memory_changes_the_step(reference: dict, memory_reference: dict) -> None:
+    """Guards the memory comparison: its negatives change the loss, and the step wraps the
+    buffer (13 entries + 16 new in a ring of 20)."""
+    assert memory_reference["loss"] > reference["loss"]
+    assert memory_reference["memory:filled"] == [MEMORY_SIZE]
+    assert memory_reference["memory:position"] == [(13 + 2 * GLOBAL_PAIRS) % MEMORY_SIZE]
 
 
 @pytest.mark.slow

@@ -49,6 +49,13 @@ STEPS_PER_EPOCH = 10
 CALM = ["--temperature", "1.0", "--learning-rate", "0.003", "--weight-decay", "0"]
 
 
+# SimCLRv2's memory: 48 projections of the 320 an epoch makes (2 views x 160 samples);
+# each step's 32 new ones wrap the ring. At momentum 0.9 (with CALM's learning rate) the
+# tiny net turns chaotic: 1 vs 2 threads alone move a weight by 2.4e-4; at 0.99 by 2.4e-7,
+# like the run without memory.
+MEMORY = ["--memory-size", "48", "--memory-momentum", "0.99"]
+
+
 def pretrain_args(data: Path, run_dir: Path | str, *extra: str) -> list[str]:
     return [
         "--data", str(data), "--run-dir", str(run_dir), *TINY,
@@ -56,20 +63,42 @@ def pretrain_args(data: Path, run_dir: Path | str, *extra: str) -> list[str]:
     ]  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def baseline_two_ranks(tiny_shards: TinyShards, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def _baseline_two_ranks(tiny_shards: TinyShards, root: Path, *extra: str) -> Path:
     """The uninterrupted 2-rank run every same-world-size scenario must reproduce."""
-    root = tmp_path_factory.mktemp("baseline2")
-    args = pretrain_args(tiny_shards.train, root / "run", "--trace-samples", str(root / "trace"))
+    args = pretrain_args(
+        tiny_shards.train, root / "run", "--trace-samples", str(root / "trace"), *extra
+    )
     run(command("pretrain", *args, nprocs=2), root / "log")
     assert_exactly_once(trace(root / "trace"), tiny_shards.keys, STEPS_PER_EPOCH)
     return root / "run"
 
 
 @pytest.fixture(scope="module")
+def baseline_two_ranks(tiny_shards: TinyShards, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _baseline_two_ranks(tiny_shards, tmp_path_factory.mktemp("baseline2"))
+
+
+@pytest.fixture(scope="module")
+def baseline_two_ranks_memory(
+    tiny_shards: TinyShards, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    return _baseline_two_ranks(tiny_shards, tmp_path_factory.mktemp("baseline2m"), *MEMORY)
+
+
+@pytest.fixture(scope="module")
 def baseline_one_rank(tiny_shards: TinyShards, tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("baseline1")
     run(command("pretrain", *pretrain_args(tiny_shards.train, root / "run", *CALM)), root / "log")
+    return root / "run"
+
+
+@pytest.fixture(scope="module")
+def baseline_one_rank_memory(
+    tiny_shards: TinyShards, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    root = tmp_path_factory.mktemp("baseline1m")
+    args = pretrain_args(tiny_shards.train, root / "run", *CALM, *MEMORY)
+    run(command("pretrain", *args), root / "log")
     return root / "run"
 
 
@@ -98,15 +127,20 @@ def test_sigkilled_worker_is_restarted_and_the_run_matches(
     assert_exactly_once(trace(trace_file), tiny_shards.keys, STEPS_PER_EPOCH)
 
 
+@pytest.mark.parametrize("memory", [False, True], ids=["", "with-memory"])
 def test_sigterm_saves_the_current_step_and_resume_starts_there(
-    tiny_shards: TinyShards, baseline_two_ranks: Path, tmp_path: Path
+    tiny_shards: TinyShards, memory: bool, request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:
+    """With SimCLRv2's memory too: its network and buffer are part of the checkpoint."""
     from ssl_train.checkpoint import CheckpointStore
 
+    baseline_two_ranks = request.getfixturevalue(
+        "baseline_two_ranks_memory" if memory else "baseline_two_ranks"
+    )
     run_dir, trace_file = tmp_path / "run", tmp_path / "trace"
     args = pretrain_args(
         tiny_shards.train, run_dir, "--trace-samples", str(trace_file),
-        "--checkpoint-every-steps", "4", "--workers", "1",
+        "--checkpoint-every-steps", "4", "--workers", "1", *(MEMORY if memory else []),
     )  # fmt: skip
     job = start(command("pretrain", *args, nprocs=2), tmp_path / "log")
     wait_for_step(trace_file, 5, job)  # mid-epoch, past the periodic checkpoint at step 4
@@ -122,22 +156,42 @@ def test_sigterm_saves_the_current_step_and_resume_starts_there(
     assert f"resumed from step {saved}" in out
     assert "the run dir's lease is held by" not in out  # released by the preempted job
     assert_bitwise_equal(final_weights(run_dir), final_weights(baseline_two_ranks))
+    if memory:
+        assert_bitwise_equal(memory_state(run_dir), memory_state(baseline_two_ranks))
     assert_exactly_once(trace(trace_file), tiny_shards.keys, STEPS_PER_EPOCH)
 
 
+def memory_state(run_dir: Path) -> dict:
+    """The memory network and buffer of the run's last checkpoint."""
+    from ssl_train.checkpoint import CheckpointStore
+
+    state = CheckpointStore(str(run_dir)).load()["memory"]
+    assert int(state["filled"]) == 48
+    return state
+
+
+@pytest.mark.parametrize("memory", [False, True], ids=["", "with-memory"])
 def test_two_ranks_then_one_rank_matches_the_one_rank_run(
-    tiny_shards: TinyShards, baseline_one_rank: Path, tmp_path: Path
+    tiny_shards: TinyShards, memory: bool, request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:
     from ssl_train.checkpoint import CheckpointStore
 
+    baseline_one_rank = request.getfixturevalue(
+        "baseline_one_rank_memory" if memory else "baseline_one_rank"
+    )
     run_dir, trace_file = tmp_path / "run", tmp_path / "trace"
-    args = pretrain_args(tiny_shards.train, run_dir, "--trace-samples", str(trace_file), *CALM)
+    args = pretrain_args(
+        tiny_shards.train, run_dir, "--trace-samples", str(trace_file), *CALM,
+        *(MEMORY if memory else []),
+    )  # fmt: skip
     run(command("pretrain", *args, "--stop-at-step", str(STEPS // 2), nprocs=2), tmp_path / "log")
     half_way = CheckpointStore(str(run_dir)).load(STEPS // 2)["model"]
     out = run(command("pretrain", *args), tmp_path / "log")
     assert f"resumed from step {STEPS // 2} (saved on 2 ranks)" in out
     final = final_weights(run_dir)
     assert_close(final, final_weights(baseline_one_rank), rtol=1e-4)
+    if memory:
+        assert_close(memory_state(run_dir), memory_state(baseline_one_rank), rtol=1e-4)
     moved = max((final[k] - half_way[k]).abs().max().item() for k in final if "running" not in k)
     assert moved > 100 * 1e-4, (
         "the one-process half must really train for the check to mean anything"

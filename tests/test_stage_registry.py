@@ -99,3 +99,14 @@ def test_adding_a_stage_is_one_declaration(monkeypatch: pytest.MonkeyPatch) -> N
 def test_an_unknown_stage_names_the_known_ones() -> None:
     with pytest.raises(ValueError, match="unknown stage 'pretrian'; use one of pretrain"):
         StageConfig.for_stage("pretrian", data="d", run_dir="r")
+
+
+def test_component_arguments_have_their_types() -> None:
+    """`ssl.eval` took image_size as a string; numbers are numbers now."""
+    import inspect
+
+    from ssl_train import components
+
+    parameters = inspect.signature(components.eval).parameters
+    assert parameters["image_size"].annotation is int
+    assert parameters["eval_batch_size"].annotation is int

@@ -28,6 +28,8 @@ from ssl_train.models.presets import build_model, get_preset
 
 STATE_BYTES_PER_PARAMETER = 16  # weights, gradients, momentum, DDP buckets (fp32 each)
 TEACHER_BYTES_PER_PARAMETER = 4
+MEMORY_NETWORK_BYTES_PER_PARAMETER = 4  # SimCLRv2's memory network: fp32 weights, no grads
+PROJECTION_BYTES = 128 * 4  # one buffered 128-d fp32 projection
 BACKWARD_MARGIN = 0.10
 RESERVED_BYTES = 3 * 2**30
 VIEWS = {"pretrain": 2}  # images per sample; every other stage sees one
@@ -96,8 +98,11 @@ def per_gpu(
     gpus: int,
     precision: str = "bf16",
     teacher: str | None = None,
+    memory_size: int = 0,
 ) -> GpuMemory:
-    """What each of ``gpus`` GPUs holds for one training step.
+    """What each of ``gpus`` GPUs holds for one training step (with SimCLRv2's memory of
+    ``memory_size`` projections: its network's weights and the buffer, no activations
+    kept, since its forward pass has no backward).
 
     Example:
         >>> m = per_gpu("pretrain", "r50_1x_sk0", 224, 4096, 8)
@@ -108,6 +113,9 @@ def per_gpu(
     state = STATE_BYTES_PER_PARAMETER * parameter_count(preset)
     if teacher:
         state += TEACHER_BYTES_PER_PARAMETER * parameter_count(teacher)
+    if memory_size:
+        state += MEMORY_NETWORK_BYTES_PER_PARAMETER * parameter_count(preset)
+        state += PROJECTION_BYTES * memory_size
     return GpuMemory(
         state, images * activation_bytes_per_image(preset, image_size, precision), images
     )
@@ -121,6 +129,7 @@ def smallest_world_size(
     gpu_memory_bytes: int,
     precision: str = "bf16",
     teacher: str | None = None,
+    memory_size: int = 0,
 ) -> int | None:
     """The fewest GPUs (dividing the global batch) whose share fits ``gpu_memory_bytes``;
     None if even one image per GPU does not fit.
@@ -132,7 +141,9 @@ def smallest_world_size(
     for gpus in range(1, global_batch_size + 1):
         if global_batch_size % gpus:
             continue
-        need = per_gpu(stage, preset, image_size, global_batch_size, gpus, precision, teacher)
+        need = per_gpu(
+            stage, preset, image_size, global_batch_size, gpus, precision, teacher, memory_size
+        )
         if need.total <= gpu_memory_bytes:
             return gpus
     return None
@@ -147,6 +158,7 @@ def check_fits(
     gpu_memory_gb: float,
     precision: str = "bf16",
     teacher: str | None = None,
+    memory_size: int = 0,
 ) -> None:
     """Refuse a job whose smallest allowed size cannot hold the global batch.
 
@@ -158,11 +170,13 @@ def check_fits(
     """
     get_preset(preset)  # an unknown name is its own error
     budget = int(gpu_memory_gb * 2**30)
-    need = per_gpu(stage, preset, image_size, global_batch_size, min_gpus, precision, teacher)
+    need = per_gpu(
+        stage, preset, image_size, global_batch_size, min_gpus, precision, teacher, memory_size
+    )
     if need.total <= budget:
         return
     fewest = smallest_world_size(
-        stage, preset, image_size, global_batch_size, budget, precision, teacher
+        stage, preset, image_size, global_batch_size, budget, precision, teacher, memory_size
     )
     advice = (
         f"the elastic minimum must be at least {fewest} GPUs (raise MIN in -j MIN:MAXxGPUS, "

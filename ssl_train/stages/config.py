@@ -14,7 +14,7 @@ from typing import Any
 
 from ssl_train.errors import UserError
 from ssl_train.metrics import DEFAULT_PORT
-from ssl_train.preset_names import PRESET_NAMES
+from ssl_train.preset_names import PRESET_NAMES, TABLE1_NAMES
 from ssl_train.stages import registry
 
 PRECISIONS = ("fp32", "bf16")
@@ -110,6 +110,8 @@ class StageConfig:
     eval_batch_size: int = 256
     log_every_steps: int = 10
     metrics_port: int = DEFAULT_PORT  # 0 = no metrics
+    memory_size: int | None = None  # pretrain: SimCLRv2's memory (None: by preset; 0 = off)
+    memory_momentum: float = registry.DEFAULT_MEMORY_MOMENTUM
 
     @classmethod
     def for_stage(cls, stage: str, **values: Any) -> StageConfig:
@@ -118,6 +120,11 @@ class StageConfig:
         merged = dict(registry.stage(stage).defaults)
         merged.update({k: v for k, v in values.items() if v is not None})
         config = cls(stage=stage, **merged)
+        if config.memory_size is None and registry.stage(stage).views == 2:
+            # the paper's memory for Table 1's networks; the tiny presets choose per run
+            config.memory_size = (
+                registry.DEFAULT_MEMORY_SIZE if config.preset in TABLE1_NAMES else 0
+            )
         config.validate()
         return config
 
@@ -164,6 +171,11 @@ class StageConfig:
             (self.partitions is None or self.partitions >= 1, "--partitions must be at least 1"),
             (self.eval_batch_size >= 1, "--eval-batch-size must be at least 1"),
             (self.log_every_steps >= 1, "--log-every-steps must be at least 1"),
+            (
+                self.memory_size is None or self.memory_size >= 0,
+                "--memory-size must be 0 (off) or more",
+            ),
+            (0 <= self.memory_momentum < 1, "--memory-momentum must be at least 0 and below 1"),
             (0 <= self.metrics_port <= 65535, "--metrics-port must be 0 (off) or a TCP port"),
             (
                 registry.stage(self.stage).views == 1 or self.global_batch_size >= 2,
@@ -225,6 +237,11 @@ class StageConfig:
         return cls(**{k: v for k, v in values.items() if k in known})
 
 
+# Fields added after checkpoints were first written, with the value those checkpoints
+# trained with: the memory did not exist (0 = off).
+ADDED_LATER: dict[str, Any] = {"memory_size": 0}
+
+
 def config_changes(saved: dict[str, Any], current: StageConfig) -> list[str]:
     """Fields that shape training and differ from the checkpoint's, as ``name: old -> new``.
 
@@ -235,6 +252,9 @@ def config_changes(saved: dict[str, Any], current: StageConfig) -> list[str]:
         ['global_batch_size: 4096 -> 512']
     """
     now = current.to_dict()
+    saved = {**ADDED_LATER, **saved}  # a checkpoint from before a field existed
+    if not saved.get("memory_size") and not now.get("memory_size"):
+        saved["memory_momentum"] = now.get("memory_momentum")  # no memory: no momentum
     return [
         f"{name}: {saved.get(name)!r} -> {now[name]!r}"
         for name in now

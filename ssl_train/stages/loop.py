@@ -11,11 +11,13 @@ and exits non-zero, so the scheduler retries it and the retry resumes from that 
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import logging
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -130,6 +132,18 @@ def check_same_experiment(state: dict[str, Any], config: StageConfig, data: dict
         log.warning("continuing with changed configuration: %s", "; ".join(changes))
 
 
+def check_memory_size(config: StageConfig, samples_per_epoch: int) -> None:
+    """A memory that holds as many projections as an epoch has samples would show every
+    anchor its own earlier projection as a negative: refused before any work."""
+    if config.memory_size and config.memory_size >= samples_per_epoch:
+        raise UserError(
+            f"--memory-size {config.memory_size}: an epoch of {storage.redact(config.data)} "
+            f"trains on {samples_per_epoch} samples, so the memory would hold an anchor's "
+            f"own earlier projection as a negative; use fewer than {samples_per_epoch} "
+            "(SimCLRv2 keeps 65,536 of ImageNet's 1.28M), or 0 to turn it off"
+        )
+
+
 def check_world_size(config: StageConfig, world_size: int) -> None:
     """Before any work: the global batch must split evenly over the ranks."""
     if config.global_batch_size % world_size:
@@ -234,6 +248,7 @@ class Trainer:
         )
         self.data = data_fingerprint(shard_set, stream_config.subset)
         steps_per_epoch = self.stream.plan(0).steps
+        check_memory_size(config, steps_per_epoch * config.global_batch_size)
         total = config.total_steps(steps_per_epoch)
         self.position = Position(steps_per_epoch, total)
         peak = scale_learning_rate(
@@ -250,6 +265,8 @@ class Trainer:
         model = self.task.model
         if config.channels_last:
             model.to(memory_format=torch.channels_last)
+            if self.task.memory is not None:
+                self.task.memory.to(memory_format=torch.channels_last)
         if runtime.distributed:
             model = convert_to_global_bn(model)
             self.task.model = model
@@ -303,6 +320,7 @@ class Trainer:
             "data": self.data,
             "model_config": self.task.model_config,
             "world_size": self.runtime.world_size,
+            **({"memory": self.task.memory.state_dict()} if self.task.memory is not None else {}),
         }
 
     def resume(self) -> None:
@@ -314,6 +332,8 @@ class Trainer:
         _, state = loaded
         check_same_experiment(state, self.config, self.data)
         self.trained.load_state_dict(state["model"])
+        if self.task.memory is not None:
+            self.task.memory.load_state_dict(state["memory"])
         self.task.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
         set_rng_state(state["rng"])
@@ -546,16 +566,24 @@ class Trainer:
         self.task.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.task.optimizer.step()
+        with self._run_format(images) as formatted:
+            self.task.after_step(self.trained, formatted)
         self.step += 1
         return {"loss": float(loss.detach()), "lr": lr, **{k: float(v) for k, v in extra.items()}}
 
     def _loss(self, model: Any, images: torch.Tensor, labels: torch.Tensor) -> tuple[Any, dict]:
         """The task's loss in the run's memory format and precision."""
+        with self._run_format(images) as formatted:
+            return self.task.loss(model, formatted, labels)
+
+    @contextlib.contextmanager
+    def _run_format(self, images: torch.Tensor) -> Iterator[torch.Tensor]:
+        """``images`` in the run's memory format, under its precision's autocast."""
         config, device = self.config, self.runtime.device
         if config.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16"):
-            return self.task.loss(model, images, labels)
+            yield images
 
     def _save(self, checkpointer: AsyncCheckpointer, wait: bool) -> None:
         """Rank 0 writes (every rank holds the same weights); ``wait`` also blocks the

@@ -22,6 +22,7 @@ from ssl_train.data.stream import StreamState, TrainStream
 from ssl_train.stages.config import StageConfig, check_device_flag
 from ssl_train.stages.evaluate import check_eval_data
 from ssl_train.stages.loop import (
+    check_memory_size,
     check_same_experiment,
     data_fingerprint,
     read_summary,
@@ -45,6 +46,7 @@ def check_stage(config: StageConfig) -> dict[str, Any]:
     stream_config = stream_config_of(config)
     stream = TrainStream(stream_config, 0, 1, StreamState(), shard_set)
     plan = stream.plan(0)  # a subset that names nothing, fewer samples than one batch
+    check_memory_size(config, plan.steps * config.global_batch_size)
     check_sources(config, len(classes))
     if config.eval_data:
         check_eval_data(config.eval_data, classes)

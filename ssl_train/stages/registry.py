@@ -21,6 +21,10 @@ from types import MappingProxyType
 from typing import Any
 
 DEFAULT_PRESET = "r50_1x_sk0"
+# SimCLRv2's memory: "64K" negatives and a moving-average decay of 0.999, MoCo v1's
+# defaults (its main_moco.py: --moco-k 65536, --moco-m 0.999)
+DEFAULT_MEMORY_SIZE = 65536
+DEFAULT_MEMORY_MOMENTUM = 0.999
 
 
 @dataclass(frozen=True)
@@ -160,13 +164,31 @@ STAGES: Mapping[str, StageSpec] = MappingProxyType(
                     "weight_decay": 1e-4,
                     "temperature": 0.1,
                 },
-                flags=(_PRESET, Flag("temperature", float, "NT-Xent temperature")),
+                flags=(
+                    _PRESET,
+                    Flag("temperature", float, "NT-Xent temperature"),
+                    Flag(
+                        "memory_size",
+                        int,
+                        "negatives kept from earlier steps by SimCLRv2's memory (the paper's "
+                        "64K, MoCo's queue of 65,536); 0 turns the memory off",
+                    ),
+                    Flag(
+                        "memory_momentum",
+                        float,
+                        "moving-average coefficient of the memory network (SimCLRv2 and "
+                        "MoCo: 0.999)",
+                    ),
+                ),
                 required=frozenset(),
                 views=2,
                 label_subset=False,
                 task="ssl_train.stages.tasks:build_pretrain",
                 pipeline_order=0,
                 model_field="preset",
+                default_notes={
+                    "memory_size": f"{DEFAULT_MEMORY_SIZE} for the Table-1 presets, 0 for tiny"
+                },
             ),
             StageSpec(
                 name="finetune",

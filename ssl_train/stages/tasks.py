@@ -25,6 +25,7 @@ from ssl_train.data.augment import SimCLRAugment, apply_view_params, flip_params
 from ssl_train.errors import UserError
 from ssl_train.export import final_url, load_model, model_config, read_config
 from ssl_train.losses import contrastive_accuracy, distillation_loss, nt_xent
+from ssl_train.memory import ContrastiveMemory
 from ssl_train.models import SimCLRv2, build_model
 from ssl_train.optim import LARS, lars_param_groups
 from ssl_train.stages import registry
@@ -45,6 +46,7 @@ class Task:
     mode: str  # the stream's: "pretrain" (two crops) or "finetune" (one)
     model_config: dict[str, Any]
     frozen: list[nn.Module] = field(default_factory=list)  # stay in eval mode
+    memory: ContrastiveMemory | None = None  # pretraining with SimCLRv2's memory
 
     def train_mode(self) -> None:
         self.model.train()
@@ -63,12 +65,24 @@ class Task:
     def loss(self, model: nn.Module, images: Tensor, labels: Tensor) -> tuple[Tensor, dict]:
         raise NotImplementedError
 
+    def after_step(self, online: nn.Module, images: Tensor) -> None:
+        """What follows each optimizer step, given the updated (unwrapped) network and the
+        step's network input; nothing for most stages."""
+
 
 class PretrainTask(Task):
     def loss(self, model: nn.Module, images: Tensor, labels: Tensor) -> tuple[Tensor, dict]:
         z1, z2 = model(images).projection.chunk(2)
-        loss = nt_xent(z1, z2, self.config.temperature)
+        negatives = self.memory.negatives() if self.memory is not None else None
+        loss = nt_xent(z1, z2, self.config.temperature, negatives)
         return loss, {"contrastive_top1": contrastive_accuracy(z1.detach(), z2.detach())}
+
+    def after_step(self, online: nn.Module, images: Tensor) -> None:
+        """SimCLRv2's memory: average the updated weights in, then buffer this step's
+        projections by the memory network (``ssl_train.memory``)."""
+        if self.memory is not None:
+            self.memory.update(online)
+            self.memory.push(images)
 
 
 def _classification(logits: Tensor, labels: Tensor) -> tuple[Tensor, dict]:
@@ -163,7 +177,14 @@ def build_pretrain(config: StageConfig, num_classes: int, device: torch.device) 
     described = model_config(
         config.preset, None, config.head_layers, config.proj_dim, 0, config.head_layers
     )
-    return PretrainTask(config, model, _lars(model, config), "pretrain", described)
+    memory = None
+    if config.memory_size:  # starts as a copy of the initial network, as MoCo's does
+        memory = ContrastiveMemory(
+            model, config.memory_size, config.memory_momentum, config.proj_dim
+        )
+    task = PretrainTask(config, model, _lars(model, config), "pretrain", described)
+    task.memory = memory
+    return task
 
 
 def build_supervised(config: StageConfig, num_classes: int, device: torch.device) -> Task:

@@ -1,0 +1,114 @@
+"""SimCLRv2's memory: MoCo's momentum network whose projections are kept as negatives.
+
+SimCLRv2 adds to SimCLR "the memory mechanism from MoCo, which designates a memory
+network (with a moving average of weights for stabilization) whose output will be
+buffered as negative examples" (paper, section 2; a 64K buffer and a moving-average
+decay of 0.999, MoCo's defaults: queue 65,536, momentum 0.999).
+
+Here the memory network is a copy of the backbone and projection head whose parameters
+and batch-norm statistics follow the online network's as a moving average, updated after
+each optimizer step (``update``); it never gets gradients. It runs in inference mode
+(its own averaged statistics, no batch statistics), so each image's projection depends
+on that image alone: no collective inside it, and the same projections whatever the
+number of ranks. After the update it projects the step's global batch (``push``): every
+rank projects its share, one all-gather (no gradient) puts them in canonical order (view
+1 of samples 0..N-1, then view 2), and they replace the oldest entries of a ring buffer
+that is the same on every rank. The entries filled so far join the NT-Xent denominator
+of both views as extra negatives (``ssl_train.losses.nt_xent``).
+
+Each rank updates the average itself from identical weights, so the memory adds no
+all-reduce; per step it costs one forward pass without backward and one all-gather of
+(2N x 128) projections. Checkpoints hold it (``state_dict``): network, statistics,
+buffer, fill and write position.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ssl_train.dist import world_size
+
+
+class ContrastiveMemory(nn.Module):
+    """The momentum copy of ``model`` (backbone and head) and ``size`` buffered projections.
+
+    Example:
+        >>> from ssl_train.models import build_model
+        >>> model = build_model("tiny", None, 3, 8)
+        >>> memory = ContrastiveMemory(model, size=6, momentum=0.9, dim=8)
+        >>> memory.push(torch.rand(4, 3, 16, 16))  # 2 samples x 2 views
+        >>> memory.negatives().shape
+        torch.Size([4, 8])
+    """
+
+    def __init__(self, model: nn.Module, size: int, momentum: float, dim: int) -> None:
+        super().__init__()
+        if size < 1 or not 0.0 <= momentum < 1.0:
+            raise ValueError(f"memory size {size} must be >= 1 and momentum {momentum} in [0, 1)")
+        self.momentum = momentum
+        self.network = copy.deepcopy(model).eval().requires_grad_(False)
+        dtype = next(model.parameters()).dtype  # float32, or float64 in exactness tests
+        self.register_buffer("buffer", torch.zeros(size, dim, dtype=dtype))
+        self.register_buffer("filled", torch.zeros((), dtype=torch.long))
+        self.register_buffer("position", torch.zeros((), dtype=torch.long))
+
+    def train(self, mode: bool = True) -> ContrastiveMemory:
+        """Always inference mode: the averaged statistics, never batch statistics."""
+        super().train(mode)
+        self.network.eval()
+        return self
+
+    @torch.no_grad()
+    def update(self, online: nn.Module) -> None:
+        """memory = momentum * memory + (1 - momentum) * online, parameters and BN
+        statistics alike (integer counters are copied)."""
+        ours, theirs = self.network.state_dict(), online.state_dict()
+        if list(ours) != list(theirs):
+            raise ValueError("the memory network and the online network differ in structure")
+        for name, mine in ours.items():
+            value = theirs[name].detach()
+            if mine.is_floating_point():
+                mine.mul_(self.momentum).add_(value.to(mine.dtype), alpha=1.0 - self.momentum)
+            else:
+                mine.copy_(value)
+
+    @torch.no_grad()
+    def push(self, images: Tensor) -> None:
+        """Project this rank's ``images`` ([view 1; view 2] of its samples) and put the
+        global batch's projections into the buffer in canonical order."""
+        projection = self.network(images).projection.to(self.buffer.dtype)  # bf16 -> fp32
+        local = F.normalize(projection, dim=1, eps=1e-6)  # as nt_xent normalizes
+        view1, view2 = local.chunk(2)
+        if world_size() > 1:
+            parts = [torch.empty_like(local) for _ in range(world_size())]
+            dist.all_gather(parts, local)
+            halves = [part.chunk(2) for part in parts]  # rank order = sample order
+            view1 = torch.cat([first for first, _ in halves])
+            view2 = torch.cat([second for _, second in halves])
+        self._write(torch.cat([view1, view2]))
+
+    def _write(self, entries: Tensor) -> None:
+        size = self.buffer.shape[0]
+        entries = entries[-size:]  # a batch larger than the buffer keeps its newest entries
+        start = int(self.position)
+        end = start + entries.shape[0]
+        if end <= size:
+            self.buffer[start:end] = entries
+        else:
+            first = size - start
+            self.buffer[start:] = entries[:first]
+            self.buffer[: end - size] = entries[first:]
+        self.position.fill_(end % size)
+        self.filled.fill_(min(size, int(self.filled) + entries.shape[0]))
+
+    def negatives(self) -> Tensor:
+        """The entries filled so far (their order does not matter to the loss)."""
+        return self.buffer[: int(self.filled)]
+
+    def extra_repr(self) -> str:
+        return f"size={self.buffer.shape[0]}, momentum={self.momentum}"
