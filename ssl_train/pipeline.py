@@ -101,7 +101,7 @@ class PipelinePlan:
         it accepts (every stage flag is one), and the per-stage overrides."""
         accepted = set(inspect.signature(getattr(components, stage.component)).parameters)
         values = {"data": self.data, "run_dir": self.run_dir(stage.name), **stage.args}
-        if self.eval_data:
+        if self.eval_data and STAGES[stage.component].classifies:
             values["eval_data"] = self.eval_data
         values.update({k: v for k, v in self.common.items() if k in accepted})
         values.update(self.per_stage.get(stage.component, {}))

@@ -95,12 +95,22 @@ def test_eval_data_is_checked_before_the_first_step(
     """A typo in --eval-data used to cost the whole run: it was opened after the last step."""
     run_dir = tmp_path / "run"
     result = run_cli(
-        "pretrain", "--data", tiny_shards.train, "--run-dir", run_dir, *TINY_RUN,
+        "supervised", "--data", tiny_shards.train, "--run-dir", run_dir, *TINY_RUN,
         "--global-batch-size", "16", "--eval-data", tmp_path / "typo",
         tool="ssl-train",
     )  # fmt: skip
     one_line_error(result, "--eval-data", str(tmp_path / "typo"))
     assert not (run_dir / "checkpoints").exists() and "step 1/" not in result.stderr
+
+
+def test_eval_data_on_a_stage_without_classifier(tiny_shards: TinyShards, tmp_path: Path) -> None:
+    """Pretraining has nothing to evaluate: it used to fail after its last step."""
+    result = run_cli(
+        "pretrain", "--data", tiny_shards.train, "--run-dir", tmp_path / "run", *TINY_RUN,
+        "--eval-data", tiny_shards.test,
+        tool="ssl-train",
+    )  # fmt: skip
+    one_line_error(result, "--eval-data: pretrain trains no classifier")
 
 
 def test_eval_data_with_another_class_list(tiny_shards: TinyShards, tmp_path: Path) -> None:
@@ -111,7 +121,7 @@ def test_eval_data_with_another_class_list(tiny_shards: TinyShards, tmp_path: Pa
     manifest["classes"] = manifest["classes"][::-1]
     (other / "manifest.json").write_text(json.dumps(manifest))
     result = run_cli(
-        "pretrain", "--data", tiny_shards.train, "--run-dir", tmp_path / "run", *TINY_RUN,
+        "supervised", "--data", tiny_shards.train, "--run-dir", tmp_path / "run", *TINY_RUN,
         "--global-batch-size", "16", "--eval-data", other,
         tool="ssl-train",
     )  # fmt: skip
@@ -211,7 +221,7 @@ def test_cli_says_user_errors_in_one_line_and_lets_bugs_through(
     [
         ({"from_proj_layer": 4}, "--from-proj-layer 4"),
         ({"head_layers": 0}, "--head-layers"),
-        ({"learning_rate": 0.0}, "--learning-rate"),
+        ({"learning_rate": -1.0}, "--learning-rate"),
         ({"momentum": 1.0}, "--momentum"),
         ({"partitions": 0}, "--partitions"),
         ({"metrics_port": 70000}, "--metrics-port"),

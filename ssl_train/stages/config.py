@@ -157,7 +157,7 @@ class StageConfig:
                 f"unknown preset {self.preset!r}; choose one of {', '.join(PRESET_NAMES)} "
                 "(`ssl-train models` describes them)",
             ),
-            (self.learning_rate > 0, "--learning-rate must be positive"),
+            (self.learning_rate >= 0, "--learning-rate must be 0 or more"),
             (0 <= self.momentum < 1, "--momentum must be at least 0 and below 1"),
             (self.warmup_epochs >= 0, "--warmup-epochs must be 0 or more"),
             (self.weight_decay >= 0, "--weight-decay must be 0 or more"),
@@ -176,6 +176,11 @@ class StageConfig:
                 "--memory-size must be 0 (off) or more",
             ),
             (0 <= self.memory_momentum < 1, "--memory-momentum must be at least 0 and below 1"),
+            (
+                not self.eval_data or registry.stage(self.stage).classifies,
+                f"--eval-data: {self.stage} trains no classifier to evaluate (linear-eval or "
+                "finetune its run, and evaluate that)",
+            ),
             (0 <= self.metrics_port <= 65535, "--metrics-port must be 0 (off) or a TCP port"),
             (
                 registry.stage(self.stage).views == 1 or self.global_batch_size >= 2,

@@ -70,6 +70,11 @@ class StageSpec:
         return "pretrain" if self.views == 2 else "finetune"
 
     @property
+    def classifies(self) -> bool:
+        """Whether its model ends in a classifier (what --eval-data evaluates)."""
+        return self.views == 1
+
+    @property
     def all_flags(self) -> tuple[Flag, ...]:
         return self.flags + COMMON_FLAGS
 
