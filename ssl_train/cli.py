@@ -170,7 +170,13 @@ def run_pipeline_command(args: argparse.Namespace) -> None:
     )
     cfg = parse_assignments([c for c in args.cfg.split(",") if c], "--cfg")
     started = time.monotonic()
-    follow = (lambda stage, line: print(f"[{stage}] {line}", flush=True)) if args.follow else None
+    from ssl_train.stages.progress import text_of
+
+    follow = (
+        (lambda stage, line: print(f"[{stage}] {text_of(line)}", flush=True))
+        if args.follow
+        else None
+    )
     ran = run_pipeline(plan, args.scheduler, cfg, follow)
     print(
         f"[pipeline] all stages finished ({len(ran)} run now) in {time.monotonic() - started:.0f} s"

@@ -37,6 +37,7 @@ from shards.verify import verify
 from ssl_train import local_prometheus, machine
 from ssl_train.errors import UserError
 from ssl_train.pipeline import PipelinePlan, run_pipeline
+from ssl_train.stages import progress
 from ssl_train.stages.loop import read_summary
 
 DEMO_BUCKET = "ssl-train-demo"
@@ -343,7 +344,7 @@ def run_demo(out_dir: str, workers: int = 2, seed: int = 0, threads: int = 1) ->
                 plan,
                 "local_cwd",
                 {"log_dir": logs},
-                follow=lambda stage, line: say(f"{stage}: {line.partition('loop: ')[2] or line}"),
+                follow=lambda stage, line: say(f"{stage}: {progress.text_of(line)}"),
                 poll_seconds=0.5,  # local processes: notice a job's end within half a second
             )
         except KeyboardInterrupt:

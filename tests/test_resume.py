@@ -263,7 +263,10 @@ def test_a_second_job_on_the_run_dir_is_refused_and_the_first_matches_a_lone_run
     # The first job is paused until the second has found its lease, so that it cannot
     # finish first however slowly the second starts. The lease period leaves room for
     # that pause: the holder gives up after half a period without renewing, and renews
-    # as soon as it runs again, which the second sees as a live holder.
+    # as soon as it runs again, which the second sees as a live holder. The first is
+    # paused again right after that renewal until the second has decided: otherwise a
+    # fast first job finishes and releases the lease before the second's next look,
+    # and the second (rightly) takes over a finished run.
     env[LEASE_SECONDS_ENV] = "40"
     args = pretrain_args(tiny_shards.train, run_dir, *LONG)
     first = start(command("pretrain", *args), tmp_path / "first.log", env)
@@ -278,9 +281,16 @@ def test_a_second_job_on_the_run_dir_is_refused_and_the_first_matches_a_lone_run
         while "waiting to see whether it is alive" not in second.output():
             assert second.proc.poll() is None and time.monotonic() < deadline, second.output()
             time.sleep(0.05)
+        found = read_bytes(join(run_dir, LEASE_FILE))
+        os.killpg(first.proc.pid, signal.SIGCONT)
+        deadline = time.monotonic() + 30
+        while read_bytes(join(run_dir, LEASE_FILE)) == found:  # the first renews at once
+            assert time.monotonic() < deadline, first.output()[-3000:]
+            time.sleep(0.02)
+        os.killpg(first.proc.pid, signal.SIGSTOP)
+        assert second.wait(timeout=60) == 2, second.output()[-3000:]
     finally:
         os.killpg(first.proc.pid, signal.SIGCONT)
-    assert second.wait(timeout=60) == 2, second.output()[-3000:]
     refusal = second.output()
     assert "another job is writing this run dir: job " in refusal
     assert f"(pid {first.proc.pid}), holding it since " in refusal  # the holder, by name

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 
 PROGRESS_LOGGER = "ssl_train.progress"
 PROGRESS_PATTERN = r"\[ssl-train [a-z-]+\] "  # what `ssl-train pipeline --follow` echoes
@@ -28,6 +29,16 @@ def say(stage: str, text: str) -> None:
         >>> say("pretrain", "start: ...")  # logs "[ssl-train pretrain] start: ..."
     """
     _log.info("[ssl-train %s] %s", stage, text)
+
+
+def text_of(line: str) -> str:
+    """What a progress line says, without the log format and tag around it.
+
+    Example:
+        >>> text_of("2026-12-01 10:00:00 INFO ssl_train.progress: [ssl-train pretrain] step 5/20")
+        'step 5/20'
+    """
+    return re.split(PROGRESS_PATTERN, line, maxsplit=1)[-1]
 
 
 def eta(remaining_steps: int, seconds_per_step: float) -> str:
