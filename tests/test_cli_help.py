@@ -35,3 +35,15 @@ def test_help_of_every_command_prints_and_exits_0(build, path, capsys) -> None:
     if not path:  # the top level lists every subcommand with its help line
         (subparsers,) = [a for a in build()._actions if isinstance(a, argparse._SubParsersAction)]
         assert all(name in out for name in subparsers.choices)
+
+
+def test_the_same_things_have_the_same_names(capsys) -> None:
+    """`shards create SRC DEST` and `shards copy SRC DEST`; `--eval-batch-size` in `eval`
+    as in the stages (its old `--batch-size` still works)."""
+    for command in ("create", "copy"):
+        with pytest.raises(SystemExit):
+            shards_parser().parse_args([command, "--help"])
+        assert "SRC DEST" in capsys.readouterr().out.split("\n\n")[0]
+    parser = ssl_train_parser()
+    assert parser.parse_args(["eval", "r", "--data", "d", "--eval-batch-size", "8"]).batch_size == 8
+    assert parser.parse_args(["eval", "r", "--data", "d", "--batch-size", "8"]).batch_size == 8
