@@ -195,6 +195,7 @@ def test_export_of_a_plain_r50_loads_into_torchvision(
 
     args = ["--data", str(tiny_shards.train), "--run-dir", str(tmp_path / "r50"), "--workers", "0"]
     args += ["--preset", "r50_1x_sk0", "--image-size", "32", "--global-batch-size", "4"]
+    args += ["--memory-size", "0"]  # the paper's 64K would not fit 160 samples
     run(command("pretrain", *args, "--max-steps", "1"), tmp_path / "log")
     run(
         [
