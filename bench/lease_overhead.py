@@ -16,15 +16,13 @@ median ratio within the spread of the runs.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import statistics
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import child_cpu_seconds, machine_info
+from machine import child_cpu_seconds, report_ab
 from metrics_overhead import shard_set
 
 HERE = Path(__file__).resolve().parent
@@ -54,34 +52,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="A/B pairs")
     args = parser.parse_args()
     data = shard_set()
-    with_lease, without, ratios = [], [], []
+    with_lease, without = [], []
     for _ in range(args.repeats):
-        b = one_run(data, args.steps, args.global_batch_size, lease=False)
-        a = one_run(data, args.steps, args.global_batch_size, lease=True)
-        with_lease.append(a)
-        without.append(b)
-        ratios.append(a / b)
-    ratio = statistics.median(ratios)
-    print(f"{'lease':8} {'CPU s/step (median)':>20} runs")
-    print(
-        f"{'without':8} {statistics.median(without):>20.4f} {', '.join(f'{x:.4f}' for x in without)}"
-    )
-    print(
-        f"{'with':8} {statistics.median(with_lease):>20.4f} {', '.join(f'{x:.4f}' for x in with_lease)}"
-    )
-    print(f"ratio with/without: median {ratio:.3f}, range {min(ratios):.3f}-{max(ratios):.3f}")
-    print(
-        json.dumps(
-            {
-                "bench": "lease_overhead",
-                "machine": machine_info(),
-                "settings": vars(args),
-                "cpu_s_per_step": {"with": with_lease, "without": without},
-                "ratios": [round(r, 4) for r in ratios],
-                "median_ratio": round(ratio, 4),
-            }
-        )
-    )
+        without.append(one_run(data, args.steps, args.global_batch_size, lease=False))
+        with_lease.append(one_run(data, args.steps, args.global_batch_size, lease=True))
+    report_ab("lease_overhead", "lease", ("with", "without"), with_lease, without, vars(args))
 
 
 if __name__ == "__main__":

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import resource
+import statistics
 import subprocess
 from typing import Any
 
@@ -39,3 +41,35 @@ def child_cpu_seconds(cmd: list[str], env: dict[str, str] | None = None) -> floa
     subprocess.run(cmd, env=env, check=True, capture_output=True)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     return (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
+
+def report_ab(
+    bench: str, what: str, labels: tuple[str, str], a: list[float], b: list[float], settings: Any
+) -> None:
+    """Print an interleaved A/B comparison: each side's median and runs, the median and
+    range of the per-pair ratios a/b, then the JSON line (the last line).
+
+    Example:
+        >>> report_ab("x", "memory", ("on", "off"), [2.0], [1.0], {})  # doctest: +ELLIPSIS
+        memory ...
+    """
+    ratios = [x / y for x, y in zip(a, b, strict=True)]
+    ratio = statistics.median(ratios)
+    print(f"{what:8} {'CPU s/step (median)':>20} runs")
+    for label, runs in zip(labels, (a, b), strict=True):
+        print(f"{label:8} {statistics.median(runs):>20.4f} {', '.join(f'{x:.4f}' for x in runs)}")
+    print(
+        f"ratio {labels[0]}/{labels[1]}: median {ratio:.3f}, range {min(ratios):.3f}-{max(ratios):.3f}"
+    )
+    print(
+        json.dumps(
+            {
+                "bench": bench,
+                "machine": machine_info(),
+                "settings": settings,
+                "cpu_s_per_step": dict(zip(labels, (a, b), strict=True)),
+                "ratios": [round(r, 4) for r in ratios],
+                "median_ratio": round(ratio, 4),
+            }
+        )
+    )

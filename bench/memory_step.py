@@ -15,15 +15,13 @@ write: expected about a third of a step.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import statistics
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import child_cpu_seconds, machine_info
+from machine import child_cpu_seconds, report_ab
 from metrics_overhead import shard_set
 
 
@@ -56,30 +54,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="A/B pairs")
     args = parser.parse_args()
     data = shard_set()
-    off, on, ratios = [], [], []
+    off, on = [], []
     for _ in range(args.repeats):
-        b = step_cost(data, args.short, args.long, args.global_batch_size, 0)
-        a = step_cost(data, args.short, args.long, args.global_batch_size, args.memory_size)
-        off.append(b)
-        on.append(a)
-        ratios.append(a / b)
-    ratio = statistics.median(ratios)
-    print(f"{'memory':8} {'CPU s/step (median)':>20} runs")
-    print(f"{'off':8} {statistics.median(off):>20.4f} {', '.join(f'{x:.4f}' for x in off)}")
-    print(f"{'on':8} {statistics.median(on):>20.4f} {', '.join(f'{x:.4f}' for x in on)}")
-    print(f"ratio on/off: median {ratio:.3f}, range {min(ratios):.3f}-{max(ratios):.3f}")
-    print(
-        json.dumps(
-            {
-                "bench": "memory_step",
-                "machine": machine_info(),
-                "settings": vars(args),
-                "cpu_s_per_step": {"on": on, "off": off},
-                "ratios": [round(r, 4) for r in ratios],
-                "median_ratio": round(ratio, 4),
-            }
-        )
-    )
+        off.append(step_cost(data, args.short, args.long, args.global_batch_size, 0))
+        on.append(step_cost(data, args.short, args.long, args.global_batch_size, args.memory_size))
+    report_ab("memory_step", "memory", ("on", "off"), on, off, vars(args))
 
 
 if __name__ == "__main__":

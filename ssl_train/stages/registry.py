@@ -151,6 +151,13 @@ COMMON_FLAGS: tuple[Flag, ...] = (
 )
 
 _PRESET = Flag("preset", str, "model preset (see `ssl-train models`)")
+_SUBSET = Flag("subset", str, _SUBSET_HELP)
+# the flags of the stages that start from a pretraining run
+_FROM_PRETRAINED = (
+    Flag("pretrained", str, "run dir of a finished pretrain run"),
+    _SUBSET,
+    Flag("from_proj_layer", int, "head layer the classifier reads"),
+)
 
 STAGES: Mapping[str, StageSpec] = MappingProxyType(
     {
@@ -206,19 +213,13 @@ STAGES: Mapping[str, StageSpec] = MappingProxyType(
                     "weight_decay": 0.0,
                     "from_proj_layer": 1,
                 },
-                flags=(
-                    Flag("pretrained", str, "run dir of a finished pretrain run"),
-                    Flag("subset", str, _SUBSET_HELP),
-                    Flag("from_proj_layer", int, "head layer the classifier reads"),
-                ),
+                flags=_FROM_PRETRAINED,
                 required=frozenset({"pretrained"}),
                 views=1,
                 label_subset=True,
                 task="ssl_train.stages.tasks:build_finetune",
                 pipeline_order=1,
-                default_notes=MappingProxyType(
-                    {"epochs": "60 on the 1percent subset, 30 otherwise"}
-                ),
+                default_notes={"epochs": "60 on the 1percent subset, 30 otherwise"},
             ),
             StageSpec(
                 name="supervised",
@@ -234,7 +235,7 @@ STAGES: Mapping[str, StageSpec] = MappingProxyType(
                 },
                 flags=(
                     _PRESET,
-                    Flag("subset", str, _SUBSET_HELP),
+                    _SUBSET,
                     Flag("from_proj_layer", int, "head layers kept under the classifier"),
                 ),
                 required=frozenset(),
@@ -243,7 +244,7 @@ STAGES: Mapping[str, StageSpec] = MappingProxyType(
                 task="ssl_train.stages.tasks:build_supervised",
                 pipeline_order=2,
                 model_field="preset",
-                default_notes=MappingProxyType({"epochs": "100"}),  # StageConfig.resolved_epochs
+                default_notes={"epochs": "100"},  # StageConfig.resolved_epochs
             ),
             StageSpec(
                 name="distill",
@@ -292,11 +293,7 @@ STAGES: Mapping[str, StageSpec] = MappingProxyType(
                     "weight_decay": 0.0,
                     "from_proj_layer": 0,
                 },
-                flags=(
-                    Flag("pretrained", str, "run dir of a finished pretrain run"),
-                    Flag("subset", str, _SUBSET_HELP),
-                    Flag("from_proj_layer", int, "head layer the classifier reads"),
-                ),
+                flags=_FROM_PRETRAINED,
                 required=frozenset({"pretrained"}),
                 views=1,
                 label_subset=True,
