@@ -561,6 +561,8 @@ class Trainer:
         views = batch.views.to(device, non_blocking=True)
         labels = batch.labels.to(device, non_blocking=True)
         images = self.task.device_views(views, batch.keys, batch.epoch)
+        if self.config.channels_last:  # once: the loss and the task's after_step share it
+            images = images.contiguous(memory_format=torch.channels_last)
         lr = self.schedule.step_to(self.step)
         loss, extra = self._loss(self.forward_model, images, labels)
         self.task.optimizer.zero_grad(set_to_none=True)

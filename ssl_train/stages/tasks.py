@@ -120,7 +120,8 @@ def _lars(model: nn.Module, config: StageConfig) -> LARS:
 
 
 def check_sources(config: StageConfig, num_classes: int) -> None:
-    """The models a stage starts from exist, are finished, and fit it.
+    """The models a stage starts from exist, are finished, and fit it (their configs
+    only: what ``--check-only`` reads before a job starts torchrun).
 
     Example:
         >>> config = StageConfig.for_stage("finetune", data="d", run_dir="/r", pretrained="/nope")
@@ -130,25 +131,32 @@ def check_sources(config: StageConfig, num_classes: int) -> None:
         ssl_train.export.ExportError: --pretrained /nope/final holds no finished model (config.json missing): let the stage that writes it finish, or point at another run
     """
     if config.pretrained:
-        saved = _model_config("--pretrained", config.pretrained)
-        if saved.get("kept_head_layers") != saved.get("head_layers"):
-            raise UserError(
-                f"--pretrained {config.pretrained}: its projection head was cut; pass a "
-                "pretraining run"
-            )
-        if config.from_proj_layer > saved["head_layers"]:
-            raise UserError(
-                f"--from-proj-layer {config.from_proj_layer}: --pretrained "
-                f"{config.pretrained} has a {saved['head_layers']}-layer head; choose 0 to "
-                f"{saved['head_layers']}"
-            )
+        check_pretrained(config, _model_config("--pretrained", config.pretrained))
     if config.teacher:
-        saved = _model_config("--teacher", config.teacher)
-        if saved.get("num_classes") != num_classes:
-            raise UserError(
-                f"--teacher {config.teacher} has no classifier for the {num_classes} classes "
-                "of --data: pass a finetune run on the same classes"
-            )
+        check_teacher(config, _model_config("--teacher", config.teacher), num_classes)
+
+
+def check_pretrained(config: StageConfig, saved: dict[str, Any]) -> None:
+    """``saved`` (the --pretrained model's config) is a whole pretraining network whose
+    head has the layer the classifier reads."""
+    if saved.get("kept_head_layers") != saved.get("head_layers"):
+        raise UserError(
+            f"--pretrained {config.pretrained}: its projection head was cut; pass a pretraining run"
+        )
+    if config.from_proj_layer > saved["head_layers"]:
+        raise UserError(
+            f"--from-proj-layer {config.from_proj_layer}: --pretrained {config.pretrained} "
+            f"has a {saved['head_layers']}-layer head; choose 0 to {saved['head_layers']}"
+        )
+
+
+def check_teacher(config: StageConfig, saved: dict[str, Any], num_classes: int) -> None:
+    """``saved`` (the --teacher model's config) classifies the training data's classes."""
+    if saved.get("num_classes") != num_classes:
+        raise UserError(
+            f"--teacher {config.teacher} has no classifier for the {num_classes} classes "
+            "of --data: pass a finetune run on the same classes"
+        )
 
 
 def _model_config(flag: str, run_dir: str) -> dict[str, Any]:
@@ -204,8 +212,8 @@ def _from_pretrained(
     config: StageConfig, num_classes: int, device: torch.device
 ) -> tuple[SimCLRv2, dict[str, Any]]:
     """The pretrained backbone and head layers up to --from-proj-layer, a zero classifier."""
-    check_sources(config, num_classes)
-    base, saved = load_model(final_url(config.pretrained), device)
+    base, saved = load_model(final_url(config.pretrained), device)  # its config once
+    check_pretrained(config, saved)
     layer = config.from_proj_layer
     model = SimCLRv2(base.backbone, saved["head_layers"], saved["proj_dim"], num_classes, layer)
     model.head = base.head
@@ -239,8 +247,8 @@ def build_linear_eval(config: StageConfig, num_classes: int, device: torch.devic
 
 def build_distill(config: StageConfig, num_classes: int, device: torch.device) -> Task:
     """A student from random weights learning the frozen teacher's soft labels."""
-    check_sources(config, num_classes)
-    teacher, _ = load_model(final_url(config.teacher), device)
+    teacher, saved = load_model(final_url(config.teacher), device)
+    check_teacher(config, saved, num_classes)
     teacher.eval().requires_grad_(False)
     model = build_model(config.preset, num_classes, config.head_layers, config.proj_dim, 0, device)
     model.keep_head_layers(0)
