@@ -7,6 +7,10 @@ seeds and with 1 and 2 torch threads per training process, each in a fresh outpu
 folder, one at a time; then, per claim, the margin of every run and the smallest.
 
     .venv/bin/python bench/demo_robustness.py --seeds 0 1 2 --threads 1 2   # ~6 demos
+    .venv/bin/python bench/demo_robustness.py --seeds 0 1 2 --threads 1 --memory-sizes 512 0
+
+``--memory-sizes`` runs each (seed, threads) once per memory size, one after the other
+(0: pretraining without SimCLRv2's memory): the same recipe with and without it.
 
 Prints one line per run as it finishes, a Markdown table for BENCHMARKS.md, and a JSON
 line; a run whose claims fail is reported, not hidden (exit 1 if any failed).
@@ -31,15 +35,16 @@ from ssl_train.demo import claim_margins
 BIN = Path(sys.executable).parent
 
 
-def run_once(out: Path, seed: int, threads: int) -> dict:
+def run_once(out: Path, seed: int, threads: int, memory_size: int | None = None) -> dict:
     """One fresh demo; its results.json plus the wall time and exit status."""
+    memory = [] if memory_size is None else ["--memory-size", str(memory_size)]
     started = time.monotonic()
     cpu_before = os.times()
     log = out.with_suffix(".log")
     with open(log, "wb") as sink:
         status = subprocess.call(
             [str(BIN / "ssl-train"), "demo", "--out", str(out), "--seed", str(seed),
-             "--threads", str(threads)],
+             "--threads", str(threads), *memory],
             stdout=sink,
             stderr=subprocess.STDOUT,
         )  # fmt: skip
@@ -49,6 +54,7 @@ def run_once(out: Path, seed: int, threads: int) -> dict:
     return {
         "seed": seed,
         "threads": threads,
+        "memory_size": results.get("settings", {}).get("memory_size", memory_size),
         "exit": status,
         "wall_s": round(time.monotonic() - started),
         "cpu_s": round(
@@ -64,10 +70,10 @@ def run_once(out: Path, seed: int, threads: int) -> dict:
 def markdown(runs: list[dict]) -> str:
     claims = list(runs[0]["margins"]) if runs and runs[0]["margins"] else []
     lines = [
-        "| seed | threads | time | 1% sup / ft / dist | 10% sup / ft / dist | "
+        "| seed | threads | memory | time | 1% sup / ft / dist | 10% sup / ft / dist | "
         + " | ".join(claims)
         + " |",
-        "|---:|---:|---:|---|---|" + "---:|" * len(claims),
+        "|---:|---:|---:|---:|---|---|" + "---:|" * len(claims),
     ]
     for run in runs:
         r = run["results"]
@@ -80,14 +86,14 @@ def markdown(runs: list[dict]) -> str:
         minutes, seconds = divmod(run["wall_s"], 60)
         margins = [f"{run['margins'].get(c, float('nan')):+.1f}" for c in claims]
         lines.append(
-            f"| {run['seed']} | {run['threads']} | {minutes}:{seconds:02d} | "
-            + " | ".join(cells + margins)
-            + " |"
+            f"| {run['seed']} | {run['threads']} | {run['memory_size']} | "
+            f"{minutes}:{seconds:02d} | " + " | ".join(cells + margins) + " |"
         )
-    if claims:
-        smallest = [min(run["margins"][c] for run in runs if run["margins"]) for c in claims]
+    if claims:  # over the runs of the recipe's memory (a comparison run may fail a claim)
+        judged = [r for r in runs if r["margins"] and r["memory_size"] == runs[0]["memory_size"]]
+        smallest = [min(run["margins"][c] for run in judged) for c in claims]
         lines.append(
-            "| **smallest margin** | | | | | "
+            "| **smallest margin** | | | | | | "
             + " | ".join(f"**{m:+.1f}**" for m in smallest)
             + " |"
         )
@@ -98,6 +104,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument(
+        "--memory-sizes", type=int, nargs="+", default=[None],
+        help="memory sizes to run each (seed, threads) with (default: the recipe's)",
+    )  # fmt: skip
     parser.add_argument("--out", default=os.path.join(tempfile.gettempdir(), "demo-robustness"))
     args = parser.parse_args()
     root = Path(args.out)
@@ -105,13 +115,18 @@ def main() -> int:
     runs = []
     for threads in args.threads:
         for seed in args.seeds:
-            out = root / f"seed{seed}-threads{threads}"
-            if out.exists():
-                raise SystemExit(f"{out} exists: every run starts fresh; remove it or pass --out")
-            run = run_once(out, seed, threads)
-            runs.append(run)
-            print(json.dumps({k: run[k] for k in ("seed", "threads", "exit", "wall_s", "margins")}))
-            sys.stdout.flush()
+            for memory_size in args.memory_sizes:
+                name = f"seed{seed}-threads{threads}"
+                out = root / (name if memory_size is None else f"{name}-memory{memory_size}")
+                if out.exists():
+                    raise SystemExit(
+                        f"{out} exists: every run starts fresh; remove it or pass --out"
+                    )
+                run = run_once(out, seed, threads, memory_size)
+                runs.append(run)
+                shown = ("seed", "threads", "memory_size", "exit", "wall_s", "cpu_s", "margins")
+                print(json.dumps({k: run[k] for k in shown}))
+                sys.stdout.flush()
     print(markdown(runs))
     print(json.dumps({"bench": "demo_robustness", "machine": machine_info(), "runs": runs}))
     return 0 if all(run["exit"] == 0 for run in runs) else 1

@@ -33,6 +33,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         help="torch threads per training process (default 1: two processes fill two cores)",
     )
+    demo.add_argument(
+        "--memory-size",
+        type=int,
+        default=None,
+        help="negatives in SimCLRv2's memory during pretraining (default: the recipe's "
+        "MEMORY_SIZE; 0 pretrains without the memory, as SimCLR v1 did, for comparison)",
+    )
     models = sub.add_parser("models", help="list the model presets with their parameter counts")
     models.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
     bench = sub.add_parser(
@@ -300,7 +307,7 @@ def main(argv: list[str] | None = None) -> None:
         elif args.command == "demo":
             from ssl_train.demo import run_demo
 
-            sys.exit(run_demo(args.out, args.workers, args.seed, args.threads))
+            sys.exit(run_demo(args.out, args.workers, args.seed, args.threads, args.memory_size))
         elif args.command == "pipeline":
             run_pipeline_command(args)
         elif args.command == "metrics":

@@ -72,12 +72,26 @@ COMMON_ARGS = {
 # 0.02: at 0.05 the supervised-only run caught up with finetuning, BENCHMARKS.md); students
 # need more epochs the stronger their teacher is, and twice pretraining's learning rate:
 # at 0.075 a 10% student fell 3.2 points short of its teacher with one seed's rounding.
+# SimCLRv2's memory in the demo: MEMORY_SIZE negatives from a network averaged with
+# MEMORY_MOMENTUM. The paper's 64K and 0.999 are for 800 epochs of 1.28M images (a buffer
+# 8 steps long, an average over about 1,000 of 250,000 steps); the demo pretrains for 270
+# steps of 256 digits, so its buffer holds the previous step (512 projections) and its
+# average spans about 100 steps. On MNIST-5000 the memory costs accuracy at every size
+# tried (2,048 entries: 46% after finetuning on 1% of the labels, against 74% without),
+# least at this one; BENCHMARKS.md has the probes and the demo with and without it.
+MEMORY_SIZE = 512
+MEMORY_MOMENTUM = 0.99
+PRETRAIN_BATCH = 256
+TRAIN_DIGITS = 4000
+
 RECIPE: dict[str, dict[str, str]] = {
     "pretrain": {
-        "global_batch_size": "256",
+        "global_batch_size": str(PRETRAIN_BATCH),
         "epochs": "18",
         "warmup_epochs": "1",
         "temperature": "0.5",
+        "memory_size": str(MEMORY_SIZE),
+        "memory_momentum": str(MEMORY_MOMENTUM),
     },
     "finetune": {"j": "1x1"},
     "supervised": {"j": "1x1"},
@@ -91,18 +105,30 @@ RECIPE: dict[str, dict[str, str]] = {
 }
 
 
-def recipe_with_threads(threads: int) -> dict[str, dict[str, str]]:
+def recipe_with_threads(threads: int, memory_size: int | None = None) -> dict[str, dict[str, str]]:
     """``RECIPE`` with each kind's thread count: ``threads`` per process of the 2-process
     jobs, twice that for the single-process ones, so that every job fills the same cores.
     More threads than cores must not spin-wait (OpenMP's default: 2x slower here).
+    ``memory_size``, when given, replaces the recipe's (0: pretraining without memory).
 
     Example:
         >>> recipe_with_threads(1)["finetune"]["env"]
         'OMP_NUM_THREADS=2,OMP_WAIT_POLICY=PASSIVE'
+        >>> recipe_with_threads(1, memory_size=0)["pretrain"]["memory_size"]
+        '0'
     """
     if threads < 1:
         raise UserError(f"--threads {threads}: give at least 1 thread per process")
     recipe = {name: dict(args) for name, args in RECIPE.items()}
+    if memory_size is not None:
+        epoch = TRAIN_DIGITS // PRETRAIN_BATCH * PRETRAIN_BATCH  # the last partial batch is dropped
+        if not 0 <= memory_size < epoch:
+            raise UserError(
+                f"--memory-size {memory_size}: give 0 (no memory) up to {epoch - 1}: an "
+                f"epoch of pretraining has {epoch} digits, and a larger memory would hold "
+                "an anchor's own earlier projection as a negative"
+            )
+        recipe["pretrain"]["memory_size"] = str(memory_size)
     for kind in ("pretrain", "finetune", "supervised", "distill"):
         processes = int(recipe[kind].get("j", COMMON_ARGS["j"]).split("x")[1])
         per_process = threads * 2 // processes
@@ -275,22 +301,31 @@ def shard_mnist(urls: dict[str, str], workers: int) -> None:
             raise ShardsError(f"{url} failed verification")
 
 
-def run_demo(out_dir: str, workers: int = 2, seed: int = 0, threads: int = 1) -> int:
+def run_demo(
+    out_dir: str, workers: int = 2, seed: int = 0, threads: int = 1, memory_size: int | None = None
+) -> int:
     """The whole demo; returns the exit status (0: the paper's claims held, 1: not).
 
     ``seed`` seeds every stage (initial weights, data order, augmentation; the label
     subsets stay fixed) and ``threads`` is each training process's torch thread count:
     the recipe's claims are checked across both (BENCHMARKS.md), since another CPU's
-    rounding moves the figures the way another seed does.
+    rounding moves the figures the way another seed does. ``memory_size`` replaces the
+    recipe's memory (0: SimCLR's pretraining without it, for comparison).
 
     Example:
         >>> run_demo("demo-out")  # doctest: +SKIP
         0
     """
     started = time.monotonic()
-    recipe = recipe_with_threads(threads)  # refuses a bad --threads before any work
+    recipe = recipe_with_threads(threads, memory_size)  # refuses bad flags before any work
     out_dir = os.path.abspath(out_dir)
     runs, logs = os.path.join(out_dir, "runs"), os.path.join(out_dir, "logs")
+    settings = {
+        "seed": seed,
+        "threads": threads,
+        "memory_size": int(recipe["pretrain"]["memory_size"]),
+    }
+    keep_settings(out_dir, settings)
     os.makedirs(logs, exist_ok=True)
     urls = {split: f"s3://{DEMO_BUCKET}/mnist5k/{split}" for split in ("train", "test")}
     with ExitStack() as stack:
@@ -303,6 +338,13 @@ def run_demo(out_dir: str, workers: int = 2, seed: int = 0, threads: int = 1) ->
         s3.create_bucket(DEMO_BUCKET)
         say(f"local S3 server at {s3.endpoint} (moto, stopped when the demo ends)")
         say(f"machine: {machine.describe()} (BENCHMARKS.md: about 11 min on 2 AVX2 cores)")
+        memory = settings["memory_size"]
+        say(
+            f"pretraining with SimCLRv2's memory: {memory} negatives, momentum "
+            f"{recipe['pretrain']['memory_momentum']}"
+            if memory
+            else "pretraining without SimCLRv2's memory (--memory-size 0)"
+        )
         metrics_port = free_port()
         prometheus = None
         if local_prometheus.available():
@@ -352,8 +394,41 @@ def run_demo(out_dir: str, workers: int = 2, seed: int = 0, threads: int = 1) ->
             raise
     reused = len(plan.stages()) - len(ran)
     seconds = round(time.monotonic() - started)
-    results = {**collect_results(runs), **timing(out_dir, seconds, trained=len(ran))}
+    results = {
+        **collect_results(runs),
+        **timing(out_dir, seconds, trained=len(ran)),
+        "settings": settings,
+    }
     return report(results, out_dir, reused=reused)
+
+
+def keep_settings(out_dir: str, settings: dict[str, int]) -> None:
+    """Record the flags that decide what the demo trains in OUT/settings.json, or refuse
+    to go on with other ones: a rerun reuses every finished stage, so another seed, thread
+    count or memory in the same folder would report a mix of two recipes.
+
+    Example:
+        >>> keep_settings("demo-out", {"seed": 0, "threads": 1, "memory_size": 512})  # doctest: +SKIP
+    """
+    path = os.path.join(out_dir, "settings.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            earlier = json.load(f)
+        changed = [
+            f"--{k.replace('_', '-')} {earlier.get(k)}"
+            for k in settings
+            if earlier.get(k) != settings[k]
+        ]
+        if changed:
+            raise UserError(
+                f"{out_dir} holds a demo run with {', '.join(changed)}: its finished stages "
+                "would be reused; give another --out (or the same flags to resume it)"
+            )
+        return
+    os.makedirs(out_dir, exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(settings, f)
+    os.replace(path + ".tmp", path)
 
 
 def timing(out_dir: str, seconds: int, trained: int) -> dict[str, int]:

@@ -101,8 +101,27 @@ def test_the_memory_network_is_a_moving_average_of_weights_and_statistics() -> N
             expected = 0.5 * before[name] + 0.5 * expected
         torch.testing.assert_close(value, expected, rtol=0, atol=1e-12, msg=name)
     assert not any(p.requires_grad for p in memory.network.parameters())
-    memory.train()
-    assert not memory.network.training  # its averaged statistics, never batch statistics
+
+
+def test_the_memory_projects_with_batch_statistics_and_keeps_its_averaged_ones() -> None:
+    """What the online network computes in training, not in inference: with its running
+    statistics a fresh network maps every image to nearly one direction, and a memory of
+    that one negative collapsed the demo's pretraining (ssl_train.memory)."""
+    torch.manual_seed(0)
+    online = build_model("tiny", None, 2, 16).double().train()
+    memory = ContrastiveMemory(online, size=64, momentum=0.9, dim=16)
+    memory.eval()  # its owner's mode does not change how it normalises
+    images = torch.rand(32, 3, 16, 16, dtype=torch.float64)
+    statistics = {k: v.clone() for k, v in memory.network.state_dict().items()}
+    memory.push(images)
+    with torch.no_grad():
+        expected = torch.nn.functional.normalize(online(images).projection, dim=1)
+    torch.testing.assert_close(memory.negatives(), expected, rtol=1e-12, atol=1e-12)
+    for name, value in memory.network.state_dict().items():  # running stats untouched
+        torch.testing.assert_close(value, statistics[name], rtol=0, atol=0, msg=name)
+    similarity = memory.negatives() @ memory.negatives().T
+    off_diagonal = similarity[~torch.eye(32, dtype=torch.bool)]
+    assert off_diagonal.mean() < 0.5  # distinct images, distinct negatives
 
 
 def test_a_memory_as_large_as_an_epoch_is_refused_before_any_work() -> None:

@@ -24,6 +24,7 @@ from ssl_train.demo import (
     RECIPE,
     acceptance,
     claim_margins,
+    keep_settings,
     recipe_with_threads,
     report,
     subset_lists,
@@ -84,6 +85,37 @@ def test_threads_fill_the_same_cores_in_every_job() -> None:
     assert "env" not in RECIPE["pretrain"]  # the recipe itself is left as it was
     with pytest.raises(ValueError, match="--threads 0"):
         recipe_with_threads(0)
+
+
+def test_the_demo_pretrains_with_the_memory_and_compares_without_it() -> None:
+    """SimCLRv2 as the paper defines it: pretraining keeps a memory of negatives that an
+    epoch can hold; --memory-size replaces it (0: without), and a size an epoch cannot
+    hold is refused before any work."""
+    from ssl_train.stages.config import StageConfig
+
+    pretrain = RECIPE["pretrain"]
+    config = StageConfig.for_stage(
+        "pretrain", data="d", run_dir="r", preset="tiny", memory_size=int(pretrain["memory_size"])
+    )
+    assert 0 < config.memory_size < 4000 // 256 * 256
+    assert recipe_with_threads(1)["pretrain"]["memory_size"] == pretrain["memory_size"]
+    assert recipe_with_threads(1, memory_size=0)["pretrain"]["memory_size"] == "0"
+    assert RECIPE["pretrain"]["memory_size"] == pretrain["memory_size"]  # left as it was
+    for size in (-1, 3840):
+        with pytest.raises(ValueError, match=f"--memory-size {size}: give 0 .* up to 3839"):
+            recipe_with_threads(1, memory_size=size)
+
+
+def test_a_demo_folder_refuses_another_recipe(tmp_path: Path) -> None:
+    """A rerun reuses finished stages, so another seed or memory would mix two recipes."""
+    first = {"seed": 0, "threads": 1, "memory_size": 512}
+    keep_settings(str(tmp_path), first)
+    keep_settings(str(tmp_path), dict(first))  # the same flags resume
+    with pytest.raises(ValueError, match=r"holds a demo run with --memory-size 512.*another --out"):
+        keep_settings(str(tmp_path), {**first, "memory_size": 0})
+    with pytest.raises(ValueError, match="--seed 0"):
+        keep_settings(str(tmp_path), {**first, "seed": 1})
+    assert json.loads((tmp_path / "settings.json").read_text()) == first
 
 
 def test_claim_margins_are_points_beyond_each_bound() -> None:

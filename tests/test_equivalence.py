@@ -115,6 +115,8 @@ def distributed_step(break_gather: bool, with_memory: bool = False) -> dict:
     plain = _model()
     memory = _memory(plain) if with_memory else None  # built as build_pretrain does
     model = convert_to_global_bn(plain)
+    if memory is not None:  # as the loop converts it: global batch statistics
+        memory.network = convert_to_global_bn(memory.network)
     ddp = DistributedDataParallel(model)
     loss, grads = _step(ddp, model, view1, view2, memory)
     dist.all_reduce(loss)  # the global loss: mean of the ranks' local means

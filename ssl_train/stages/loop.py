@@ -270,6 +270,8 @@ class Trainer:
         if runtime.distributed:
             model = convert_to_global_bn(model)
             self.task.model = model
+            if self.task.memory is not None:  # it normalises with batch statistics too
+                self.task.memory.network = convert_to_global_bn(self.task.memory.network)
         self.trained = model  # unwrapped: what checkpoints hold
         if runtime.distributed:
             device_ids = [runtime.device] if runtime.device.type == "cuda" else None
