@@ -4,7 +4,8 @@ A local S3 server (moto, in its own process) holds the MNIST-5000 shards and the
 lists; Prometheus, when its binary is installed, scrapes every training job; and
 ``ssl-train pipeline`` runs each stage as a TorchX ``local_cwd`` job of elastic torchrun
 processes (2 for the stages on all digits, 1 for the labelled ones): contrastive
-pretraining on the 4,000 training digits without labels, finetuning on 1% and 10% of the
+pretraining on the 4,000 training digits without labels (with SimCLRv2's memory of
+negatives; ``--memory-size 0`` without it), finetuning on 1% and 10% of the
 labels, the same network trained supervised-only on those labels (the paper's baseline),
 and distillation of each finetuned teacher into a smaller student on the unlabelled
 digits. Every model is scored on the 1,000 test digits.

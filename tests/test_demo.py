@@ -21,6 +21,7 @@ from shards.sources import mnist5k
 from ssl_train.demo import (
     COMMON_ARGS,
     FRACTIONS,
+    MEMORY_SIZE,
     RECIPE,
     acceptance,
     claim_margins,
@@ -242,7 +243,9 @@ def test_demo_end_to_end_interrupted_then_resumed(tmp_path: Path) -> None:
     assert "metrics of the running job: http://127.0.0.1:" in output
     assert "finetune-1pct: step " in output  # progress lines from the jobs
     results = json.loads((out / "results.json").read_text())
-    assert set(results) == {"1%", "10%", "seconds"}
+    assert set(results) == {"1%", "10%", "seconds", "settings"}
+    assert results["settings"] == {"seed": 0, "threads": 1, "memory_size": MEMORY_SIZE}
+    assert f"pretraining with SimCLRv2's memory: {MEMORY_SIZE} negatives" in first_log
     for fraction in ("1%", "10%"):
         assert set(results[fraction]) == {"supervised", "finetuned", "distilled"}
     assert all(ok for _, ok in acceptance(results)), results
