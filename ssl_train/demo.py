@@ -339,7 +339,7 @@ def run_demo(
         os.environ["PATH"] = os.pathsep.join([venv_bin, os.environ.get("PATH", "")])
         s3.create_bucket(DEMO_BUCKET)
         say(f"local S3 server at {s3.endpoint} (moto, stopped when the demo ends)")
-        say(f"machine: {machine.describe()} (BENCHMARKS.md: about 11 min on 2 AVX2 cores)")
+        say(f"machine: {machine.describe()} (BENCHMARKS.md: 5.5 min on 2 AVX-512 cores)")
         memory = settings["memory_size"]
         say(
             f"pretraining with SimCLRv2's memory: {memory} negatives, momentum "
