@@ -29,25 +29,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from demo_step import shards
 
 from ssl_train.demo import COMMON_ARGS, FRACTIONS, RECIPE, subset_lists
+from ssl_train.jobs import stage_argv
 
 PRETRAIN_KEYS = ("global_batch_size", "epochs", "warmup_epochs", "temperature")
 
 
-def flags(args: dict[str, str]) -> list[str]:
-    out = []
-    for key, value in args.items():
-        flag = "--" + key.replace("_", "-")
-        if value == "True":
-            out.append(flag)
-        else:
-            out += [flag, value]
-    return out
-
-
-def common(seed: int) -> list[str]:
-    skip = ("j",)  # torchrun's shape is this script's
-    args = {k: v for k, v in COMMON_ARGS.items() if k not in skip}
-    return [*flags(args), "--metrics-port", "0", "--seed", str(seed)]
+def common(seed: int) -> dict[str, str]:
+    """The demo's settings of every job, as stage arguments (torchrun's shape is this
+    script's, so the launcher's ``j`` is left out)."""
+    args = {k: v for k, v in COMMON_ARGS.items() if k != "j"}
+    return {**args, "metrics_port": "0", "seed": str(seed)}
 
 
 def environment(threads: int) -> dict[str, str]:
@@ -59,10 +50,12 @@ def probe(data: Path, root: Path, size: int, momentum: float, seed: int) -> dict
     pretrain_args = {k: RECIPE["pretrain"][k] for k in PRETRAIN_KEYS}
     run_dir = root / f"pretrain-{size}-{momentum}-seed{seed}"
     started, before = time.monotonic(), os.times()
+    values = {
+        **common(seed), **pretrain_args, "data": str(data / "train"), "run_dir": str(run_dir),
+        "preset": "tiny", "memory_size": str(size), "memory_momentum": str(momentum),
+    }  # fmt: skip
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-           "-m", "ssl_train.cli", "pretrain", "--data", str(data / "train"),
-           "--run-dir", str(run_dir), "--preset", "tiny", *flags(pretrain_args),
-           "--memory-size", str(size), "--memory-momentum", str(momentum), *common(seed)]  # fmt: skip
+           "-m", "ssl_train.cli", *stage_argv("pretrain", values)]  # fmt: skip
     subprocess.run(cmd, env=environment(1), check=True, capture_output=True)
     after = os.times()
     result = {
@@ -81,10 +74,12 @@ def probe(data: Path, root: Path, size: int, momentum: float, seed: int) -> dict
         lists = root / f"{label}.txt"
         lists.write_text("".join(f"{k}\n" for k in subset_lists(per_class)))
         schedule = {k: v for k, v in RECIPE[f"finetune-{label}"].items() if k != "j"}
-        cmd = [sys.executable, "-m", "ssl_train.cli", "finetune", "--pretrained", str(run_dir),
-               "--data", str(data / "train"), "--subset", str(lists),
-               "--eval-data", str(data / "test"), "--run-dir", str(run_dir) + f"-ft-{label}",
-               *flags(schedule), *common(seed)]  # fmt: skip
+        values = {
+            **common(seed), **schedule, "pretrained": str(run_dir), "data": str(data / "train"),
+            "subset": str(lists), "eval_data": str(data / "test"),
+            "run_dir": f"{run_dir}-ft-{label}",
+        }  # fmt: skip
+        cmd = [sys.executable, "-m", "ssl_train.cli", *stage_argv("finetune", values)]
         done = subprocess.run(cmd, env=environment(2), check=True, capture_output=True, text=True)
         summary = json.loads(
             [line for line in done.stdout.splitlines() if line.startswith("{")][-1]
