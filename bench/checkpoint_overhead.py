@@ -20,7 +20,7 @@ and three variants of each, run round-robin --repeats times:
   off    no checkpoint inside the timed window (cadence off: neither --checkpoint-every-
          steps nor --checkpoint-every-minutes)
   local  a checkpoint every K steps into a local run dir (background writer thread)
-  s3     the same into s3:// on a local moto server (``shards.local_s3.LocalS3Server``),
+  s3     the same into s3:// on a local S3 server (SeaweedFS, ``shards.local_s3.LocalS3Server``),
          which runs on the same cores (its CPU is reported)
 
 The trainer's ``_step``/``_save`` and its store's ``_save_flat`` are wrapped on the
@@ -42,7 +42,7 @@ write wall time w:
                        measured to cost, spread over the 10 minutes of steps it covers
   default, modelled    (b + w) / (steps per 10 min x t): blocking plus training stopped
                        for the whole background write (a model, not a strict bound:
-                       e can exceed it, e.g. when the moto server's CPU outlasts the write)
+                       e can exceed it, e.g. when the S3 server's CPU outlasts the write)
 
 The machine may be shared: each run waits for quiet CPUs first and is rerun (up to
 --tries runs, the least disturbed kept) when other processes took more than --max-other
@@ -336,7 +336,7 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps at the start")
     parser.add_argument("--workers", type=int, default=1)
-    parser.add_argument("--no-s3", action="store_true", help="skip the moto S3 variant")
+    parser.add_argument("--no-s3", action="store_true", help="skip the S3 variant")
     parser.add_argument("--no-large", action="store_true", help="skip r50_1x_sk0")
     parser.add_argument("--quiet-wait", type=float, default=5.0)
     parser.add_argument(
@@ -365,7 +365,7 @@ def main() -> int:
     try:
         if server is not None:
             server.__enter__()
-            machine.server_pid = getattr(getattr(server, "_proc", None), "pid", None)
+            machine.server_pid = server.pid
             server.create_bucket("ckpt")
             os.environ.update(server.env)
             fsspec.AbstractFileSystem.clear_instance_cache()

@@ -7,7 +7,7 @@ Run from the repository root:
 
 It reuses (or generates, once) the 2,000-JPEG 500x375 tree of ``bench/shards_create.py``,
 makes two local shard sets from it (16MiB shards: 13; 3MiB shards: >= 50) and the same two
-on a local moto S3 server, then measures with ``ssl_train.data.bench.run_data_bench`` (the
+on a local S3 server (SeaweedFS), then measures with ``ssl_train.data.bench.run_data_bench`` (the
 code behind ``ssl-train data-bench``):
 
   a. CPU stage, 224 px pretrain: two-view samples/s per core with 1 and 2 DataLoader
@@ -253,10 +253,10 @@ def main() -> int:
         return out
 
     with LocalS3Server() as server:
-        machine.server_pid = getattr(getattr(server, "_proc", None), "pid", None)
+        machine.server_pid = server.pid
 
         def server_cpu() -> float:
-            """CPU seconds the moto server has used: it shares the 2 cores with the workers."""
+            """CPU seconds the S3 server has used: it shares the 2 cores with the workers."""
             with open(f"/proc/{machine.server_pid}/stat") as f:
                 stat = f.read().rsplit(")", 1)[1].split()
             return (int(stat[11]) + int(stat[12])) / machine.tick
@@ -294,9 +294,9 @@ def main() -> int:
             timed("w1", lambda: run_data_bench(local16, workers=1, **cpu))
             timed("w2", lambda: run_data_bench(local16, workers=2, **cpu))
             timed("local", lambda: run_data_bench(local16, workers=2, **epoch))
-            moto_before = server_cpu()
+            server_before = server_cpu()
             timed("s3", lambda: run_data_bench(s3_16, workers=2, **epoch))
-            results.setdefault("moto_cpu", []).append(server_cpu() - moto_before)
+            results.setdefault("server_cpu", []).append(server_cpu() - server_before)
             timed("r0", lambda: run_data_bench(s3_3, workers=2, **resume))
             timed(
                 "r90",
@@ -333,7 +333,7 @@ def main() -> int:
             results["s3"][-1].samples_consumed / results["s3"][-1].range_requests, 1
         ),
         "s3_epoch_elapsed_s": med("s3", "elapsed_s"),
-        "moto_server_cpu_s_during_s3_epoch": round(statistics.median(results["moto_cpu"]), 2),
+        "s3_server_cpu_s_during_s3_epoch": round(statistics.median(results["server_cpu"]), 2),
         "s3_epoch_samples": results["s3"][-1].samples_consumed,
         "s3_epoch_sample_shard_bytes": results["s3"][-1].sample_shard_bytes,
         "shard_set_bytes_16MiB": manifests[s3_16].num_bytes,

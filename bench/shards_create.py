@@ -13,14 +13,15 @@ It generates (once, cached under --work) an ImageNet-layout tree of photo-like J
                   process (no interpreter start-up or import cost counted for it)
   c. ours local   `shards create TREE OUT --workers W --shard-bytes 16MiB` (console script,
                   a fresh OUT every repeat, default checking mode)
-  d. ours S3      the same into s3://bench-bucket/run<i> on a local moto server
+  d. ours S3      the same into s3://bench-bucket/run<i> on a local S3 server (SeaweedFS,
+                  ``shards.local_s3``; bench/object_store.py sets it beside moto)
   +  ours local with the default shard size (once), to show the effect of shard count
 
 and, for information only (not in the ratios):
 
   tar_openssl     `tar cf - TREE | openssl dgst -sha256`: the same floor with a SHA-256
                   that uses the CPU's SHA instructions (coreutils sha256sum may not)
-  s3_put_floor    uploading the finished 16MiB shards to the same moto server with
+  s3_put_floor    uploading the finished 16MiB shards to the same S3 server with
                   `s3fs.S3FileSystem().put` (one process, concurrent): what the local S3
                   server itself can take, before any sharding work
 
@@ -195,7 +196,7 @@ def make_ours_s3(workers: int, shard_bytes: str | None, server, bucket: str, rec
 
     def cleanup() -> None:
         # not timed: check the upload, then empty the prefix so every repeat starts fresh
-        s3 = server._client("s3")
+        s3 = server.client()
         prefix = record["last_prefix"]
         manifest = json.loads(
             s3.get_object(Bucket=bucket, Key=f"{prefix}/manifest.json")["Body"].read()
@@ -215,7 +216,7 @@ s3fs.S3FileSystem().put(src + "/", dest, recursive=True)
 
 
 def make_s3_put_floor(ready: Path, server, bucket: str):
-    """Upload already built shards with s3fs (concurrent, one process): moto's ceiling."""
+    """Upload already built shards with s3fs (concurrent, one process): the server's ceiling."""
     env = {**os.environ, **server.env}
     counter = iter(range(10**6))
     state: dict = {}
@@ -235,7 +236,7 @@ def make_s3_put_floor(ready: Path, server, bucket: str):
 
 
 def delete_prefix(server, bucket: str, prefix: str) -> None:
-    s3 = server._client("s3")
+    s3 = server.client()
     keys = [
         {"Key": o["Key"]}
         for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
@@ -385,10 +386,10 @@ def main() -> int:
     results: dict[str, list[float]] = {}
     other: dict[str, list[float]] = {}
     with LocalS3Server() as server:
-        MACHINE.server_pid = getattr(getattr(server, "_proc", None), "pid", None)
+        MACHINE.server_pid = server.pid
         server.create_bucket(bucket)
         s3_run, s3_cleanup = make_ours_s3(args.workers, args.shard_bytes, server, bucket, s3_rec)
-        # untimed warm-up: moto's first requests, and the finished shards for the S3 floor
+        # untimed warm-up: the server's first requests, and the finished shards for the S3 floor
         ready = work / "ready-shards"
         shutil.rmtree(ready, ignore_errors=True)
         _shards_create(tree, str(ready), args.workers, args.shard_bytes)
@@ -449,9 +450,9 @@ def main() -> int:
         "tar_sha256": "floor: tar cf - | sha256sum",
         "tar_openssl": "(info) tar cf - | openssl dgst -sha256",
         "webdataset_loop": f"webdataset.ShardWriter loop ({args.shard_bytes})",
-        "s3_put_floor": "(info) s3fs put of finished shards to moto",
+        "s3_put_floor": "(info) s3fs put of finished shards to SeaweedFS",
         "ours_local": f"shards create local ({args.shard_bytes}, {args.workers} workers)",
-        "ours_s3": f"shards create -> S3 moto ({args.shard_bytes}, {args.workers} workers)",
+        "ours_s3": f"shards create -> S3 SeaweedFS ({args.shard_bytes}, {args.workers} workers)",
         "ours_local_default_shards": f"shards create local (default 256MiB, {args.workers} workers)",
     }
     figures = {}

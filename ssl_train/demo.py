@@ -1,7 +1,7 @@
 """`ssl-train demo`: the SimCLRv2 recipe in miniature, through the code path a cluster uses.
 
-A local S3 server (moto, in its own process) holds the MNIST-5000 shards and the label
-lists; Prometheus, when its binary is installed, scrapes every training job; and
+A local S3 server (SeaweedFS, what ``shards serve`` runs, in its own process) holds the
+MNIST-5000 shards and the label lists; Prometheus, when its binary is installed, scrapes every training job; and
 ``ssl-train pipeline`` runs each stage as a TorchX ``local_cwd`` job of elastic torchrun
 processes (2 for the stages on all digits, 1 for the labelled ones): contrastive
 pretraining on the 4,000 training digits without labels (with SimCLRv2's memory of
@@ -10,10 +10,11 @@ labels, the same network trained supervised-only on those labels (the paper's ba
 and distillation of each finetuned teacher into a smaller student on the unlabelled
 digits. Every model is scored on the 1,000 test digits.
 
-Run dirs live in the output folder, not in the S3 server (which keeps objects in memory
-only), so running the demo again skips every finished stage and resumes an unfinished
-one from its checkpoint. The S3 server and Prometheus stop when the demo ends, also on
-Ctrl-C or SIGTERM, which stop the running job after it has saved a checkpoint.
+The S3 server keeps its objects under the output folder (``OUT/s3``), and the run dirs
+are in it too (``OUT/runs``), so running the demo again neither shards again nor trains a
+finished stage, and resumes an unfinished one from its checkpoint. The S3 server and
+Prometheus stop when the demo ends, also on Ctrl-C or SIGTERM, which stop the running job
+after it has saved a checkpoint.
 """
 
 from __future__ import annotations
@@ -298,7 +299,10 @@ def say(message: str) -> None:
 def shard_mnist(urls: dict[str, str], workers: int) -> None:
     for split, url in urls.items():
         say(f"sharding MNIST-5000 {split} split into {url}")
-        create(CreateOptions(src=f"mnist5k:{split}", dest=url, shard_samples=500, workers=workers))
+        options = CreateOptions(
+            src=f"mnist5k:{split}", dest=url, shard_samples=500, workers=workers
+        )
+        create(options, log=lambda line: say(f"shards: {line}"))
         if verify(url):
             raise ShardsError(f"{url} failed verification")
 
@@ -332,13 +336,15 @@ def run_demo(
     urls = {split: f"s3://{DEMO_BUCKET}/mnist5k/{split}" for split in ("train", "test")}
     with ExitStack() as stack:
         stack.enter_context(_sigterm_as_interrupt())
-        s3 = stack.enter_context(LocalS3Server())
+        s3 = stack.enter_context(LocalS3Server(os.path.join(out_dir, "s3"), buckets=[DEMO_BUCKET]))
         os.environ.update(s3.env)  # the jobs inherit the endpoint (credentials stay out of specs)
         # `make demo` runs .venv/bin/ssl-train without activating the venv: its torchrun first
         venv_bin = os.path.dirname(sys.executable)
         os.environ["PATH"] = os.pathsep.join([venv_bin, os.environ.get("PATH", "")])
-        s3.create_bucket(DEMO_BUCKET)
-        say(f"local S3 server at {s3.endpoint} (moto, stopped when the demo ends)")
+        say(
+            f"local S3 server at {s3.endpoint} (SeaweedFS, stopped when the demo ends; "
+            f"objects kept in {s3.data_dir})"
+        )
         say(f"machine: {machine.describe()} (BENCHMARKS.md: 5.5 min on 2 AVX-512 cores)")
         memory = settings["memory_size"]
         say(

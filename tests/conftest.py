@@ -1,9 +1,10 @@
 """Shared fixtures: a real S3 server in its own process, generated ImageNet trees, and a
 runner for the real console scripts.
 
-The S3 server is moto's, started once per session on a free loopback port with
-credential checking on (an IAM user is created; any other key is refused), and reached
-only through the standard environment variables, exactly as users configure ssl-train.
+The S3 server is SeaweedFS (``shards.local_s3``, what ``shards serve`` runs), started once
+per session on free loopback ports with its own random keys (any other key is refused),
+and reached only through the standard environment variables, exactly as users configure
+ssl-train.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ def short_leases() -> Iterator[None]:
 
 @pytest.fixture(scope="session")
 def s3_server() -> Iterator[LocalS3Server]:
-    with LocalS3Server(require_auth=True) as server:
+    with LocalS3Server() as server:
         yield server
 
 
@@ -79,7 +80,7 @@ class S3Bucket:
         return {**os.environ, **self.server.env}
 
     def client(self):
-        return self.server._client("s3")
+        return self.server.client()
 
 
 @pytest.fixture

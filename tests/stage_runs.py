@@ -103,6 +103,15 @@ def children(pid: int) -> list[int]:
     return sorted(child for child, (parent, _) in _process_table().items() if parent == pid)
 
 
+def alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie is dead, only not yet reaped), from /proc."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state not in ("Z", "X")
+
+
 def descendants(pid: int) -> list[tuple[int, str]]:
     """(pid, command line) of every process below ``pid`` (TorchX's replicas and theirs)."""
     table, found, frontier = _process_table(), [], [pid]

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
-from stage_runs import descendants
+from stage_runs import alive, descendants
 
 from shards.sources import mnist5k
 from ssl_train.demo import (
@@ -165,7 +165,7 @@ class DemoProcess:
 
     def dump_stacks(self) -> str:
         """Every thread's stack of the demo, its sharding workers and its training ranks
-        (they dump on SIGUSR1, like every ssl-train process; torchrun, moto and Prometheus
+        (they dump on SIGUSR1, like every ssl-train process; torchrun, SeaweedFS and Prometheus
         would die of it), and the tails of the job logs the ranks write theirs to."""
         dumping = [self.process.pid] + [
             pid
@@ -176,7 +176,7 @@ class DemoProcess:
             or "multiprocessing.spawn" in cmd
         ]
         for pid in dumping:
-            if _alive(pid):
+            if alive(pid):
                 os.kill(pid, signal.SIGUSR1)
         time.sleep(3)
         logs = self.log.parent / "demo-out" / "logs"
@@ -218,7 +218,7 @@ def test_demo_end_to_end_interrupted_then_resumed(tmp_path: Path) -> None:
     first.wait(until=(out / "runs" / "finetune-1pct" / "config.json").exists)
     assert first.process.poll() is None, first.tail()
     started = descendants(first.process.pid)
-    assert any("moto" in cmd for _, cmd in started), started
+    assert any("weed mini" in cmd for _, cmd in started), started
     assert any("torchrun" in cmd or "torch.distributed.run" in cmd for _, cmd in started)
     first.process.send_signal(signal.SIGINT)  # what Ctrl-C sends
     assert first.process.wait(timeout=60) == 130
@@ -228,16 +228,20 @@ def test_demo_end_to_end_interrupted_then_resumed(tmp_path: Path) -> None:
     # the S3 server, Prometheus, TorchX's replicas, workers, and multiprocessing's resource
     # tracker (it leaves when the demo's end closes its pipe: give it a moment)
     deadline = time.monotonic() + 10
-    while any(_alive(pid) for pid, _ in started) and time.monotonic() < deadline:
+    while any(alive(pid) for pid, _ in started) and time.monotonic() < deadline:
         time.sleep(0.2)
     for pid, command in started:
-        assert not _alive(pid), f"still running after Ctrl-C: {pid} {command}"
+        assert not alive(pid), f"still running after Ctrl-C: {pid} {command}"
     before = pretrained.read_bytes()
 
     second = DemoProcess(cmd, tmp_path / "second.log", env, tmp_path)
     output = second.wait()
     assert second.process.returncode == 0, output[-4000:]
     assert "pretrain: finished earlier" in output
+    # the object store is kept under OUT/s3: the shards of the first run are not made again
+    for split in ("train", "test"):
+        assert f"mnist5k/{split} is already complete (" in output, output[-4000:]
+    assert (out / "s3" / "identities.json").exists()
     assert pretrained.read_bytes() == before
     assert "ok: s3://ssl-train-demo/mnist5k/train: 8 shards, 4000 samples" in output
     assert "metrics of the running job: http://127.0.0.1:" in output
@@ -261,11 +265,3 @@ def test_demo_end_to_end_interrupted_then_resumed(tmp_path: Path) -> None:
     rerun = json.loads((out / "results.json").read_text())
     assert rerun["seconds"] == results["seconds"] and rerun["1%"] == results["1%"]
     assert 0 < rerun["rerun_seconds"] < results["seconds"]
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return False
-    return state != "Z"

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+from stage_runs import alive
 
 from distributed import TorchrunError, TorchrunTimeoutError, run_under_torchrun
 
@@ -108,14 +109,6 @@ def test_exception_on_one_rank_fails_the_run_with_its_traceback() -> None:
     assert elapsed < 60  # torchrun tore down rank 0, stuck in its barrier
 
 
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    return state not in ("Z", "X")  # a zombie is dead, only not yet reaped
-
-
 @pytest.mark.timeout(90)
 def test_hanging_run_is_killed_after_the_timeout(tmp_path: Path) -> None:
     # Long enough for two workers to import torch and reach the function on a slow, busy
@@ -133,9 +126,9 @@ def test_hanging_run_is_killed_after_the_timeout(tmp_path: Path) -> None:
     pids = [int(p.read_text()) for p in sorted(tmp_path.glob("worker-*.pid"))]
     assert len(pids) == 2
     deadline = time.monotonic() + 5
-    while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+    while any(alive(pid) for pid in pids) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not [pid for pid in pids if _alive(pid)], "workers survived the timeout"
+    assert not [pid for pid in pids if alive(pid)], "workers survived the timeout"
 
 
 def test_functions_the_workers_cannot_import_are_refused() -> None:

@@ -103,8 +103,9 @@ def test_a_holder_that_cannot_renew_stops_counting_on_it(tmp_path: Path) -> None
         lease.check()
 
 
-def test_racing_jobs_never_both_win(tmp_path: Path) -> None:
-    run_dir = str(tmp_path / "run")
+def test_racing_jobs_never_both_win(run_dir: str) -> None:
+    """On S3 too: SeaweedFS, like AWS S3, checks a conditional PUT atomically (moto, the
+    mock used before, did not, and this ran on local files only)."""
     outcomes: list[str] = []
     leases = [RunDirLease(run_dir, seconds=PERIOD, job=f"job-{i}") for i in range(6)]
     start = threading.Barrier(len(leases))
