@@ -13,6 +13,7 @@ import io
 import logging
 import os
 import tempfile
+import threading
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -96,20 +97,33 @@ class ShardSet:
         self.keep_indexes = keep_indexes
         self.index_cache = index_cache if index_cache is not None else index_cache_dir()
         self._indexes: OrderedDict[int, ShardIndex] = OrderedDict()
+        self._lock = threading.Lock()  # a stream's read-ahead thread reads beside its worker
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        del state["_lock"]  # DataLoader workers get a copy: a lock does not travel
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
 
     @property
     def shard_sizes(self) -> tuple[int, ...]:
         return tuple(entry.samples for entry in self.manifest.shards)
 
     def index(self, shard: int) -> ShardIndex:
-        index = self._indexes.get(shard)
-        if index is not None:
+        with self._lock:
+            index = self._indexes.get(shard)
+            if index is not None:
+                self._indexes.move_to_end(shard)
+                return index
+        index = self._load_index(self.manifest.shards[shard])  # outside the lock: I/O
+        with self._lock:
+            self._indexes[shard] = index
             self._indexes.move_to_end(shard)
-            return index
-        index = self._load_index(self.manifest.shards[shard])
-        self._indexes[shard] = index
-        if len(self._indexes) > self.keep_indexes:
-            self._indexes.popitem(last=False)
+            while len(self._indexes) > self.keep_indexes:
+                self._indexes.popitem(last=False)
         return index
 
     def _load_index(self, entry: ShardEntry) -> ShardIndex:

@@ -8,6 +8,7 @@ roles); nothing here reads or prints them. Storage failures become one-line
 
 from __future__ import annotations
 
+import contextlib
 import os
 import posixpath
 import shutil
@@ -17,6 +18,7 @@ from typing import TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import fsspec
+import fsspec.asyn
 from fsspec.asyn import AsyncFileSystem
 from fsspec.core import url_to_fs
 
@@ -41,6 +43,40 @@ MULTIPART_PART_BYTES = 32 * 1024**2
 
 # Commands, not storage: a manifest or argument naming one of these is refused.
 _REFUSED_SCHEMES = {"pipe", "exec", "shell", "cmd"}
+
+# fsspec's event loop at the moment of a fork (see _detach_inherited_loop).
+_loop_at_fork: list = [None]
+
+
+def _remember_loop() -> None:
+    _loop_at_fork[0] = fsspec.asyn.loop[0]
+
+
+def _detach_inherited_loop() -> None:
+    """In a forked child (a DataLoader worker): give the loop inherited from the parent
+    a selector of its own before anything in the child closes its connections.
+
+    The child's copy of the parent's epoll selector is the parent's epoll instance, not a
+    copy. fsspec starts a fresh loop in the child, and when the inherited S3 clients are
+    dropped there, their pooled keep-alive connections unregister from that shared
+    instance: the parent's idle connection to the store then never wakes its loop again,
+    and the parent's next request on it waits forever (found with SeaweedFS, which keeps
+    connections alive as S3 does; moto closed each one). Closing the child's handle on
+    the shared instance leaves the parent's registrations alone."""
+    loop = _loop_at_fork[0]
+    _loop_at_fork[0] = None
+    selector = getattr(loop, "_selector", None)
+    if selector is None:
+        return
+    import selectors
+
+    with contextlib.suppress(OSError):
+        selector.close()  # the child's file descriptor only; no epoll_ctl on the instance
+    loop._selector = selectors.DefaultSelector()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(before=_remember_loop, after_in_child=_detach_inherited_loop)
 
 
 def redact(url: str) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import threading
 
 import pytest
 import torch
@@ -33,6 +34,9 @@ def _same(a: list, b: list) -> None:
 
 
 def test_workers_ranks_and_resumes_give_the_same_batches(mnist_on_s3: str) -> None:
+    """Also: this process reads from S3 again after forking workers that read from it (a
+    forked child once unregistered the parent's keep-alive connection from their shared
+    epoll instance, and this process's next read hung: shards.storage._detach_inherited_loop)."""
     config = StreamConfig(mnist_on_s3, global_batch_size=40, image_size=20, partitions=8)
     single = _take(TrainStream(config, 0, 1, StreamState()), 6)
     assert single[0].views.shape == (2, 40, 3, 20, 20) and single[0].views.dtype == torch.uint8
@@ -173,6 +177,48 @@ def test_one_worker_reads_its_coming_chunks_together_and_gets_the_same_batches(
     bounded, bounded_requests = run(workers=0)
     _same(ahead, bounded)
     assert bounded_requests == alone_requests
+
+
+def test_a_worker_fetches_its_next_step_while_it_decodes_this_one(
+    mnist_on_s3: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In a DataLoader worker, step n+1's reads go out from a thread while step n is being
+    decoded, so S3's latency hides behind decoding; the batches stay the same. The
+    training process itself (--workers 0) reads in its own thread only."""
+    from ssl_train.data import stream as stream_module
+
+    monkeypatch.setattr(stream_module, "READAHEAD_STEPS", 1)  # every step reads on its own
+    config = StreamConfig(mnist_on_s3, 20, 12, partitions=2)
+
+    def traced(background: bool) -> tuple[list, list[tuple[str, int]]]:
+        stream = TrainStream(config, 0, 1, StreamState())
+        shard_set = stream.shard_set
+        reads: list[tuple[str, int]] = []  # (thread, step being consumed) of every read
+        consuming = [0]
+        original = shard_set.read
+
+        def read(shard: int, start: int, end: int):
+            reads.append((threading.current_thread().name, consuming[0]))
+            return original(shard, start, end)
+
+        shard_set.read = read
+        steps = stream.steps(background=background)
+        batches = []
+        for _ in range(4):
+            plan, step = next(steps)
+            consuming[0] = step
+            batches.append(stream.batch(plan, step))
+        steps.close()
+        return batches, reads
+
+    ahead, ahead_reads = traced(background=True)
+    inline, inline_reads = traced(background=False)
+    _same(ahead, inline)
+    assert {thread for thread, _ in inline_reads} == {threading.current_thread().name}
+    behind = [step for thread, step in ahead_reads if thread.startswith("ssl-train-read-ahead")]
+    # step n+1 fetched while step n decodes (one read per partition)
+    assert list(dict.fromkeys(behind))[:3] == [0, 1, 2], ahead_reads
+    assert all(step == 0 for thread, step in ahead_reads if "read-ahead" not in thread)
 
 
 def test_a_corrupt_sample_is_skipped_named_and_still_consumed(tmp_path) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import NamedTuple
 
@@ -205,27 +206,50 @@ class TrainStream(IterableDataset):
     def __iter__(self) -> Iterator[LocalBatch]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        for plan, step in self.steps(worker, workers):
+        # a DataLoader worker reads ahead in a thread; the training process itself does not
+        # (with --workers 0): it forks evaluation's workers later, and a fork taken while
+        # a thread is mid-request inherits its locks and sockets in that state
+        for plan, step in self.steps(worker, workers, background=info is not None):
             yield self.batch(plan, step)
 
-    def steps(self, worker: int = 0, workers: int = 1) -> Iterator[tuple[EpochPlan, int]]:
-        """The steps DataLoader worker ``worker`` of ``workers`` makes, from ``state`` on;
-        before each it fetches ahead what that step and the next adjacent ones read."""
+    def steps(
+        self, worker: int = 0, workers: int = 1, background: bool = False
+    ) -> Iterator[tuple[EpochPlan, int]]:
+        """The steps DataLoader worker ``worker`` of ``workers`` makes, from ``state`` on.
+
+        Before each step its reads are here (with the next adjacent steps' merged in).
+        With ``background``, while the worker decodes a step a thread fetches the worker's
+        next one, so decoding does not wait on storage latency (tens of ms per request on
+        S3) unless storage is slower than decoding."""
         epoch, step, produced = self.state.epoch, self.state.step, 0
-        while True:
-            plan = self.plan(epoch)
-            steps = range(step, plan.steps)
-            if self.stop_after is not None:
-                steps = steps[: self.stop_after - produced]
-            mine = [s for n, s in enumerate(steps) if (produced + n) % workers == worker]
-            produced += len(steps)
-            self._ahead.clear()
-            for n, s in enumerate(mine):
-                self._read_ahead(plan, mine[n : n + READAHEAD_STEPS])
-                yield plan, s
-            if self.stop_after is not None and produced >= self.stop_after:
-                return
-            epoch, step = epoch + 1, 0
+        fetcher = (
+            ThreadPoolExecutor(1, thread_name_prefix="ssl-train-read-ahead") if background else None
+        )
+        try:
+            while True:
+                plan = self.plan(epoch)
+                steps = range(step, plan.steps)
+                if self.stop_after is not None:
+                    steps = steps[: self.stop_after - produced]
+                mine = [s for n, s in enumerate(steps) if (produced + n) % workers == worker]
+                produced += len(steps)
+                self._ahead.clear()
+                coming: Future | None = None
+                for n, s in enumerate(mine):
+                    if coming is not None:
+                        coming.result()  # this step's reads, fetched during the last one
+                    self._read_ahead(plan, mine[n : n + READAHEAD_STEPS])
+                    coming = None
+                    if fetcher is not None and n + 1 < len(mine):
+                        later = mine[n + 1 : n + 1 + READAHEAD_STEPS]
+                        coming = fetcher.submit(self._read_ahead, plan, later)
+                    yield plan, s
+                if self.stop_after is not None and produced >= self.stop_after:
+                    return
+                epoch, step = epoch + 1, 0
+        finally:
+            if fetcher is not None:
+                fetcher.shutdown(wait=True, cancel_futures=True)
 
     def _read_ahead(self, plan: EpochPlan, steps: list[int]) -> None:
         """Fetch the reads of ``steps[0]`` merged with those of the following steps that
