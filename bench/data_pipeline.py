@@ -39,7 +39,6 @@ one JSON object with every figure and PASS/FAIL per target.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import platform
@@ -52,6 +51,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from baselines import torchvision_simclr
 from shards_create import SHARDS, Machine, cpu_model, ensure_tree
 
 TARGETS = {
@@ -89,36 +89,6 @@ def make_shards(
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
     return dest
-
-
-def torchvision_simclr(samples: list[bytes]) -> Callable[[], None]:
-    """The standard per-image SimCLR pipeline (torchvision v1 transforms on PIL)."""
-    import torch
-    from PIL import Image
-    from torchvision import transforms as T
-
-    transform = T.Compose(
-        [
-            T.RandomResizedCrop(224),
-            T.RandomHorizontalFlip(),
-            T.RandomApply([T.ColorJitter(0.8, 0.8, 0.8, 0.2)], p=0.8),
-            T.RandomGrayscale(p=0.2),
-            T.RandomApply([T.GaussianBlur(23, (0.1, 2.0))], p=0.5),
-            T.ToTensor(),
-        ]
-    )
-
-    def run() -> None:
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            for jpeg in samples:
-                img = Image.open(io.BytesIO(jpeg)).convert("RGB")
-                transform(img), transform(img)
-        finally:
-            torch.set_num_threads(threads)
-
-    return run
 
 
 def realistic_epoch(work: Path, server) -> dict:

@@ -46,7 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
         "data-bench",
         help="measure the input pipeline on your data: CPU and device stages, storage reads",
         description="Run the training stream through a DataLoader for one warm-up batch and "
-        "--batches timed ones; print what each stage costs, then one JSON line.",
+        "--batches timed ones; print what each stage costs, then one JSON line. First line: "
+        "samples per CPU-second of the workers' processes, and the cores of this CPU one "
+        "GPU needs at --steps-per-s with its share of the batch (--gpus).",
     )
     bench.add_argument(
         "--data", required=True, help="shard set: a local path or s3://bucket/prefix"
@@ -63,6 +65,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--seed", type=int, default=0)
     bench.add_argument("--device", help="device of the augmentation stage (default cuda if any)")
+    bench.add_argument(
+        "--gpus",
+        type=int,
+        default=1,
+        help="GPUs of the training run (default 1): the bench runs as one of them, so each "
+        "batch is global-batch-size / GPUS samples, the share one GPU's workers make",
+    )
+    bench.add_argument(
+        "--steps-per-s",
+        type=float,
+        default=1.0,
+        help="training steps per second one GPU runs (default 1.0; take a training run's "
+        "steps/s): with the per-GPU batch it gives the CPU cores one GPU needs",
+    )
     sub.add_parser("metrics", help="list every Prometheus metric (a Markdown table)")
     pipeline = sub.add_parser(
         "pipeline",

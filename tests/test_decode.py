@@ -55,23 +55,45 @@ def test_center_crop_matches_the_official_evaluation_crop() -> None:
     assert np.abs(out - uncropped).mean() > 2 * np.abs(out - expected).mean()
 
 
+def _record_decoded_sizes(monkeypatch) -> list[tuple[int, int]]:
+    """(width, height) of every image ``decode_crops`` decodes, whichever decoder ran."""
+    sizes: list[tuple[int, int]] = []
+    original = decode._decode
+
+    def recording(*args, **kwargs):
+        image = original(*args, **kwargs)
+        sizes.append((image.shape[1], image.shape[0]))
+        return image
+
+    monkeypatch.setattr(decode, "_decode", recording)
+    return sizes
+
+
 def test_decoding_uses_the_smallest_dct_scale_that_keeps_crops_at_output_size(monkeypatch) -> None:
-    scales: list[tuple[int, int]] = []
-    from PIL.JpegImagePlugin import JpegImageFile
-
-    original = JpegImageFile.draft
-
-    def recording(self, mode, size):
-        result = original(self, mode, size)
-        scales.append(self.size)
-        return result
-
-    monkeypatch.setattr(JpegImageFile, "draft", recording)
+    sizes = _record_decoded_sizes(monkeypatch)
     jpeg = _photo()
     decode.decode_crops(jpeg, 32, [(0, 0, 500, 375)])
     decode.decode_crops(jpeg, 32, [(10, 10, 64, 64)])  # a small crop needs more pixels
+    decode.decode_crops(jpeg, 32, [(10, 10, 64, 63)])  # one pixel short of 1/2: full
     decode.decode_crops(jpeg, 224, [(0, 0, 300, 300)])
-    assert scales == [(63, 47), (250, 188), (500, 375)]  # 1/8, 1/2, full
+    decode.decode_crops(jpeg, 32, [(0, 0, 500, 375), (7, 9, 128, 130)])  # the smaller decides
+    assert sizes == [(63, 47), (250, 188), (500, 375), (500, 375), (125, 94)]
+
+
+def test_every_crop_keeps_output_resolution_and_no_more_than_twice_it(monkeypatch) -> None:
+    """Too few pixels (a crop below the output size) blurs views; more than twice the
+    output size means a smaller DCT scale would have served, and decoding paid for it."""
+    sizes = _record_decoded_sizes(monkeypatch)
+    jpeg = _photo()
+    rng = np.random.default_rng(5)
+    for size in (16, 32, 64, 112, 224):
+        for _ in range(25):
+            boxes = [decode.random_resized_crop_box(rng, 500, 375) for _ in range(2)]
+            decode.decode_crops(jpeg, size, boxes)
+            scale = 500 / sizes[-1][0]
+            smallest = min(min(w, h) for _, _, w, h in boxes) / scale
+            assert smallest >= size or scale == 1, (size, boxes, sizes[-1])
+            assert smallest < 2 * size or scale >= 7.9, (size, boxes, sizes[-1])
 
 
 def test_reduced_scale_views_look_like_full_scale_crops() -> None:
@@ -107,3 +129,120 @@ def test_extreme_aspect_ratios_fall_back_to_a_centre_crop(size: tuple[int, int])
     left, top, w, h = decode.random_resized_crop_box(NeverFits(), *size)
     assert max(w, h) / min(w, h) == pytest.approx(4 / 3, abs=0.02)
     assert (left, top) == ((size[0] - w) // 2, (size[1] - h) // 2)
+
+
+def _variant(kind: str, width: int, height: int) -> bytes:
+    """A photo-like JPEG as cameras and ImageNet have them: chroma subsampling 4:2:0,
+    4:2:2 or 4:4:4, progressive, grayscale, CMYK (what real files hold)."""
+    img = photo_like(np.random.default_rng([width, height]), width, height)
+    out = io.BytesIO()
+    if kind == "gray":
+        img.convert("L").save(out, "JPEG", quality=92)
+    elif kind == "cmyk":
+        img.convert("CMYK").save(out, "JPEG", quality=92)
+    elif kind == "progressive":
+        img.save(out, "JPEG", quality=92, progressive=True)
+    else:
+        img.save(out, "JPEG", quality=92, subsampling={"420": 2, "422": 1, "444": 0}[kind])
+    return out.getvalue()
+
+
+def _reference(jpeg: bytes, size: int, box: decode.Box, resample=Image.BILINEAR) -> np.ndarray:
+    """Full-resolution PIL decode, then PIL's resize of the box: what views approximate."""
+    left, top, w, h = box
+    full = Image.open(io.BytesIO(jpeg)).convert("RGB")
+    return np.asarray(full.resize((size, size), resample, box=(left, top, left + w, top + h)))
+
+
+def _boxes(rng: np.random.Generator, width: int, height: int) -> list[decode.Box]:
+    """Random crops plus the awkward ones: the whole image, each corner, edge-hugging
+    strips, a crop smaller than the output (upscaled), odd offsets and sides."""
+    edge = [
+        (0, 0, width, height),
+        (0, 0, width // 3 + 1, height // 2 + 1),
+        (width - width // 2 - 1, height - height // 3 - 1, width // 2 + 1, height // 3 + 1),
+        (0, height - 41, 37, 41),
+        (width - 17, 0, 17, height),
+        (3, 5, width - 8, 13),
+    ]
+    return edge + [decode.random_resized_crop_box(rng, width, height) for _ in range(12)]
+
+
+@pytest.mark.parametrize("kind", ["420", "422", "444", "progressive", "gray", "cmyk"])
+@pytest.mark.parametrize("dims", [(500, 375), (333, 251), (97, 1003)])
+def test_views_match_full_resolution_crops_for_every_kind_of_jpeg(kind, dims) -> None:
+    """Every DCT scale (sizes 16-224 on these images use 1/8 to 1) and both resizers
+    (whole-pixel boxes in torch, fractional ones in PIL) stay within the tolerance."""
+    width, height = dims
+    jpeg = _variant(kind, width, height)
+    rng = np.random.default_rng(width + height)
+    boxes = _boxes(rng, width, height)
+    for size in (16, 32, 64, 224):
+        for box in boxes:
+            view = decode.decode_crops(jpeg, size, [box])[0]
+            error = np.abs(view.astype(np.float32) - _reference(jpeg, size, box)).mean()
+            assert error < 4.0, (kind, dims, size, box, error)
+            if kind == "gray":
+                assert np.array_equal(view[..., 0], view[..., 1])
+                assert np.array_equal(view[..., 0], view[..., 2])
+
+
+def test_full_scale_views_are_pils_bilinear_filter_to_a_grey_level() -> None:
+    """At full scale the resize runs in torch: it must be PIL's antialiased filter (a
+    plain bilinear interpolation, without antialiasing, is off by several grey levels)."""
+    jpeg = _photo()
+    rng = np.random.default_rng(11)
+    for _ in range(30):
+        box = decode.random_resized_crop_box(rng, 500, 375)
+        view = decode.decode_crops(jpeg, 224, [box])[0].astype(np.float32)
+        difference = np.abs(view - _reference(jpeg, 224, box))
+        # the same filter: off by more than one grey level only at a few border pixels
+        assert difference.mean() < 0.1 and (difference > 1).mean() < 0.01, box
+
+
+def test_ordinary_jpegs_never_go_through_pil(monkeypatch) -> None:
+    """The decode runs in libjpeg-turbo through simplejpeg (about 20% less CPU than PIL's
+    decoder, and no PIL image to convert); PIL stays for CMYK and broken files."""
+    from PIL import ImageFile
+
+    def refuse(self):
+        raise AssertionError("PIL decoded an ordinary JPEG")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", refuse)
+    for kind in ("420", "444", "progressive", "gray"):
+        assert decode.two_views(_variant(kind, 200, 150), "k", 32, 0, 0).shape == (2, 32, 32, 3)
+    with pytest.raises(AssertionError, match="PIL decoded"):
+        decode.two_views(_variant("cmyk", 200, 150), "k", 32, 0, 0)
+
+
+def test_broken_files_fail_as_pil_fails_and_warnings_do_not() -> None:
+    jpeg = _photo(200, 150)
+    with pytest.raises((OSError, ValueError)):
+        decode.two_views(jpeg[: len(jpeg) // 2], "k", 32, 0, 0)  # truncated
+    with pytest.raises((OSError, ValueError, SyntaxError)):
+        decode.two_views(b"not an image at all", "k", 32, 0, 0)
+    # two stray bytes before the scan: libjpeg warns ("extraneous bytes before marker"),
+    # PIL decodes it, and so must the CPU stage (ImageNet has files like this)
+    sos = jpeg.index(b"\xff\xda")
+    warned = jpeg[:sos] + b"\x00\x00" + jpeg[sos:]
+    box = (10, 10, 150, 120)
+    view = decode.decode_crops(warned, 32, [box])[0].astype(np.float32)
+    assert np.abs(view - _reference(warned, 32, box)).mean() < 1.0
+
+
+def test_views_go_straight_into_a_batch_slot_and_threads_are_left_as_found() -> None:
+    jpeg = _photo()
+    batch = np.zeros((2, 3, 64, 64, 3), dtype=np.uint8)  # (views, B, S, S, 3)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        decode.two_views(jpeg, "k", 64, seed=0, epoch=0, out=batch[:, 1])
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+    assert np.array_equal(batch[:, 1], decode.two_views(jpeg, "k", 64, seed=0, epoch=0))
+    assert not batch[:, 0].any() and not batch[:, 2].any()
+    decode.one_view(jpeg, "k", 64, seed=0, epoch=0, out=batch[0, 2])
+    assert np.array_equal(batch[0, 2], decode.one_view(jpeg, "k", 64, seed=0, epoch=0))
+    with pytest.raises(ValueError, match="out must be uint8"):
+        decode.two_views(jpeg, "k", 32, seed=0, epoch=0, out=batch[:, 0])

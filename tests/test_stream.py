@@ -242,6 +242,35 @@ def test_a_corrupt_sample_is_skipped_named_and_still_consumed(tmp_path) -> None:
     assert [len(b.keys) for b in evaluated] == [4, 5, 5, 1] and evaluated[0].corrupt == [broken]
 
 
+def test_views_are_the_decoded_crops_stored_channels_last(tmp_path) -> None:
+    """The batch holds each sample's views exactly as ``decode`` makes them, written once
+    in channels-last order: no transpose on the CPU, what the training step wants."""
+    from shards.reader import ShardSet
+    from ssl_train.data import decode
+
+    from conftest import make_tree, truncate_first_image
+
+    tree = make_tree(
+        tmp_path / "in", classes=2, per_class=8, size=(40, 30), awkward=False, val_count=1
+    )
+    out = tmp_path / "out"
+    assert run_cli("create", tree.train, out, "--shard-samples", "8").returncode == 0
+    broken = truncate_first_image(out)
+    for mode, views in (("pretrain", 2), ("finetune", 1)):
+        config = StreamConfig(str(out), 16, image_size=24, mode=mode, partitions=2)
+        (batch,) = _take(TrainStream(config, 0, 1, StreamState()), 1, workers=1)
+        assert batch.views.shape == (views, 16, 3, 24, 24)
+        assert all(v.is_contiguous(memory_format=torch.channels_last) for v in batch.views)
+        shards = ShardSet(str(out))
+        jpegs = {s.key: s.jpeg for n in range(2) for s in shards.read(n, 0, shards.shard_sizes[n])}
+        make = decode.two_views if mode == "pretrain" else decode.one_view
+        for i, key in enumerate(batch.keys):
+            expected = torch.from_numpy(make(jpegs[key], key, 24, seed=0, epoch=0))
+            got = batch.views[:, i].permute(0, 2, 3, 1)
+            assert torch.equal(got, expected.reshape(got.shape)), key
+        assert batch.corrupt == [broken] and broken not in batch.keys
+
+
 def test_evaluation_streams_every_sample_once_in_order(mnist_on_s3: str) -> None:
     from shards.reader import ShardSet
     from ssl_train.data.stream import EvalStream

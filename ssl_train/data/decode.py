@@ -1,9 +1,19 @@
 """The CPU half of augmentation: decode a JPEG once, crop and resize its views to uint8.
 
-Decoding is where the CPU time goes, so the JPEG is decoded at the smallest DCT scale
-(1, 1/2, 1/4 or 1/8, libjpeg's free downscaling) that still leaves every crop at least
-the output size, and each view is cropped and resized in one PIL call. Everything else
-(flip, colour, blur) runs batched on the training device (``ssl_train.data.augment``).
+This is all the CPU does per sample (flip, colour and blur run batched on the training
+device, ``ssl_train.data.augment``), so its cost sets how many cores a GPU needs. Where
+that cost goes, for a 500x375 JPEG of about 100 KB and two 224 px views
+(``bench/cpu_stage.py``; BENCHMARKS.md "CPU stage"):
+
+* decoding, about three quarters, nearly all of it libjpeg's Huffman decoding, which
+  every pixel row above the last one needed must pay whatever is cropped or scaled
+  (decoding at 1/8 scale still costs 80% of a full decode). libjpeg-turbo decodes here
+  through simplejpeg, straight into a numpy array, at the smallest DCT scale (1, 1/2,
+  1/4 or 1/8) that leaves every crop at least the output size;
+* resizing each view: one antialiased bilinear resize of the crop box, in torch's uint8
+  kernel (PIL's filter, about 5x faster than PIL's own resize);
+* the rest (crop draws, header, copies) is small; views are written once, into the
+  caller's batch when it passes ``out``.
 
 Crop parameters follow torchvision's ``RandomResizedCrop.get_params`` (area 0.08-1,
 aspect ratio 3/4-4/3 drawn log-uniformly, ten tries, then a centre crop), drawn from a
@@ -16,6 +26,9 @@ import io
 import math
 
 import numpy as np
+import simplejpeg
+import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from ssl_train.data.augment import sample_generator
@@ -89,27 +102,117 @@ def _open(jpeg: bytes) -> Image.Image:
     return Image.open(io.BytesIO(jpeg))
 
 
-def decode_crops(jpeg: bytes, size: int, boxes: list[Box], resample=Image.BILINEAR) -> np.ndarray:
+def _header(jpeg: bytes) -> tuple[int, int, bool]:
+    """(width, height, fast): ``fast`` when libjpeg-turbo can decode it straight to RGB.
+
+    CMYK/YCCK files (rare: ``shards create`` re-encodes them) and anything that is not a
+    JPEG take PIL's path, which also decides what counts as broken.
+    """
+    try:
+        height, width, colorspace, _ = simplejpeg.decode_jpeg_header(jpeg)
+    except ValueError:
+        width, height = _open(jpeg).size
+        return width, height, False
+    return width, height, colorspace in ("YCbCr", "Gray", "RGB")
+
+
+def _decode(jpeg: bytes, width: int, height: int, scale: int, fast: bool) -> np.ndarray:
+    """The whole image at 1/``scale`` (ceil(width/scale) x ceil(height/scale)), (h, w, 3).
+
+    Asking libjpeg-turbo for exactly these dimensions selects the 1/2, 1/4, 1/8 DCT
+    scalings, which are SIMD code; its other M/8 scalings (e.g. 5/8) measured slower than
+    a full decode. A file libjpeg-turbo refuses (strict: it raises on warnings too) goes
+    to PIL, which accepts what it accepted before (corrupt-data warnings) and raises on
+    what it refused before (truncated files).
+    """
+    if fast:
+        try:
+            return simplejpeg.decode_jpeg(
+                jpeg,
+                colorspace="RGB",
+                min_height=-(-height // scale),
+                min_width=-(-width // scale),
+            )
+        except ValueError:
+            pass
+    img = _open(jpeg)
+    # PIL picks the largest DCT scale s with width // requested >= s: ask for W // s
+    img.draft("RGB", (max(1, width // scale), max(1, height // scale)))
+    return np.array(img.convert("RGB"))  # writable: torch refuses read-only arrays
+
+
+def _resize_views(
+    out: np.ndarray, image: np.ndarray, boxes: list[tuple[float, ...]], resample
+) -> None:
+    """Resize each box (left, top, right, bottom) of ``image`` to ``out[n]`` (size, size, 3).
+
+    A bilinear resize of a box on whole pixels runs in torch's uint8 antialiased kernel:
+    PIL's filter (within one grey level but at a few border pixels), about 5x faster.
+    Boxes on fractions of a pixel (after a reduced-scale decode) and other filters take
+    PIL's resize, which takes fractional boxes: rounding them would shift a view by up to
+    half a pixel of the reduced image, several grey levels of error on a textured photo.
+    torch runs one thread here: two threads on one 224 px view burnt 6x the CPU-seconds
+    (DataLoader workers already run one).
+    """
+    size = out.shape[1]
+    threads = torch.get_num_threads()
+    if threads != 1:
+        torch.set_num_threads(1)
+    pil: Image.Image | None = None
+    try:
+        for n, box in enumerate(boxes):
+            left, top, right, bottom = box
+            if resample == Image.BILINEAR and all(float(v).is_integer() for v in box):
+                crop = torch.from_numpy(image)[int(top) : int(bottom), int(left) : int(right)]
+                crop = crop.permute(2, 0, 1)[None].contiguous(memory_format=torch.channels_last)
+                resized = F.interpolate(crop, size=(size, size), mode="bilinear", antialias=True)
+                torch.from_numpy(out[n]).copy_(resized[0].permute(1, 2, 0))
+            else:
+                pil = Image.fromarray(image) if pil is None else pil
+                out[n] = np.asarray(pil.resize((size, size), resample, box=box))
+    finally:
+        if threads != 1:
+            torch.set_num_threads(threads)
+
+
+def decode_crops(
+    jpeg: bytes,
+    size: int,
+    boxes: list[Box],
+    resample=Image.BILINEAR,
+    *,
+    out: np.ndarray | None = None,
+) -> np.ndarray:
     """Decode once at the smallest sufficient DCT scale; return (views, size, size, 3) uint8.
+
+    ``out``, when given, is where the views go (any strides, e.g. one sample's slot of a
+    whole batch), so that the pixels are written once.
 
     Example:
         >>> from shards.images import encode_jpeg
         >>> jpeg = encode_jpeg(Image.new("RGB", (400, 300), (200, 10, 10)))
-        >>> decode_crops(jpeg, 32, [(0, 0, 300, 300), (100, 50, 64, 64)]).shape
-        (2, 32, 32, 3)
+        >>> views = decode_crops(jpeg, 32, [(0, 0, 300, 300), (100, 50, 64, 64)])
+        >>> views.shape, views[1, 5, 5].tolist()
+        ((2, 32, 32, 3), [200, 10, 10])
     """
-    img = _open(jpeg)
-    width, height = img.size
+    width, height, fast = _header(jpeg)
+    if out is None:
+        out = np.empty((len(boxes), size, size, 3), dtype=np.uint8)
+    elif out.shape != (len(boxes), size, size, 3) or out.dtype != np.uint8:
+        raise ValueError(
+            f"out must be uint8 {(len(boxes), size, size, 3)} for {len(boxes)} views of "
+            f"{size} px, got {out.dtype} {out.shape}"
+        )
     smallest_side = min(min(w, h) for _, _, w, h in boxes)
     scale = next(s for s in (8, 4, 2, 1) if smallest_side >= s * size or s == 1)
-    # PIL picks the largest DCT scale s with width // requested >= s: ask for W // s
-    img.draft("RGB", (max(1, width // scale), max(1, height // scale)))
-    img = img.convert("RGB")
-    fx, fy = img.size[0] / width, img.size[1] / height
-    out = np.empty((len(boxes), size, size, 3), dtype=np.uint8)
-    for n, (left, top, w, h) in enumerate(boxes):
-        box = (left * fx, top * fy, (left + w) * fx, (top + h) * fy)
-        out[n] = np.asarray(img.resize((size, size), resample, box=box))
+    image = _decode(jpeg, width, height, scale, fast)
+    if image.shape[:2] != (-(-height // scale), -(-width // scale)):
+        scale = 1  # PIL decoded it whole (not a JPEG: draft does nothing)
+        if image.shape[:2] != (height, width):
+            raise ValueError(f"decoded {image.shape[1]}x{image.shape[0]}, header {width}x{height}")
+    # a DCT-scaled pixel i covers full-resolution pixels [i*scale, (i+1)*scale)
+    scaled = [(x / scale, y / scale, (x + w) / scale, (y + h) / scale) for x, y, w, h in boxes]
+    _resize_views(out, image, scaled, resample)
     return out
 
 
@@ -121,23 +224,36 @@ def image_size(jpeg: bytes) -> tuple[int, int]:
         >>> image_size(encode_jpeg(Image.new("RGB", (40, 30))))
         (40, 30)
     """
-    return _open(jpeg).size
+    return _header(jpeg)[:2]
 
 
-def two_views(jpeg: bytes, key: str, size: int, seed: int, epoch: int) -> np.ndarray:
-    """SimCLR pretraining input: two random resized crops, (2, size, size, 3) uint8.
+def two_views(
+    jpeg: bytes, key: str, size: int, seed: int, epoch: int, *, out: np.ndarray | None = None
+) -> np.ndarray:
+    """SimCLR pretraining input: two random resized crops, (2, size, size, 3) uint8
+    (written into ``out`` when given).
 
     Example:
         >>> from shards.images import encode_jpeg
         >>> two_views(encode_jpeg(Image.new("RGB", (64, 48))), "k", 32, seed=0, epoch=0).shape
         (2, 32, 32, 3)
     """
-    return decode_crops(jpeg, size, crop_boxes(image_size(jpeg), key, seed, epoch, 2))
+    return decode_crops(jpeg, size, crop_boxes(image_size(jpeg), key, seed, epoch, 2), out=out)
 
 
-def one_view(jpeg: bytes, key: str, size: int, seed: int, epoch: int) -> np.ndarray:
-    """Finetuning and distillation input: one random resized crop, (size, size, 3) uint8."""
-    return decode_crops(jpeg, size, crop_boxes(image_size(jpeg), key, seed, epoch, 1))[0]
+def one_view(
+    jpeg: bytes, key: str, size: int, seed: int, epoch: int, *, out: np.ndarray | None = None
+) -> np.ndarray:
+    """Finetuning and distillation input: one random resized crop, (size, size, 3) uint8
+    (written into ``out`` when given).
+
+    Example:
+        >>> from shards.images import encode_jpeg
+        >>> one_view(encode_jpeg(Image.new("RGB", (64, 48))), "k", 32, seed=0, epoch=0).shape
+        (32, 32, 3)
+    """
+    boxes = crop_boxes(image_size(jpeg), key, seed, epoch, 1)
+    return decode_crops(jpeg, size, boxes, out=None if out is None else out[None])[0]
 
 
 def eval_view(jpeg: bytes, size: int) -> np.ndarray:
