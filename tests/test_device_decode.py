@@ -54,6 +54,13 @@ VIEW_TOLERANCE = {224: 1.0, 32: 6.0}
 # approximates): measured 0.11-0.23 per view at both sizes, the rest being PIL's filter
 # reading pixels just outside the box at its edges.
 EXACT_TOLERANCE = 0.5
+# Added to each of them on a GPU: nvJPEG, as torchvision calls it, upsamples chroma
+# without libjpeg's "fancy" (interpolating) upsampling, so its pixels differ from
+# libjpeg-turbo's at colour edges. Simulated on the CPU (chroma averaged 2x2, then
+# repeated): +0.75 mean, +1.1 at most per view at 224 px, +0.13 at 32 px. Not yet
+# measured on a GPU (none was lent to the session that wrote this): bench/gpu_all.py
+# runs these tests, and a failure prints the difference found.
+NVJPEG_ALLOWANCE = {224: 1.5, 32: 0.5}
 
 
 def _photos(count: int, seed: int = 0) -> list[Sample]:
@@ -75,7 +82,7 @@ def _as_hwc(local: LocalBatch, slot: int) -> np.ndarray:
     return local.views[:, slot].permute(0, 2, 3, 1).cpu().numpy()
 
 
-def _check_same_crops(device: str, size: int, views: int) -> None:
+def _check_same_crops(device: str, size: int, views: int, slack: float = 0.0) -> None:
     samples = _photos(6)
     local = BatchDecoder(device, size)(encode_samples(samples, views, seed=0, epoch=0, step=7))
     assert local.views.shape == (views, 6, 3, size, size) and local.views.dtype == torch.uint8
@@ -91,12 +98,12 @@ def _check_same_crops(device: str, size: int, views: int) -> None:
         boxes = decode.crop_boxes(decode.image_size(sample.jpeg), sample.key, 0, 0, views)
         for view, (left, top, w, h) in enumerate(boxes):
             difference = float(np.abs(ours[view] - theirs[view]).mean())
-            assert difference <= VIEW_TOLERANCE[size], (sample.key, view, difference)
+            assert difference <= VIEW_TOLERANCE[size] + slack, (sample.key, view, difference)
             differences.append(difference)
             exact = full.resize((size, size), Image.BILINEAR, box=(left, top, left + w, top + h))
             off = float(np.abs(ours[view] - np.asarray(exact, np.float32)).mean())
-            assert off <= EXACT_TOLERANCE, (sample.key, view, off)
-    assert float(np.mean(differences)) <= BATCH_TOLERANCE[size], differences
+            assert off <= EXACT_TOLERANCE + slack, (sample.key, view, off)
+    assert float(np.mean(differences)) <= BATCH_TOLERANCE[size] + slack, differences
 
 
 @pytest.mark.parametrize(("size", "views"), [(224, 2), (224, 1), (32, 2), (32, 1)])
@@ -108,7 +115,7 @@ def test_the_device_path_makes_the_cpu_paths_crops(size: int, views: int) -> Non
 @needs_gpu
 @pytest.mark.parametrize(("size", "views"), [(224, 2), (224, 1), (32, 2), (32, 1)])
 def test_the_gpu_path_makes_the_cpu_paths_crops(size: int, views: int) -> None:
-    _check_same_crops("cuda", size, views)
+    _check_same_crops("cuda", size, views, slack=NVJPEG_ALLOWANCE[size])
 
 
 def test_a_resized_crop_takes_exactly_its_box() -> None:
@@ -139,7 +146,7 @@ def _awkward_samples() -> list[Sample]:
     return samples
 
 
-def _check_awkward(device: str) -> None:
+def _check_awkward(device: str, slack: float = 0.0) -> None:
     samples = _awkward_samples()
     encoded = encode_samples(samples, 2, seed=0, epoch=0, step=0)
     assert encoded.corrupt == ["junk"]  # its header says nothing; the truncated one's does
@@ -163,7 +170,7 @@ def _check_awkward(device: str) -> None:
     for slot, i in enumerate(fill):
         ours = _as_hwc(local, slot).astype(np.float32)
         difference = float(np.abs(ours - expected[i]).mean())
-        assert difference <= VIEW_TOLERANCE[32], (samples[i].key, difference)
+        assert difference <= VIEW_TOLERANCE[32] + slack, (samples[i].key, difference)
     gray = _as_hwc(local, 1)
     assert np.array_equal(gray[..., 0], gray[..., 1]) and np.array_equal(gray[..., 0], gray[..., 2])
 
@@ -175,7 +182,7 @@ def test_grayscale_cmyk_png_and_broken_files_end_as_on_the_cpu_path() -> None:
 @pytest.mark.gpu
 @needs_gpu
 def test_grayscale_cmyk_png_and_broken_files_end_as_on_the_cpu_path_on_a_gpu() -> None:
-    _check_awkward("cuda")
+    _check_awkward("cuda", slack=NVJPEG_ALLOWANCE[32])
 
 
 def test_what_nvjpeg_is_not_given_and_why() -> None:
