@@ -22,7 +22,10 @@ GPU step alone, not the input pipeline):
               ResNet-50 1x, 3-layer projection head) on both views concatenated, NT-Xent,
               backward, LARS, the schedule, and the loop's per-step ``float(loss)``.
               Precision bf16 (autocast) and channels_last, as ``--precision bf16
-              --channels-last`` set them; with --compile also ``--compile``.
+              --channels-last`` set them; with --compile also ``--compile``. SimCLRv2's
+              memory is off (``--memory-size 0``: SimCLR's step, which the target was set
+              for; ``ssl-train pretrain`` turns it on for this preset) unless
+              --memory-size N.
   supervised  torchvision's ResNet-50 (``torchvision.models.resnet50``, 1000 classes;
               ``--baseline ours`` uses this project's ``resnet(50, 1)`` + a linear
               classifier) on 2 x --pairs images (the same images per step as the SimCLR
@@ -105,6 +108,7 @@ def simclr_step(args: argparse.Namespace, data: str, run_dir: str, compile: bool
         channels_last=True,
         compile=compile,
         device=args.device,
+        memory_size=args.memory_size,
     )
     runtime = rt.start(args.device)
     trainer = Trainer(config, runtime)
@@ -208,8 +212,8 @@ def measure(
     return out
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """This benchmark's flags (``bench/gpu_all.py`` takes the same ones)."""
     parser.add_argument("--preset", default="r50_1x_sk0")
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument(
@@ -221,27 +225,37 @@ def main() -> int:
     parser.add_argument("--precision", choices=("bf16", "fp32"), default="bf16")
     parser.add_argument("--baseline", choices=("torchvision", "ours"), default="torchvision")
     parser.add_argument("--compile", action="store_true", help="also the torch.compile variant")
+    parser.add_argument(
+        "--memory-size",
+        type=int,
+        default=0,
+        help="SimCLRv2's memory of negatives (default 0: SimCLR's step, what the target was "
+        "set for); N > 0 adds its forward pass and makes a shard set of N + pairs images",
+    )
     parser.add_argument("--allow-cpu", action="store_true", help="smoke run on the CPU")
-    args = parser.parse_args()
 
+
+def choose_device(args: argparse.Namespace, script: str, smoke_flags: str) -> str | None:
+    """Set ``args.device``; the device's name, or None (after saying why) when there is
+    no CUDA device and no --allow-cpu."""
     if torch.cuda.is_available():
         args.device = "cuda"
         torch.backends.cudnn.benchmark = True
-        device_name = torch.cuda.get_device_name()
-    elif args.allow_cpu:
+        return torch.cuda.get_device_name()
+    if args.allow_cpu:
         args.device = "cpu"
-        device_name = f"CPU: {cpu_model()} (smoke run, not a GPU figure)"
-    else:
-        print(
-            "gpu_step.py measures a GPU training step, and no CUDA device is visible here "
-            "(torch.cuda.is_available() is False). Run it on a machine with a GPU, or add "
-            "--allow-cpu with tiny sizes for a smoke run: --allow-cpu --image-size 32 "
-            "--pairs 4 --steps 2 --warmup 1 --repeats 1",
-            file=sys.stderr,
-        )
-        return 2
+        return f"CPU: {cpu_model()} (smoke run, not a GPU figure)"
+    print(
+        f"{script} measures a GPU, and no CUDA device is visible here "
+        "(torch.cuda.is_available() is False). Run it on a machine with a GPU, or add "
+        f"--allow-cpu with tiny sizes for a smoke run: --allow-cpu {smoke_flags}",
+        file=sys.stderr,
+    )
+    return None
 
-    info = {
+
+def machine(device_name: str) -> dict[str, Any]:
+    return {
         "device": device_name,
         "cpu": cpu_model(),
         "nproc": os.cpu_count(),
@@ -249,17 +263,24 @@ def main() -> int:
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
     }
+
+
+def run_steps(args: argparse.Namespace) -> dict[str, Any]:
+    """Both steps, eager (and compiled with --compile), on a throwaway shard set."""
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="gpu-step-") as tmp:
         root = Path(tmp)
-        data = make_shard_set(root, args.pairs)
+        # an epoch must hold more samples than the memory (the trainer refuses otherwise)
+        data = make_shard_set(root, args.pairs + args.memory_size)
         variants = [False, True] if args.compile else [False]
         for compile in variants:
             name = "compiled" if compile else "eager"
             results[name] = measure(args, data, str(root / f"run-{name}"), compile)
             torch._dynamo.reset()
+    return results
 
-    print()
+
+def print_table(args: argparse.Namespace, device_name: str, results: dict[str, Any]) -> None:
     print(
         f"device: {device_name}; preset {args.preset}, {args.image_size} px, {args.precision}, "
         f"channels_last; SimCLR {args.pairs} pairs/step, supervised ({args.baseline} ResNet-50) "
@@ -276,13 +297,48 @@ def main() -> int:
             f"| {r['supervised']['s_per_step']:.4f} | {r['supervised']['images_per_s']:.1f} "
             f"| {r['ratio']['value']:.3f} | >= {TARGET} {r['ratio']['verdict']} |"
         )
+
+
+def settings_of(args: argparse.Namespace) -> dict[str, Any]:
     settings = {
         k: getattr(args, k)
-        for k in ("preset", "image_size", "pairs", "steps", "warmup", "repeats", "precision")
+        for k in (
+            "preset",
+            "image_size",
+            "pairs",
+            "steps",
+            "warmup",
+            "repeats",
+            "precision",
+            "memory_size",
+        )
     }
     settings.update(baseline=args.baseline, channels_last=True, compile=args.compile)
+    return settings
+
+
+SMOKE_FLAGS = "--image-size 32 --pairs 4 --steps 2 --warmup 1 --repeats 1"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_arguments(parser)
+    args = parser.parse_args()
+    device_name = choose_device(args, "gpu_step.py", SMOKE_FLAGS)
+    if device_name is None:
+        return 2
+    results = run_steps(args)
+    print()
+    print_table(args, device_name, results)
     print(
-        json.dumps({"bench": "gpu_step", "machine": info, "settings": settings, "results": results})
+        json.dumps(
+            {
+                "bench": "gpu_step",
+                "machine": machine(device_name),
+                "settings": settings_of(args),
+                "results": results,
+            }
+        )
     )
     return 0
 

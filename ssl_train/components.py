@@ -51,6 +51,7 @@ def pretrain(
     compile: Optional[bool] = None,
     device: Optional[str] = None,
     workers: Optional[int] = None,
+    decode: Optional[str] = None,
     checkpoint_every_steps: Optional[int] = None,
     checkpoint_every_minutes: Optional[float] = None,
     keep_checkpoints: Optional[int] = None,
@@ -102,6 +103,7 @@ def pretrain(
         compile: torch.compile the model
         device: cpu, cuda or cuda:N (default: cuda when a GPU is visible)
         workers: data-loading processes per rank (default 4) (in a job: 8)
+        decode: where training JPEGs are decoded and cropped: cpu (the data workers) or gpu (nvJPEG on the training GPU, batched; the workers then only read and ship the bytes). gpu takes GPU time from the step: use it when the workers cannot keep up (default cpu)
         checkpoint_every_steps: also checkpoint every N steps
         checkpoint_every_minutes: checkpoint every M minutes (default 10)
         keep_checkpoints: how many recent checkpoints to keep (default 3)
@@ -125,7 +127,7 @@ def pretrain(
         env: extra environment variables (e.g. AWS_ENDPOINT_URL=...)
         mounts: mounts (type=<bind/volume>,src=...,dst=...[,readonly])
     """
-    values = {"data": data, "run_dir": run_dir, "preset": preset, "temperature": temperature, "memory_size": memory_size, "memory_momentum": memory_momentum, "global_batch_size": global_batch_size, "epochs": epochs, "max_steps": max_steps, "image_size": image_size, "seed": seed, "learning_rate": learning_rate, "lr_scaling": lr_scaling, "warmup_epochs": warmup_epochs, "weight_decay": weight_decay, "momentum": momentum, "head_layers": head_layers, "proj_dim": proj_dim, "partitions": partitions, "precision": precision, "channels_last": channels_last, "compile": compile, "device": device, "workers": workers, "checkpoint_every_steps": checkpoint_every_steps, "checkpoint_every_minutes": checkpoint_every_minutes, "keep_checkpoints": keep_checkpoints, "trace_samples": trace_samples, "stop_at_step": stop_at_step, "allow_config_change": allow_config_change, "eval_data": eval_data, "eval_batch_size": eval_batch_size, "log_every_steps": log_every_steps}
+    values = {"data": data, "run_dir": run_dir, "preset": preset, "temperature": temperature, "memory_size": memory_size, "memory_momentum": memory_momentum, "global_batch_size": global_batch_size, "epochs": epochs, "max_steps": max_steps, "image_size": image_size, "seed": seed, "learning_rate": learning_rate, "lr_scaling": lr_scaling, "warmup_epochs": warmup_epochs, "weight_decay": weight_decay, "momentum": momentum, "head_layers": head_layers, "proj_dim": proj_dim, "partitions": partitions, "precision": precision, "channels_last": channels_last, "compile": compile, "device": device, "workers": workers, "decode": decode, "checkpoint_every_steps": checkpoint_every_steps, "checkpoint_every_minutes": checkpoint_every_minutes, "keep_checkpoints": keep_checkpoints, "trace_samples": trace_samples, "stop_at_step": stop_at_step, "allow_config_change": allow_config_change, "eval_data": eval_data, "eval_batch_size": eval_batch_size, "log_every_steps": log_every_steps}
     return stage_job("pretrain", values, extra_args, JobOptions(name=name, image=image, j=j, h=h, cpu=cpu, gpu=gpu, memMB=memMB, gpu_memory_gb=gpu_memory_gb, max_restarts=max_restarts, max_retries=max_retries, metrics_port=metrics_port, env=env, mounts=mounts))
 
 
@@ -154,6 +156,7 @@ def finetune(
     compile: Optional[bool] = None,
     device: Optional[str] = None,
     workers: Optional[int] = None,
+    decode: Optional[str] = None,
     checkpoint_every_steps: Optional[int] = None,
     checkpoint_every_minutes: Optional[float] = None,
     keep_checkpoints: Optional[int] = None,
@@ -204,6 +207,7 @@ def finetune(
         compile: torch.compile the model
         device: cpu, cuda or cuda:N (default: cuda when a GPU is visible)
         workers: data-loading processes per rank (default 4) (in a job: 8)
+        decode: where training JPEGs are decoded and cropped: cpu (the data workers) or gpu (nvJPEG on the training GPU, batched; the workers then only read and ship the bytes). gpu takes GPU time from the step: use it when the workers cannot keep up (default cpu)
         checkpoint_every_steps: also checkpoint every N steps
         checkpoint_every_minutes: checkpoint every M minutes (default 10)
         keep_checkpoints: how many recent checkpoints to keep (default 3)
@@ -227,7 +231,7 @@ def finetune(
         env: extra environment variables (e.g. AWS_ENDPOINT_URL=...)
         mounts: mounts (type=<bind/volume>,src=...,dst=...[,readonly])
     """
-    values = {"data": data, "run_dir": run_dir, "pretrained": pretrained, "subset": subset, "from_proj_layer": from_proj_layer, "global_batch_size": global_batch_size, "epochs": epochs, "max_steps": max_steps, "image_size": image_size, "seed": seed, "learning_rate": learning_rate, "lr_scaling": lr_scaling, "warmup_epochs": warmup_epochs, "weight_decay": weight_decay, "momentum": momentum, "head_layers": head_layers, "proj_dim": proj_dim, "partitions": partitions, "precision": precision, "channels_last": channels_last, "compile": compile, "device": device, "workers": workers, "checkpoint_every_steps": checkpoint_every_steps, "checkpoint_every_minutes": checkpoint_every_minutes, "keep_checkpoints": keep_checkpoints, "trace_samples": trace_samples, "stop_at_step": stop_at_step, "allow_config_change": allow_config_change, "eval_data": eval_data, "eval_batch_size": eval_batch_size, "log_every_steps": log_every_steps}
+    values = {"data": data, "run_dir": run_dir, "pretrained": pretrained, "subset": subset, "from_proj_layer": from_proj_layer, "global_batch_size": global_batch_size, "epochs": epochs, "max_steps": max_steps, "image_size": image_size, "seed": seed, "learning_rate": learning_rate, "lr_scaling": lr_scaling, "warmup_epochs": warmup_epochs, "weight_decay": weight_decay, "momentum": momentum, "head_layers": head_layers, "proj_dim": proj_dim, "partitions": partitions, "precision": precision, "channels_last": channels_last, "compile": compile, "device": device, "workers": workers, "decode": decode, "checkpoint_every_steps": checkpoint_every_steps, "checkpoint_every_minutes": checkpoint_every_minutes, "keep_checkpoints": keep_checkpoints, "trace_samples": trace_samples, "stop_at_step": stop_at_step, "allow_config_change": allow_config_change, "eval_data": eval_data, "eval_batch_size": eval_batch_size, "log_every_steps": log_every_steps}
     return stage_job("finetune", values, extra_args, JobOptions(name=name, image=image, j=j, h=h, cpu=cpu, gpu=gpu, memMB=memMB, gpu_memory_gb=gpu_memory_gb, max_restarts=max_restarts, max_retries=max_retries, metrics_port=metrics_port, env=env, mounts=mounts))
 
 
@@ -256,6 +260,7 @@ def supervised(
     compile: Optional[bool] = None,
     device: Optional[str] = None,
     workers: Optional[int] = None,
+    decode: Optional[str] = None,
     checkpoint_every_steps: Optional[int] = None,
     checkpoint_every_minutes: Optional[float] = None,
     keep_checkpoints: Optional[int] = None,
@@ -306,6 +311,7 @@ def supervised(
         compile: torch.compile the model
         device: cpu, cuda or cuda:N (default: cuda when a GPU is visible)
         workers: data-loading processes per rank (default 4) (in a job: 8)
+        decode: where training JPEGs are decoded and cropped: cpu (the data workers) or gpu (nvJPEG on the training GPU, batched; the workers then only read and ship the bytes). gpu takes GPU time from the step: use it when the workers cannot keep up (default cpu)
         checkpoint_every_steps: also checkpoint every N steps
         checkpoint_every_minutes: checkpoint every M minutes (default 10)
         keep_checkpoints: how many recent checkpoints to keep (default 3)
@@ -329,7 +335,7 @@ def supervised(
         env: extra environment variables (e.g. AWS_ENDPOINT_URL=...)
         mounts: mounts (type=<bind/volume>,src=...,dst=...[,readonly])
     """
-    values = {"data": data, "run_dir": run_dir, "preset": preset, "subset": subset, "from_proj_layer": from_proj_layer, "global_batch_size": global_batch_size, "epochs": epochs, "max_steps": max_steps, "image_size": image_size, "seed": seed, "learning_rate": learning_rate, "lr_scaling": lr_scaling, "warmup_epochs": warmup_epochs, "weight_decay": weight_decay, "momentum": momentum, "head_layers": head_layers, "proj_dim": proj_dim, "partitions": partitions, "precision": precision, "channels_last": channels_last, "compile": compile, "device": device, "workers": workers, "checkpoint_every_steps": checkpoint_every_steps, "checkpoint_every_minutes": checkpoint_every_minutes, "keep_checkpoints": keep_checkpoints, "trace_samples": trace_samples, "stop_at_step": stop_at_step, "allow_config_change": allow_config_change, "eval_data": eval_data, "eval_batch_size": eval_batch_size, "log_every_steps": log_every_steps}
+    values = {"data": data, "run_dir": run_dir, "preset": preset, "subset": subset, "from_proj_layer": from_proj_layer, "global_batch_size": global_batch_size, "epochs": epochs, "max_steps": max_steps, "image_size": image_size, "seed": seed, "learning_rate": learning_rate, "lr_scaling": lr_scaling, "warmup_epochs": warmup_epochs, "weight_decay": weight_decay, "momentum": momentum, "head_layers": head_layers, "proj_dim": proj_dim, "partitions": partitions, "precision": precision, "channels_last": channels_last, "compile": compile, "device": device, "workers": workers, "decode": decode, "checkpoint_every_steps": checkpoint_every_steps, "checkpoint_every_minutes": checkpoint_every_minutes, "keep_checkpoints": keep_checkpoints, "trace_samples": trace_samples, "stop_at_step": stop_at_step, "allow_config_change": allow_config_change, "eval_data": eval_data, "eval_batch_size": eval_batch_size, "log_every_steps": log_every_steps}
     return stage_job("supervised", values, extra_args, JobOptions(name=name, image=image, j=j, h=h, cpu=cpu, gpu=gpu, memMB=memMB, gpu_memory_gb=gpu_memory_gb, max_restarts=max_restarts, max_retries=max_retries, metrics_port=metrics_port, env=env, mounts=mounts))
 
 
@@ -359,6 +365,7 @@ def distill(
     compile: Optional[bool] = None,
     device: Optional[str] = None,
     workers: Optional[int] = None,
+    decode: Optional[str] = None,
     checkpoint_every_steps: Optional[int] = None,
     checkpoint_every_minutes: Optional[float] = None,
     keep_checkpoints: Optional[int] = None,
@@ -410,6 +417,7 @@ def distill(
         compile: torch.compile the model
         device: cpu, cuda or cuda:N (default: cuda when a GPU is visible)
         workers: data-loading processes per rank (default 4) (in a job: 8)
+        decode: where training JPEGs are decoded and cropped: cpu (the data workers) or gpu (nvJPEG on the training GPU, batched; the workers then only read and ship the bytes). gpu takes GPU time from the step: use it when the workers cannot keep up (default cpu)
         checkpoint_every_steps: also checkpoint every N steps
         checkpoint_every_minutes: checkpoint every M minutes (default 10)
         keep_checkpoints: how many recent checkpoints to keep (default 3)
@@ -433,7 +441,7 @@ def distill(
         env: extra environment variables (e.g. AWS_ENDPOINT_URL=...)
         mounts: mounts (type=<bind/volume>,src=...,dst=...[,readonly])
     """
-    values = {"data": data, "run_dir": run_dir, "teacher": teacher, "student": student, "temperature": temperature, "labeled_weight": labeled_weight, "global_batch_size": global_batch_size, "epochs": epochs, "max_steps": max_steps, "image_size": image_size, "seed": seed, "learning_rate": learning_rate, "lr_scaling": lr_scaling, "warmup_epochs": warmup_epochs, "weight_decay": weight_decay, "momentum": momentum, "head_layers": head_layers, "proj_dim": proj_dim, "partitions": partitions, "precision": precision, "channels_last": channels_last, "compile": compile, "device": device, "workers": workers, "checkpoint_every_steps": checkpoint_every_steps, "checkpoint_every_minutes": checkpoint_every_minutes, "keep_checkpoints": keep_checkpoints, "trace_samples": trace_samples, "stop_at_step": stop_at_step, "allow_config_change": allow_config_change, "eval_data": eval_data, "eval_batch_size": eval_batch_size, "log_every_steps": log_every_steps}
+    values = {"data": data, "run_dir": run_dir, "teacher": teacher, "student": student, "temperature": temperature, "labeled_weight": labeled_weight, "global_batch_size": global_batch_size, "epochs": epochs, "max_steps": max_steps, "image_size": image_size, "seed": seed, "learning_rate": learning_rate, "lr_scaling": lr_scaling, "warmup_epochs": warmup_epochs, "weight_decay": weight_decay, "momentum": momentum, "head_layers": head_layers, "proj_dim": proj_dim, "partitions": partitions, "precision": precision, "channels_last": channels_last, "compile": compile, "device": device, "workers": workers, "decode": decode, "checkpoint_every_steps": checkpoint_every_steps, "checkpoint_every_minutes": checkpoint_every_minutes, "keep_checkpoints": keep_checkpoints, "trace_samples": trace_samples, "stop_at_step": stop_at_step, "allow_config_change": allow_config_change, "eval_data": eval_data, "eval_batch_size": eval_batch_size, "log_every_steps": log_every_steps}
     return stage_job("distill", values, extra_args, JobOptions(name=name, image=image, j=j, h=h, cpu=cpu, gpu=gpu, memMB=memMB, gpu_memory_gb=gpu_memory_gb, max_restarts=max_restarts, max_retries=max_retries, metrics_port=metrics_port, env=env, mounts=mounts))
 
 
@@ -462,6 +470,7 @@ def linear_eval(
     compile: Optional[bool] = None,
     device: Optional[str] = None,
     workers: Optional[int] = None,
+    decode: Optional[str] = None,
     checkpoint_every_steps: Optional[int] = None,
     checkpoint_every_minutes: Optional[float] = None,
     keep_checkpoints: Optional[int] = None,
@@ -512,6 +521,7 @@ def linear_eval(
         compile: torch.compile the model
         device: cpu, cuda or cuda:N (default: cuda when a GPU is visible)
         workers: data-loading processes per rank (default 4) (in a job: 8)
+        decode: where training JPEGs are decoded and cropped: cpu (the data workers) or gpu (nvJPEG on the training GPU, batched; the workers then only read and ship the bytes). gpu takes GPU time from the step: use it when the workers cannot keep up (default cpu)
         checkpoint_every_steps: also checkpoint every N steps
         checkpoint_every_minutes: checkpoint every M minutes (default 10)
         keep_checkpoints: how many recent checkpoints to keep (default 3)
@@ -535,7 +545,7 @@ def linear_eval(
         env: extra environment variables (e.g. AWS_ENDPOINT_URL=...)
         mounts: mounts (type=<bind/volume>,src=...,dst=...[,readonly])
     """
-    values = {"data": data, "run_dir": run_dir, "pretrained": pretrained, "subset": subset, "from_proj_layer": from_proj_layer, "global_batch_size": global_batch_size, "epochs": epochs, "max_steps": max_steps, "image_size": image_size, "seed": seed, "learning_rate": learning_rate, "lr_scaling": lr_scaling, "warmup_epochs": warmup_epochs, "weight_decay": weight_decay, "momentum": momentum, "head_layers": head_layers, "proj_dim": proj_dim, "partitions": partitions, "precision": precision, "channels_last": channels_last, "compile": compile, "device": device, "workers": workers, "checkpoint_every_steps": checkpoint_every_steps, "checkpoint_every_minutes": checkpoint_every_minutes, "keep_checkpoints": keep_checkpoints, "trace_samples": trace_samples, "stop_at_step": stop_at_step, "allow_config_change": allow_config_change, "eval_data": eval_data, "eval_batch_size": eval_batch_size, "log_every_steps": log_every_steps}
+    values = {"data": data, "run_dir": run_dir, "pretrained": pretrained, "subset": subset, "from_proj_layer": from_proj_layer, "global_batch_size": global_batch_size, "epochs": epochs, "max_steps": max_steps, "image_size": image_size, "seed": seed, "learning_rate": learning_rate, "lr_scaling": lr_scaling, "warmup_epochs": warmup_epochs, "weight_decay": weight_decay, "momentum": momentum, "head_layers": head_layers, "proj_dim": proj_dim, "partitions": partitions, "precision": precision, "channels_last": channels_last, "compile": compile, "device": device, "workers": workers, "decode": decode, "checkpoint_every_steps": checkpoint_every_steps, "checkpoint_every_minutes": checkpoint_every_minutes, "keep_checkpoints": keep_checkpoints, "trace_samples": trace_samples, "stop_at_step": stop_at_step, "allow_config_change": allow_config_change, "eval_data": eval_data, "eval_batch_size": eval_batch_size, "log_every_steps": log_every_steps}
     return stage_job("linear-eval", values, extra_args, JobOptions(name=name, image=image, j=j, h=h, cpu=cpu, gpu=gpu, memMB=memMB, gpu_memory_gb=gpu_memory_gb, max_restarts=max_restarts, max_retries=max_retries, metrics_port=metrics_port, env=env, mounts=mounts))
 
 

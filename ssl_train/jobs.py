@@ -146,6 +146,25 @@ def _runs(values: list[int]) -> list[tuple[int, int]]:
     return sorted(runs, key=lambda run: run[0] - run[1])
 
 
+def check_decode(config: Any, options: JobOptions) -> None:
+    """Refuse ``--decode gpu`` on a job without GPUs: its ranks would all fail at start.
+
+    Example:
+        >>> config = parse_stage(stage_argv("pretrain", {"data": "d", "run_dir": "r", "decode": "gpu"}))
+        >>> check_decode(config, JobOptions("p", gpu=0))
+        Traceback (most recent call last):
+        ...
+        ssl_train.jobs.JobRefused: --decode gpu decodes on the job's GPUs and this job has none: give it --gpu N (or a GPU resource with -h), or leave decode out to decode in the data workers
+    """
+    if config.decode != "gpu":
+        return
+    if specs.resource(cpu=1, gpu=options.gpu, memMB=1, h=options.h).gpu <= 0:
+        raise JobRefused(
+            "--decode gpu decodes on the job's GPUs and this job has none: give it --gpu N "
+            "(or a GPU resource with -h), or leave decode out to decode in the data workers"
+        )
+
+
 def check_gpu_memory(config: Any, options: JobOptions) -> None:
     """Refuse a GPU job whose elastic minimum cannot hold its global batch: the batch
     stays fixed as the job shrinks, so the fewest GPUs carry the largest share."""
@@ -179,6 +198,7 @@ def stage_job(
     """
     argv = stage_argv(stage, values, extra_args)
     config = parse_stage(argv)
+    check_decode(config, options)
     check_gpu_memory(config, options)
     check_world_sizes(stage, config.global_batch_size, options.j)
     metrics = ["--metrics-port", str(options.metrics_port)]

@@ -6,19 +6,27 @@ outputs back round-robin, so batches arrive in step order with any number of wor
 Each worker opens its own file systems (s3fs is not fork-safe) and reads each step's
 samples as a few large ranged requests. The state to resume is ``(epoch, step)``: any
 step of any epoch is computed directly, so resuming reads nothing twice.
+
+What a batch holds depends on where JPEGs are decoded (``--decode``): by default the
+workers decode and crop (``LocalBatch``: uint8 pixels); with ``StreamConfig.encoded`` they
+only read each JPEG's header and draw its crop boxes, and ship the JPEG bytes and boxes
+(``EncodedBatch``) for the training process to decode on its GPU
+(``ssl_train.data.device_decode``). Both carry the same samples and the same boxes.
 """
 
 from __future__ import annotations
 
+import io
 import logging
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import NamedTuple
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
 from shards.reader import Sample, ShardSet
@@ -42,6 +50,9 @@ class StreamConfig:
     seed: int = 0
     partitions: int = DEFAULT_PARTITIONS
     subset: str | None = None  # "1percent", "10percent" or a list file: keep only those keys
+    # workers ship JPEG bytes and crop boxes (EncodedBatch) instead of decoded crops, for
+    # the training process to decode on its device (--decode gpu)
+    encoded: bool = False
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -78,6 +89,44 @@ class LocalBatch(NamedTuple):
     labels: torch.Tensor
     views: torch.Tensor
     corrupt: list[str]
+
+
+class EncodedBatch(NamedTuple):
+    """One rank's share of a global batch, not yet decoded (``StreamConfig.encoded``).
+
+    Every sample of the share, in canonical order: its JPEG is
+    ``data[offsets[i]:offsets[i + 1]]`` (one tensor for the whole batch, so it crosses from
+    the worker in one piece of shared memory), ``boxes[view, i]`` is the crop of each view
+    (left, top, width, height in full-resolution pixels, as ``decode.crop_boxes`` draws
+    them for the CPU path), and ``headers[i]`` is the format and PIL mode its header
+    declares (``JPEG RGB``, ``JPEG L``, ``JPEG CMYK``, ``PNG RGB`` for a mislabelled file;
+    empty for a sample whose header could not be read). ``corrupt``
+    names the samples whose header could not be read; ``device_decode`` decodes the rest
+    and fills the slots of every corrupt sample as ``LocalBatch`` does."""
+
+    epoch: int
+    step: int
+    keys: list[str]
+    labels: torch.Tensor
+    data: torch.Tensor
+    offsets: torch.Tensor
+    boxes: torch.Tensor
+    headers: list[str]
+    corrupt: list[str]
+
+
+def fill_slots(ok: Sequence[bool]) -> list[int]:
+    """Which sample each slot of a batch holds: itself when it could be decoded, else the
+    good samples in turn, so every rank keeps its batch size.
+
+    Example:
+        >>> fill_slots([True, False, True, False])
+        [0, 2, 2, 2]
+    """
+    good = [i for i, fine in enumerate(ok) if fine]
+    if not good:
+        raise ValueError("every sample of the batch is corrupt")
+    return [i if fine else good[i % len(good)] for i, fine in enumerate(ok)]
 
 
 def _subset_selection(shard_set: ShardSet, spec: str) -> list[list[int]]:
@@ -335,9 +384,12 @@ class TrainStream(IterableDataset):
             samples += [fetched.pop(ref) for ref in refs]
         return samples
 
-    def batch(self, plan: EpochPlan, step: int) -> LocalBatch:
-        """Read, decode and crop this rank's share of global batch ``step``."""
+    def batch(self, plan: EpochPlan, step: int) -> LocalBatch | EncodedBatch:
+        """Read, decode and crop this rank's share of global batch ``step`` (with
+        ``encoded``: read it and draw its crop boxes only)."""
         samples = self.samples(plan, step)
+        if self.config.encoded:
+            return self._encoded(samples, plan.epoch, step)
         views = 2 if self.config.mode == "pretrain" else 1
         size = self.config.image_size
         # every view is written once, straight into the batch, in the layout decoders and
@@ -354,7 +406,7 @@ class TrainStream(IterableDataset):
             raise ValueError(
                 f"every sample of step {step} on rank {self.rank} is corrupt: {corrupt[:3]}"
             )
-        fill = [i if ok[i] else good[i % len(good)] for i in range(len(samples))]
+        fill = fill_slots(ok)
         for i, source in enumerate(fill):
             if source != i:
                 pixels[:, i] = pixels[:, source]
@@ -362,6 +414,67 @@ class TrainStream(IterableDataset):
         keys = [samples[i].key for i in fill]
         images = batch.permute(0, 1, 4, 2, 3)
         return LocalBatch(plan.epoch, step, keys, labels, images, corrupt)
+
+    def _encoded(self, samples: list[Sample], epoch: int, step: int) -> EncodedBatch:
+        views = 2 if self.config.mode == "pretrain" else 1
+        try:
+            return encode_samples(samples, views, self.config.seed, epoch, step)
+        except ValueError as exc:  # every sample corrupt: say which rank
+            raise ValueError(f"{exc} (rank {self.rank})") from None
+
+
+def encode_samples(
+    samples: Sequence[Sample], views: int, seed: int, epoch: int, step: int
+) -> EncodedBatch:
+    """Samples as JPEG bytes and crop boxes: what a worker ships with ``--decode gpu``.
+    The boxes are the CPU path's (``decode.crop_boxes`` of the header's size), so both
+    paths crop the same regions; only headers are read, nothing is decoded.
+
+    Example:
+        >>> from PIL import Image
+        >>> from shards.images import encode_jpeg
+        >>> batch = encode_samples([Sample("k", 3, encode_jpeg(Image.new("RGB", (64, 48))))], 2, 0, 0, 0)
+        >>> batch.boxes.shape, batch.headers, batch.offsets.tolist()[0]
+        (torch.Size([2, 1, 4]), ['JPEG RGB'], 0)
+    """
+    boxes = np.zeros((views, len(samples), 4), dtype=np.int64)
+    chunks: list[bytes] = []
+    offsets: list[int] = [0]
+    headers: list[str] = []
+    corrupt: list[str] = []
+    for i, sample in enumerate(samples):
+        try:
+            size = decode.image_size(sample.jpeg)
+            header = _header(sample.jpeg)
+            boxes[:, i] = decode.crop_boxes(size, sample.key, seed, epoch, views)
+        except (OSError, ValueError, SyntaxError) as exc:  # what PIL raises on broken data
+            log.warning("skipping corrupt sample %s (%s)", sample.key, exc)
+            corrupt.append(sample.key)
+            headers.append("")
+            offsets.append(offsets[-1])
+            continue
+        chunks.append(sample.jpeg)
+        headers.append(header)
+        offsets.append(offsets[-1] + len(sample.jpeg))
+    if len(corrupt) == len(samples):
+        raise ValueError(f"every sample of step {step} is corrupt: {corrupt[:3]}")
+    return EncodedBatch(
+        epoch,
+        step,
+        [s.key for s in samples],
+        torch.tensor([s.cls for s in samples], dtype=torch.int64),
+        torch.frombuffer(bytearray(b"".join(chunks)), dtype=torch.uint8),
+        torch.tensor(offsets, dtype=torch.int64),
+        torch.from_numpy(boxes),
+        headers,
+        corrupt,
+    )
+
+
+def _header(image: bytes) -> str:
+    """Format and mode from an image's header (``JPEG RGB``), without decoding it."""
+    with Image.open(io.BytesIO(image)) as img:
+        return f"{img.format} {img.mode}"
 
 
 class EvalBatch(NamedTuple):

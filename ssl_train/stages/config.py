@@ -19,6 +19,28 @@ from ssl_train.stages import registry
 
 PRECISIONS = ("fp32", "bf16")
 DEVICES = ("cpu", "cuda")
+DECODES = ("cpu", "gpu")  # --decode: in the data workers, or nvJPEG on the training GPU
+
+
+def check_decode_flag(decode: str, device_type: str) -> None:
+    """Refuse ``--decode gpu`` on a run that does not train on a GPU, before any work.
+
+    Why not fall back to the CPU path quietly: the user asked for the GPU to decode, and a
+    run that silently decodes elsewhere would be sized and measured wrongly.
+
+    Example:
+        >>> check_decode_flag("gpu", "cpu")
+        Traceback (most recent call last):
+        ...
+        ssl_train.errors.UserError: --decode gpu decodes JPEGs with nvJPEG on the training GPU, and this run trains on cpu (no CUDA device visible, or --device cpu): leave --decode out (or give --decode cpu) to decode in the data workers, or run on a machine with a GPU
+    """
+    if decode == "gpu" and device_type != "cuda":
+        raise UserError(
+            "--decode gpu decodes JPEGs with nvJPEG on the training GPU, and this run trains "
+            f"on {device_type} (no CUDA device visible, or --device {device_type}): leave "
+            "--decode out (or give --decode cpu) to decode in the data workers, or run on a "
+            "machine with a GPU"
+        )
 
 
 def check_device_flag(device: str | None) -> None:
@@ -54,6 +76,7 @@ OPERATIONAL = frozenset(
         "compile",
         "channels_last",
         "device",
+        "decode",  # the same crops either way (pixels within a stated tolerance)
         "eval_data",
         "eval_batch_size",
         "log_every_steps",
@@ -100,6 +123,7 @@ class StageConfig:
     compile: bool = False
     device: str | None = None
     workers: int = 4
+    decode: str = "cpu"  # "gpu": the workers ship JPEG bytes, nvJPEG decodes (data.device_decode)
     checkpoint_every_steps: int | None = None
     checkpoint_every_minutes: float | None = 10.0
     keep_checkpoints: int = 3
@@ -151,6 +175,11 @@ class StageConfig:
             ),
             (0.0 <= self.labeled_weight <= 1.0, "--labeled-weight must be between 0 and 1"),
             (self.workers >= 0, "--workers must be 0 or more"),
+            (
+                self.decode in DECODES,
+                f"--decode {self.decode}: use cpu (decode in the data workers) or gpu (nvJPEG "
+                "on the training GPU)",
+            ),
             (self.temperature > 0, "--temperature must be positive"),
             (
                 self.preset is None or self.preset in PRESET_NAMES,
@@ -201,7 +230,8 @@ class StageConfig:
     def on_device(self, device_type: str) -> StageConfig:
         """This configuration with the device-dependent choices made: bf16 autocast and
         channels-last on a GPU, fp32 and the default layout on CPUs, unless set. Resolved
-        before training so checkpoints record what the run did.
+        before training so checkpoints record what the run did; ``--decode gpu`` off a GPU
+        is refused here.
 
         Example:
             >>> config = StageConfig.for_stage("pretrain", data="d", run_dir="/r")
@@ -210,6 +240,7 @@ class StageConfig:
             (('bf16', True), 'fp32')
         """
         on_gpu = device_type == "cuda"
+        check_decode_flag(self.decode, device_type)
         return replace(
             self,
             precision=self.precision or ("bf16" if on_gpu else "fp32"),

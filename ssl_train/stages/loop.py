@@ -182,6 +182,7 @@ def stream_config_of(config: StageConfig) -> StreamConfig:
         config.seed,
         config.partitions or default_partitions(config.global_batch_size),
         config.subset if spec.label_subset else None,
+        encoded=config.decode == "gpu",  # the workers ship JPEG bytes and crop boxes
     )
 
 
@@ -246,6 +247,12 @@ class Trainer:
         self.stream = TrainStream(
             stream_config, runtime.rank, runtime.world_size, StreamState(), shard_set
         )
+        # --decode gpu: batches arrive as JPEG bytes and boxes, decoded here on the device
+        self.decoder: Any = None
+        if stream_config.encoded:
+            from ssl_train.data.device_decode import BatchDecoder  # torchvision.io: ~1 s
+
+            self.decoder = BatchDecoder(runtime.device, config.image_size)
         self.data = data_fingerprint(shard_set, stream_config.subset)
         steps_per_epoch = self.stream.plan(0).steps
         check_memory_size(config, steps_per_epoch * config.global_batch_size)
@@ -472,6 +479,8 @@ class Trainer:
                 raise Preempted(
                     f"stopped by {stop_request.signal_name or 'another rank'} at step {self.step}"
                 )
+            if self.decoder is not None:  # in the step's time, as the GPU spends it
+                batch = self.decoder(batch)
             metrics = self._step(batch)
             self._record_step(
                 batch, metrics, data_wait, time.monotonic() - step_began, checkpointer

@@ -40,7 +40,11 @@ def check_stage(config: StageConfig) -> dict[str, Any]:
     """
     check_device_flag(config.device)
     kind = (config.device or ("cuda" if torch.cuda.is_available() else "cpu")).split(":")[0]
-    config = config.on_device(kind)  # as the ranks will resolve it
+    config = config.on_device(kind)  # as the ranks will resolve it (--decode gpu too)
+    if config.decode == "gpu":  # a torchvision without nvJPEG fails here, once per node
+        from ssl_train.data.device_decode import check_device_decoding
+
+        check_device_decoding(config.device or "cuda")
     shard_set = ShardSet(config.data)
     classes = shard_set.manifest.classes
     stream_config = stream_config_of(config)

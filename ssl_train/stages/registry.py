@@ -130,6 +130,13 @@ COMMON_FLAGS: tuple[Flag, ...] = (
     Flag("compile", bool, "torch.compile the model"),
     Flag("device", str, "cpu, cuda or cuda:N (default: cuda when a GPU is visible)"),
     Flag("workers", int, "data-loading processes per rank"),
+    Flag(
+        "decode",
+        str,
+        "where training JPEGs are decoded and cropped: cpu (the data workers) or gpu "
+        "(nvJPEG on the training GPU, batched; the workers then only read and ship the "
+        "bytes). gpu takes GPU time from the step: use it when the workers cannot keep up",
+    ),
     Flag("checkpoint_every_steps", int, "also checkpoint every N steps"),
     Flag("checkpoint_every_minutes", float, "checkpoint every M minutes"),
     Flag("keep_checkpoints", int, "how many recent checkpoints to keep"),
