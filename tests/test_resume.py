@@ -21,11 +21,11 @@ from flaky_proxy import FlakyProxy
 from stage_runs import (
     TINY,
     assert_bitwise_equal,
-    assert_close,
     assert_exactly_once,
     children,
     command,
     final_weights,
+    largest_difference,
     run,
     start,
     trace,
@@ -174,27 +174,40 @@ def memory_state(run_dir: Path) -> dict:
 def test_two_ranks_then_one_rank_matches_the_one_rank_run(
     tiny_shards: TinyShards, memory: bool, request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:
+    """Resuming on another world size continues the same run: its weights are as near the
+    one-rank run as an uninterrupted two-rank run's are. How near that is depends on the
+    data and the CPU (the two world sizes round differently and the tiny net amplifies
+    it: 5e-6 with one decoder's pixels, 8e-4 with another's), so the bound is measured,
+    and the resumed half must move the weights far more than it."""
     from ssl_train.checkpoint import CheckpointStore
 
     baseline_one_rank = request.getfixturevalue(
         "baseline_one_rank_memory" if memory else "baseline_one_rank"
     )
+    extra = [*CALM, *(MEMORY if memory else [])]
+    uninterrupted = tmp_path / "two-ranks"
+    run(command("pretrain", *pretrain_args(tiny_shards.train, uninterrupted, *extra), nprocs=2),
+        tmp_path / "log")  # fmt: skip
+    spread = largest_difference(final_weights(uninterrupted), final_weights(baseline_one_rank))
+    bound = 2 * spread + 1e-5
+
     run_dir, trace_file = tmp_path / "run", tmp_path / "trace"
-    args = pretrain_args(
-        tiny_shards.train, run_dir, "--trace-samples", str(trace_file), *CALM,
-        *(MEMORY if memory else []),
-    )  # fmt: skip
+    args = pretrain_args(tiny_shards.train, run_dir, "--trace-samples", str(trace_file), *extra)
     run(command("pretrain", *args, "--stop-at-step", str(STEPS // 2), nprocs=2), tmp_path / "log")
     half_way = CheckpointStore(str(run_dir)).load(STEPS // 2)["model"]
     out = run(command("pretrain", *args), tmp_path / "log")
     assert f"resumed from step {STEPS // 2} (saved on 2 ranks)" in out
     final = final_weights(run_dir)
-    assert_close(final, final_weights(baseline_one_rank), rtol=1e-4)
+    assert largest_difference(final, final_weights(baseline_one_rank)) <= bound, spread
     if memory:
-        assert_close(memory_state(run_dir), memory_state(baseline_one_rank), rtol=1e-4)
+        assert largest_difference(memory_state(run_dir), memory_state(baseline_one_rank)) <= (
+            2 * largest_difference(memory_state(uninterrupted), memory_state(baseline_one_rank))
+            + 1e-5
+        )
     moved = max((final[k] - half_way[k]).abs().max().item() for k in final if "running" not in k)
-    assert moved > 100 * 1e-4, (
-        "the one-process half must really train for the check to mean anything"
+    assert moved > 10 * bound, (
+        f"the one-process half moved the weights by {moved:.2g}, too little next to the "
+        f"two world sizes' rounding spread {spread:.2g} for the check to mean anything"
     )
     lines = trace(trace_file)
     assert {line["world_size"] for line in lines} == {1, 2}
