@@ -151,6 +151,10 @@ def test_every_way_of_naming_the_checkpoint(written: dict, tmp_path: Path) -> No
     # ... or, without one, its only .index file.
     copy = copy_checkpoint(prefix, tmp_path / "bare")
     assert resolve_prefix(str(tmp_path / "bare")) == copy
+    # A state file naming a path on the machine that trained: the files beside it count.
+    state = 'model_checkpoint_path: "/train/host/run/model.ckpt-7"\n'
+    (tmp_path / "bare" / "checkpoint").write_text(state)
+    assert resolve_prefix(str(tmp_path / "bare")) == copy
     with pytest.raises(UserError, match="no TensorFlow checkpoint there"):
         resolve_prefix(str(tmp_path / "nothing-here"))
 

@@ -2,12 +2,13 @@
 
 TensorFlow checkpoints carry a masked CRC-32C of each tensor's bytes and of each block of
 their ``.index`` table. Nothing installed with ssl-train computes CRC-32C (``zlib.crc32``
-is the other polynomial), and a byte-at-a-time loop in Python checks about 2 MB/s, an
-hour for the largest published SimCLRv2 checkpoint. So this module splits the data into
-many equal chunks, advances all their CRCs at once with numpy (four bytes per step,
-"slicing by 4"), and joins the chunk CRCs with the linear-algebra identity
-``crc(A + B) = shift(crc(A), len(B)) ^ crc(B)`` (for the CRC without its initial value
-and final inversion, which is linear over GF(2)). That checks hundreds of MB/s.
+is the other polynomial), and a byte-at-a-time loop in CPython checks 15 MB/s: minutes
+for the largest published SimCLRv2 checkpoints (R152 3x+SK holds 795M parameters, 3.2 GB
+in float32, more with optimizer slots). So this module splits the data into many equal
+chunks, advances all their CRCs at once with numpy (four bytes per step, "slicing by
+4"), and joins the chunk CRCs with the identity ``crc(A + B) = shift(crc(A), len(B)) ^
+crc(B)``, which holds for the CRC without its initial value and final inversion (a
+linear map over GF(2)). Measured on 2 shared cores: 115-265 MB/s, 8-17x the byte loop.
 """
 
 from __future__ import annotations

@@ -113,10 +113,9 @@ def resolve_prefix(src: str) -> str:
         text = storage.read_bytes(state).decode("utf-8", "replace")
         match = re.search(r'^model_checkpoint_path:\s*"((?:[^"\\]|\\.)*)"', text, re.MULTILINE)
         if match:
-            path = match.group(1)
-            if storage.is_local(folder) and "://" not in folder:
-                return path if posixpath.isabs(path) else storage.join(folder, path)
-            return storage.join(folder, posixpath.basename(path))
+            # The saver may have recorded an absolute path on the machine that trained
+            # (the published files were copied elsewhere since): the files sit beside it.
+            return storage.join(folder, posixpath.basename(match.group(1)))
     fs, path = storage.filesystem(folder)
     try:
         found = sorted(fs.glob(posixpath.join(path, "*.index")))
