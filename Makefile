@@ -13,7 +13,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TORCH := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: test test-fast demo lint setup clean bench components
+.PHONY: test test-fast demo lint setup clean bench components tf-env
 
 setup: $(STAMP)
 
@@ -26,6 +26,23 @@ $(STAMP): pyproject.toml Makefile
 		"$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" ssl_train shards
 	touch $(STAMP)
 
+# .venv-tf: a separate environment with TensorFlow (tests/tf_env.txt) in which the tests
+# write real TensorFlow checkpoints for ssl-train's reader (ssl_train/tf_checkpoint.py),
+# which needs no TensorFlow. Created once, reinstalled only when tests/tf_env.txt changes;
+# the tests that need it skip, saying so, when it is missing. Its bytecode is compiled
+# like .venv's: each helper process imports TensorFlow.
+TF_VENV := .venv-tf
+TF_STAMP := $(TF_VENV)/.installed
+
+tf-env: $(TF_STAMP)
+
+$(TF_STAMP): tests/tf_env.txt
+	test -x $(TF_VENV)/bin/python || $(PYTHON) -m venv $(TF_VENV)
+	$(TF_VENV)/bin/python -m pip install --quiet --no-compile -r tests/tf_env.txt
+	$(TF_VENV)/bin/python -m compileall -q -j 0 \
+		"$$($(TF_VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/tensorflow"
+	touch $(TF_STAMP)
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
@@ -35,11 +52,11 @@ lint: $(STAMP)
 components: $(STAMP)
 	$(PY) -m ssl_train.stages.codegen
 
-test: $(STAMP) lint
+test: $(STAMP) $(TF_STAMP) lint
 	$(PY) -m pytest -q --durations=20
 
 # everything but the end-to-end runs marked slow: a few minutes, for iterating
-test-fast: $(STAMP) lint
+test-fast: $(STAMP) $(TF_STAMP) lint
 	$(PY) -m pytest -q -m "not slow"
 
 demo: $(STAMP)
@@ -49,4 +66,4 @@ bench: $(STAMP)
 	$(PY) bench/shards_create.py
 
 clean:
-	rm -rf $(VENV) demo-out .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(TF_VENV) demo-out .pytest_cache .ruff_cache
