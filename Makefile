@@ -27,7 +27,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 # .venv-tf: a separate environment with TensorFlow (tests/tf_env.txt) in which the tests
-# write real TensorFlow checkpoints for ssl-train's reader (ssl_train/tf_checkpoint.py),
+# write real TensorFlow checkpoints for ssl-train's reader (ssl_train/checkpoint_import/),
 # which needs no TensorFlow. Created once, reinstalled only when tests/tf_env.txt changes;
 # the tests that need it skip, saying so, when it is missing. Its bytecode is compiled
 # like .venv's: each helper process imports TensorFlow.
