@@ -1,7 +1,8 @@
 """`ssl-train demo`: the SimCLRv2 recipe in miniature, through the code path a cluster uses.
 
 A local S3 server (SeaweedFS, what ``shards serve`` runs, in its own process) holds the
-MNIST-5000 shards and the label lists; Prometheus, when its binary is installed, scrapes every training job; and
+MNIST-5000 shards and the label lists; Prometheus, when its binary is installed, scrapes
+every training job; and
 ``ssl-train pipeline`` runs each stage as a TorchX ``local_cwd`` job of elastic torchrun
 processes (2 for the stages on all digits, 1 for the labelled ones): contrastive
 pretraining on the 4,000 training digits without labels (with SimCLRv2's memory of
