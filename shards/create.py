@@ -290,7 +290,7 @@ def _run_plans(plans: list[ShardPlan], opts: CreateOptions, staging: str) -> Ite
     publishing: set[Future] = set()
 
     def start_builds() -> None:
-        while len(building) + len(publishing) < 2 * workers and builder is not None:
+        while len(building) + len(publishing) < 2 * workers:
             job = next(pending, None)
             if job is None:
                 return

@@ -444,8 +444,7 @@ def encode_samples(
     corrupt: list[str] = []
     for i, sample in enumerate(samples):
         try:
-            size = decode.image_size(sample.jpeg)
-            header = _header(sample.jpeg)
+            size, header = _header(sample.jpeg)
             boxes[:, i] = decode.crop_boxes(size, sample.key, seed, epoch, views)
         except (OSError, ValueError, SyntaxError) as exc:  # what PIL raises on broken data
             log.warning("skipping corrupt sample %s (%s)", sample.key, exc)
@@ -471,10 +470,11 @@ def encode_samples(
     )
 
 
-def _header(image: bytes) -> str:
-    """Format and mode from an image's header (``JPEG RGB``), without decoding it."""
+def _header(image: bytes) -> tuple[tuple[int, int], str]:
+    """Size, and format and mode (``JPEG RGB``), from one read of an image's header,
+    without decoding it (the size is ``decode.image_size``'s)."""
     with Image.open(io.BytesIO(image)) as img:
-        return f"{img.format} {img.mode}"
+        return img.size, f"{img.format} {img.mode}"
 
 
 class EvalBatch(NamedTuple):
