@@ -120,3 +120,20 @@ def test_data_bench_refuses_a_batch_the_partitions_do_not_divide(tmp_path: Path)
         tool="ssl-train",
     )  # fmt: skip
     assert result.returncode == 2 and "multiple of the number of partitions" in result.stderr
+
+
+def test_worker_cpu_is_read_on_the_clock_that_marks_the_steady_state() -> None:
+    # The steady state starts at the worker's process_time() (nanoseconds); the end is
+    # read from outside. Read in /proc's 10 ms ticks, a few milliseconds of work came
+    # out as 0 or as a negative CPU time, and the report divided by zero.
+    import os
+    import time
+
+    from ssl_train.data.bench import process_cpu_s
+
+    before_inside, before_outside = time.process_time(), process_cpu_s(os.getpid())
+    while time.process_time() - before_inside < 0.003:
+        pass
+    spent_inside = time.process_time() - before_inside
+    spent_outside = process_cpu_s(os.getpid()) - before_outside  # type: ignore[operator]
+    assert abs(spent_outside - spent_inside) < 0.5e-3, (spent_inside, spent_outside)

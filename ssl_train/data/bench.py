@@ -32,6 +32,7 @@ import json
 import multiprocessing
 import os
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -157,13 +158,23 @@ def _worker_init(counters: Counters, worker_id: int) -> None:
 
 
 def process_cpu_s(pid: int) -> float | None:
-    """User + system CPU-seconds of process ``pid`` and all its threads, exited ones too
-    (Linux ``/proc``, in clock ticks of usually 10 ms; None where it cannot be read).
+    """User + system CPU-seconds of process ``pid`` and all its threads, exited ones too;
+    None where it cannot be read.
+
+    Linux's per-process CPU clock gives nanoseconds on the same clock as the worker's
+    ``time.process_time`` (which marks where the steady state starts), so a short bench's
+    difference cannot come out negative; ``/proc``'s clock ticks (usually 10 ms, rounded
+    down) are the fallback.
 
     Example:
         >>> process_cpu_s(os.getpid()) > 0
         True
     """
+    if sys.platform == "linux":
+        try:  # the clock id glibc's clock_getcpuclockid(pid) makes: CPUCLOCK_SCHED
+            return time.clock_gettime(((~pid) << 3) | 2)
+        except OSError:
+            pass
     try:
         with open(f"/proc/{pid}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
@@ -223,9 +234,9 @@ class BenchResult:
 
     ``samples_per_cpu_s`` (the headline) = ``steady_samples`` (those of each worker's
     batches after its first) / ``worker_cpu_s``, the CPU-seconds since then of the
-    workers' whole processes (``worker_cpu_scope`` "process"; "batch" where ``/proc``
-    cannot be read, or with no workers: then only the CPU inside the stream's ``batch``,
-    ``batch_cpu_s``). ``cores_per_gpu`` = ``steps_per_s`` x ``batch_per_gpu`` /
+    workers' whole processes (``worker_cpu_scope`` "process"; "batch" where their CPU
+    clocks cannot be read, or with no workers: then only the CPU inside the stream's
+    ``batch``, ``batch_cpu_s``). ``cores_per_gpu`` = ``steps_per_s`` x ``batch_per_gpu`` /
     ``samples_per_cpu_s``.
     """
 
