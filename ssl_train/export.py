@@ -39,10 +39,12 @@ def model_config(
     proj_dim: int,
     from_proj_layer: int,
     kept_head_layers: int,
+    stem_pool: str = "torchvision",
     **about: Any,
 ) -> dict[str, Any]:
-    """What rebuilds the module: the preset, head shape and classifier; ``about`` adds
-    facts for people (stage, image size, class names).
+    """What rebuilds the module: the preset, head shape, classifier and the stem's
+    max-pool padding (``"tensorflow"`` for imported checkpoints); ``about`` adds facts
+    for people (stage, image size, class names).
 
     Example:
         >>> model_config("tiny", 10, 3, 128, 1, 1, stage="finetune")["kept_head_layers"]
@@ -56,6 +58,7 @@ def model_config(
         "proj_dim": proj_dim,
         "from_proj_layer": from_proj_layer,
         "kept_head_layers": kept_head_layers,
+        "stem_pool": stem_pool,
         **about,
     }
 
@@ -75,6 +78,7 @@ def build_from_config(config: dict[str, Any], device: torch.device | str | None 
         proj_dim=config["proj_dim"],
         from_proj_layer=config["from_proj_layer"],
         device=device,
+        stem_pool=config.get("stem_pool", "torchvision"),  # absent: written before it existed
     )
     model.keep_head_layers(config["kept_head_layers"])
     return model
@@ -151,3 +155,17 @@ def load_model(url: str, device: torch.device | str = "cpu") -> tuple[SimCLRv2, 
 def final_url(run_dir: str) -> str:
     """Where a finished stage run keeps its model."""
     return storage.join(run_dir, FINAL)
+
+
+def model_url(path: str) -> str:
+    """The model folder that ``path`` names: ``path`` itself when it holds a
+    ``config.json`` (an export, an ``ssl-train import``), else the run dir's ``final/``.
+    What --pretrained, --teacher and ``eval`` accept.
+
+    Example:
+        >>> model_url("s3://b/runs/pretrain")  # doctest: +SKIP
+        's3://b/runs/pretrain/final'
+    """
+    if storage.size_or_none(storage.join(path, CONFIG_FILE)) is not None:
+        return path
+    return final_url(path)

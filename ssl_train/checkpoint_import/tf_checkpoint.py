@@ -91,7 +91,8 @@ def resolve_prefix(src: str) -> str:
 
     ``src`` may be the prefix itself (``.../model.ckpt-112603``), its ``.index`` or a data
     file, or a folder: then the checkpoint its ``checkpoint`` state file names (what
-    TensorFlow's savers write beside their checkpoints), else its only ``*.index`` file.
+    TensorFlow's savers write beside their checkpoints), else a SavedModel's variables
+    (``variables/`` or ``saved_model/variables/``), else its only ``*.index`` file.
 
     Example:
         >>> resolve_prefix("/ckpt/model.ckpt-100.index")
@@ -116,6 +117,9 @@ def resolve_prefix(src: str) -> str:
             # The saver may have recorded an absolute path on the machine that trained
             # (the published files were copied elsewhere since): the files sit beside it.
             return storage.join(folder, posixpath.basename(match.group(1)))
+    for saved_model in ("variables/variables", "saved_model/variables/variables"):
+        if storage.size_or_none(storage.join(folder, f"{saved_model}.index")) is not None:
+            return storage.join(folder, saved_model)  # a SavedModel's variables
     fs, path = storage.filesystem(folder)
     try:
         found = sorted(fs.glob(posixpath.join(path, "*.index")))

@@ -32,13 +32,16 @@ class Preset:
     paper_millions: int | None = None
     note: str = ""
 
-    def backbone(self, device: torch.device | str | None = None) -> ResNet:
+    def backbone(
+        self, device: torch.device | str | None = None, stem_pool: str = "torchvision"
+    ) -> ResNet:
         return resnet(
             self.depth,
             self.width_multiplier,
             SK_RATIO if self.sk else 0.0,
             self.small_images,
             device,
+            stem_pool,
         )
 
 
@@ -92,15 +95,17 @@ def build_model(
     proj_dim: int = 128,
     from_proj_layer: int = 1,
     device: torch.device | str | None = None,
+    stem_pool: str = "torchvision",
 ) -> SimCLRv2:
-    """The SimCLRv2 model (backbone + head [+ classifier]) of a preset.
+    """The SimCLRv2 model (backbone + head [+ classifier]) of a preset; ``stem_pool`` as
+    in ``resnet``.
 
     Example:
         >>> build_model("tiny", num_classes=10).classifier.out_features
         10
     """
     preset = get_preset(name)
-    backbone = preset.backbone(device)
+    backbone = preset.backbone(device, stem_pool)
     if device is None:
         return SimCLRv2(backbone, head_layers, proj_dim, num_classes, from_proj_layer)
     with torch.device(device):

@@ -7,9 +7,13 @@ shortcuts. Module names follow torchvision's ResNet, so a plain R50 exports to
 ``torchvision.models.resnet50`` key for key.
 
 Two choices differ from the TF code, both parameter-free: the stem's max-pool pads one
-pixel on each side as torchvision does (TF pads only after), so an exported model computes
-the same in torchvision; and depths 18/34 (not in the paper) put the SK convolution on the
-first 3x3 of each basic block, so small test models exercise the same operator.
+pixel on each side as torchvision does (TF's 'SAME' pads only after on even sizes), so an
+exported model computes the same in torchvision; and depths 18/34 (not in the paper) put
+the SK convolution on the first 3x3 of each basic block, so small test models exercise
+the same operator. The padding moves every later feature map by half a pixel, which
+changes an imported network's features by 7-26%, so ``stem_pool="tensorflow"`` selects
+TF's padding; models imported from the official checkpoints use it and record it in
+their config.json (``ssl_train.checkpoint_import``).
 """
 
 from __future__ import annotations
@@ -104,6 +108,36 @@ class AvgPoolShortcut(nn.Module):
         return summed / F.avg_pool2d(ones, 2, 1, divisor_override=1)
 
 
+STEM_POOLS = ("torchvision", "tensorflow")
+
+
+class SamePaddingMaxPool(nn.Module):
+    """TF's ``max_pool`` with ``padding='SAME'``: pads ``total = max((out - 1) * stride +
+    kernel - size, 0)`` with ``total // 2`` before and the rest after (so one pixel after
+    only, on even sizes), padding never winning the max.
+
+    Example:
+        >>> x = torch.arange(16.0).view(1, 1, 4, 4)
+        >>> SamePaddingMaxPool(3, 2)(x)[0, 0].tolist()
+        [[10.0, 11.0], [14.0, 15.0]]
+    """
+
+    def __init__(self, kernel: int, stride: int) -> None:
+        super().__init__()
+        self.kernel, self.stride = kernel, stride
+
+    def _pads(self, size: int) -> tuple[int, int]:
+        out = -(-size // self.stride)
+        total = max((out - 1) * self.stride + self.kernel - size, 0)
+        return total // 2, total - total // 2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        top, bottom = self._pads(x.shape[-2])
+        left, right = self._pads(x.shape[-1])
+        padded = F.pad(x, (left, right, top, bottom), value=float("-inf"))
+        return F.max_pool2d(padded, self.kernel, self.stride)
+
+
 def _downsample(in_ch: int, out_ch: int, stride: int, resnet_d: bool) -> nn.Sequential:
     if resnet_d:
         return nn.Sequential(AvgPoolShortcut(stride), conv(in_ch, out_ch, 1), batch_norm(out_ch))
@@ -170,8 +204,17 @@ class ResNet(nn.Module):
         torch.Size([2, 128])
     """
 
-    def __init__(self, depth: int, width_multiplier: float, sk_ratio: float, small_images: bool):
+    def __init__(
+        self,
+        depth: int,
+        width_multiplier: float,
+        sk_ratio: float,
+        small_images: bool,
+        stem_pool: str = "torchvision",
+    ):
         super().__init__()
+        if stem_pool not in STEM_POOLS:
+            raise ValueError(f"stem_pool must be one of {STEM_POOLS}, not {stem_pool!r}")
         if depth not in _LAYERS:
             raise ValueError(f"depth {depth} not supported; choose one of {sorted(_LAYERS)}")
         if width_multiplier <= 0 or sk_ratio < 0:
@@ -181,7 +224,7 @@ class ResNet(nn.Module):
         if stem < 2:
             raise ValueError(f"width_multiplier {width_multiplier} leaves no channels")
         self.depth, self.width_multiplier, self.sk_ratio = depth, width_multiplier, sk_ratio
-        self.small_images = small_images
+        self.small_images, self.stem_pool = small_images, stem_pool
         if small_images:
             self.conv1: nn.Module = conv(3, stem, 3)
         elif sk_ratio > 0:
@@ -194,7 +237,12 @@ class ResNet(nn.Module):
             self.conv1 = conv(3, stem, 7, 2)
         self.bn1 = batch_norm(stem)
         self.relu = nn.ReLU(inplace=True)
-        self.maxpool = nn.Identity() if small_images else nn.MaxPool2d(3, 2, 1)
+        if small_images:
+            self.maxpool: nn.Module = nn.Identity()
+        elif stem_pool == "tensorflow":
+            self.maxpool = SamePaddingMaxPool(3, 2)
+        else:
+            self.maxpool = nn.MaxPool2d(3, 2, 1)
         in_ch = stem
         for index, (blocks, stride) in enumerate(zip(_LAYERS[depth], (1, 2, 2, 2), strict=True)):
             filters = int(64 * 2**index * width_multiplier)
@@ -218,12 +266,14 @@ def resnet(
     sk_ratio: float = 0.0,
     small_images: bool = False,
     device: torch.device | str | None = None,
+    stem_pool: str = "torchvision",
 ) -> ResNet:
     """Build a SimCLRv2 ResNet backbone returning pooled features.
 
     ``small_images`` selects a 3x3 stride-1 stem without max-pool (inputs of 32 px or
     less). ``device="meta"`` describes the model without allocating memory, e.g. to
-    count the parameters of the 795M-parameter R152 3x+SK.
+    count the parameters of the 795M-parameter R152 3x+SK. ``stem_pool="tensorflow"``
+    pads the stem's max-pool as TensorFlow does (imported checkpoints).
 
     Example:
         >>> big = resnet(152, 3, sk_ratio=0.0625, device="meta")
@@ -231,6 +281,6 @@ def resnet(
         795
     """
     if device is None:
-        return ResNet(depth, width_multiplier, sk_ratio, small_images)
+        return ResNet(depth, width_multiplier, sk_ratio, small_images, stem_pool)
     with torch.device(device):
-        return ResNet(depth, width_multiplier, sk_ratio, small_images)
+        return ResNet(depth, width_multiplier, sk_ratio, small_images, stem_pool)

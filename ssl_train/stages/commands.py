@@ -11,8 +11,8 @@ from ssl_train.checkpoint import CheckpointError, CheckpointStore
 from ssl_train.export import (
     CONFIG_FILE,
     ExportError,
-    final_url,
     load_model,
+    model_url,
     read_config,
     save_model,
 )
@@ -29,7 +29,7 @@ def evaluate_run(args: argparse.Namespace) -> dict[str, Any]:
     """
     runtime = rt.start(args.device)
     try:
-        model, config = load_model(final_url(args.run_dir), runtime.device)
+        model, config = load_model(model_url(args.run_dir), runtime.device)
         image_size = args.image_size or config.get("image_size", 224)
         return evaluate(
             model,

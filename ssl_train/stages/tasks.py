@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from ssl_train.data.augment import SimCLRAugment, apply_view_params, flip_params
 from ssl_train.errors import UserError
-from ssl_train.export import final_url, load_model, model_config, read_config
+from ssl_train.export import load_model, model_config, model_url, read_config
 from ssl_train.losses import contrastive_accuracy, distillation_loss, nt_xent
 from ssl_train.memory import ContrastiveMemory
 from ssl_train.models import SimCLRv2, build_model
@@ -161,7 +161,7 @@ def check_teacher(config: StageConfig, saved: dict[str, Any], num_classes: int) 
 
 def _model_config(flag: str, run_dir: str) -> dict[str, Any]:
     try:
-        return read_config(final_url(run_dir))
+        return read_config(model_url(run_dir))
     except UserError as exc:
         raise type(exc)(f"{flag} {exc}") from None
 
@@ -212,7 +212,7 @@ def _from_pretrained(
     config: StageConfig, num_classes: int, device: torch.device
 ) -> tuple[SimCLRv2, dict[str, Any]]:
     """The pretrained backbone and head layers up to --from-proj-layer, a zero classifier."""
-    base, saved = load_model(final_url(config.pretrained), device)  # its config once
+    base, saved = load_model(model_url(config.pretrained), device)  # its config once
     check_pretrained(config, saved)
     layer = config.from_proj_layer
     model = SimCLRv2(base.backbone, saved["head_layers"], saved["proj_dim"], num_classes, layer)
@@ -221,7 +221,13 @@ def _from_pretrained(
     model.zero_init_classifier()
     model.to(device)
     described = model_config(
-        saved["preset"], num_classes, saved["head_layers"], saved["proj_dim"], layer, layer
+        saved["preset"],
+        num_classes,
+        saved["head_layers"],
+        saved["proj_dim"],
+        layer,
+        layer,
+        saved.get("stem_pool", "torchvision"),
     )
     return model, described
 
@@ -247,7 +253,7 @@ def build_linear_eval(config: StageConfig, num_classes: int, device: torch.devic
 
 def build_distill(config: StageConfig, num_classes: int, device: torch.device) -> Task:
     """A student from random weights learning the frozen teacher's soft labels."""
-    teacher, saved = load_model(final_url(config.teacher), device)
+    teacher, saved = load_model(model_url(config.teacher), device)
     check_teacher(config, saved, num_classes)
     teacher.eval().requires_grad_(False)
     model = build_model(config.preset, num_classes, config.head_layers, config.proj_dim, 0, device)
