@@ -168,6 +168,28 @@ def add_stage_commands(sub: argparse._SubParsersAction) -> None:
     export.add_argument(
         "--force", action="store_true", help="replace a model OUT_DIR already holds"
     )
+    imports = sub.add_parser(
+        "import",
+        help="an official SimCLRv2 TensorFlow checkpoint as model.safetensors + config.json",
+        description=(
+            "SRC: a TF1 checkpoint (folder, model.ckpt-N prefix or .index) or a TF2 "
+            "checkpoint or SavedModel of google-research/simclr, local or any URL "
+            "(s3://, https://). The architecture is read from its variables; no "
+            "TensorFlow needed. OUT_DIR is accepted by finetune --pretrained, distill "
+            "--teacher, linear-eval and eval."
+        ),
+    )
+    imports.add_argument("src", metavar="SRC")
+    imports.add_argument("out_dir", metavar="OUT_DIR")
+    imports.add_argument(
+        "--from-proj-layer",
+        type=int,
+        help="the projection-head layer the checkpoint's classifier reads (default: 0 for a "
+        "whole head, as pretrained checkpoints have; the top layer of a cut head)",
+    )
+    imports.add_argument(
+        "--force", action="store_true", help="replace a model OUT_DIR already holds"
+    )
 
 
 def run_pipeline_command(args: argparse.Namespace) -> None:
@@ -316,6 +338,12 @@ def main(argv: list[str] | None = None) -> None:
             from ssl_train.stages.commands import evaluate_run
 
             print_result(evaluate_run(args))
+        elif args.command == "import":
+            from ssl_train.checkpoint_import.importer import import_checkpoint
+
+            print_result(
+                import_checkpoint(args.src, args.out_dir, args.from_proj_layer, args.force)
+            )
         elif args.command == "export":
             from ssl_train.stages.commands import export_run
 

@@ -14,7 +14,8 @@ Usage: python tests/tf_simclr_nets.py OUT_DIR CASES_JSON
 
 CASES_JSON: a list of {"name", "depth", "width", "sk", "format" (tf1 | tf2 | savedmodel),
 "head_layers" (layers saved), "full_head" (the last one is the 128-wide projection),
-"classes", "ft_proj_selector", "image_size", "seed"}.
+"classes", "ft_proj_selector", "image_size", "seed", "extra": optional {TF1 name: shape}
+of variables the model does not have}.
 Writes OUT_DIR/NAME/ckpt* and OUT_DIR/NAME/{images,features,projection,logits}_{f32,f64}.npy
 """
 
@@ -52,7 +53,9 @@ def main() -> None:
             self.rng = np.random.default_rng(seed)
 
         def conv(self, k: int, cin: int, cout: int) -> np.ndarray:
-            return (self.rng.standard_normal((k, k, cin, cout)) * np.sqrt(2.0 / (k * k * cin))).astype(np.float32)
+            return (
+                self.rng.standard_normal((k, k, cin, cout)) * np.sqrt(2.0 / (k * k * cin))
+            ).astype(np.float32)
 
         def dense(self, cin: int, cout: int) -> np.ndarray:
             return (self.rng.standard_normal((cin, cout)) * np.sqrt(1.0 / cin)).astype(np.float32)
@@ -71,7 +74,15 @@ def main() -> None:
             kernel = tf.cast(self.kernel, dtype)
             if self.stride > 1:  # fixed padding, then VALID
                 total = self.k - 1
-                x = tf.pad(x, [[0, 0], [total // 2, total - total // 2], [total // 2, total - total // 2], [0, 0]])
+                x = tf.pad(
+                    x,
+                    [
+                        [0, 0],
+                        [total // 2, total - total // 2],
+                        [total // 2, total - total // 2],
+                        [0, 0],
+                    ],
+                )
                 return tf.nn.conv2d(x, kernel, self.stride, "VALID")
             return tf.nn.conv2d(x, kernel, 1, "SAME")
 
@@ -84,7 +95,15 @@ def main() -> None:
             return self.conv2d(x, dtype)
 
     class BatchNormalization(tf.Module):
-        def __init__(self, w: Weights, namer: Namer, n: int, center: bool = True, tf1_name: str | None = None, init_zero: bool = False):
+        def __init__(
+            self,
+            w: Weights,
+            namer: Namer,
+            n: int,
+            center: bool = True,
+            tf1_name: str | None = None,
+            init_zero: bool = False,
+        ):
             super().__init__()
             name = tf1_name or namer.name("batch_normalization")
             # A block's last BN starts at gamma 0 in the official code and stays small in
@@ -100,7 +119,12 @@ def main() -> None:
         def __call__(self, x, dtype):
             beta = None if self.beta is None else tf.cast(self.beta, dtype)
             return tf.nn.batch_normalization(
-                x, tf.cast(self.moving_mean, dtype), tf.cast(self.moving_variance, dtype), beta, tf.cast(self.gamma, dtype), EPS
+                x,
+                tf.cast(self.moving_mean, dtype),
+                tf.cast(self.moving_variance, dtype),
+                beta,
+                tf.cast(self.gamma, dtype),
+                EPS,
             )
 
     class BatchNormRelu(tf.Module):
@@ -130,7 +154,9 @@ def main() -> None:
             x = self.batch_norm_relu(self.conv2d_fixed_padding(x, dtype), dtype)
             streams = tf.stack(tf.split(x, 2, axis=3))
             pooled = tf.reduce_mean(tf.reduce_sum(streams, axis=0), [1, 2], keepdims=True)
-            mixing = self.conv2d_1(self.batch_norm_relu_1(self.conv2d_0(pooled, dtype), dtype), dtype)
+            mixing = self.conv2d_1(
+                self.batch_norm_relu_1(self.conv2d_0(pooled, dtype), dtype), dtype
+            )
             mixing = tf.nn.softmax(tf.stack(tf.split(mixing, 2, axis=3)), axis=0)
             return tf.reduce_sum(streams * mixing, axis=0)
 
@@ -144,16 +170,27 @@ def main() -> None:
                     if stride > 1:
                         self.projection_layers.append(Empty())
                     self.projection_layers.append(Empty())
-                    self.projection_layers.append(Conv2dFixedPadding(w, namer, 1, cin, 4 * filters, 1))
+                    self.projection_layers.append(
+                        Conv2dFixedPadding(w, namer, 1, cin, 4 * filters, 1)
+                    )
                 else:
-                    self.projection_layers.append(Conv2dFixedPadding(w, namer, 1, cin, 4 * filters, stride))
+                    self.projection_layers.append(
+                        Conv2dFixedPadding(w, namer, 1, cin, 4 * filters, stride)
+                    )
                 self.projection_layers.append(BatchNormRelu(w, namer, 4 * filters, relu=False))
             self.shortcut_dropblock = Empty()
-            layers = [Conv2dFixedPadding(w, namer, 1, cin, filters, 1), BatchNormRelu(w, namer, filters), Empty()]
+            layers = [
+                Conv2dFixedPadding(w, namer, 1, cin, filters, 1),
+                BatchNormRelu(w, namer, filters),
+                Empty(),
+            ]
             if sk:
                 layers.append(SKConv2D(w, namer, filters, filters, stride))
             else:
-                layers += [Conv2dFixedPadding(w, namer, 3, filters, filters, stride), BatchNormRelu(w, namer, filters)]
+                layers += [
+                    Conv2dFixedPadding(w, namer, 3, filters, filters, stride),
+                    BatchNormRelu(w, namer, filters),
+                ]
             layers += [
                 Empty(),
                 Conv2dFixedPadding(w, namer, 1, filters, 4 * filters, 1),
@@ -205,12 +242,19 @@ def main() -> None:
                 ]
             else:
                 self.initial_conv_relu_max_pool = [Conv2dFixedPadding(w, namer, 7, 3, stem, 2)]
-            self.initial_conv_relu_max_pool += [Empty(), BatchNormRelu(w, namer, stem), Empty(), Empty()]
+            self.initial_conv_relu_max_pool += [
+                Empty(),
+                BatchNormRelu(w, namer, stem),
+                Empty(),
+                Empty(),
+            ]
             self.block_groups = []
             cin = stem
             for g, blocks in enumerate(LAYERS[depth]):
                 filters = 64 * 2**g * width
-                self.block_groups.append(BlockGroup(w, namer, cin, filters, blocks, 1 if g == 0 else 2, sk))
+                self.block_groups.append(
+                    BlockGroup(w, namer, cin, filters, blocks, 1 if g == 0 else 2, sk)
+                )
                 cin = 4 * filters
             self.features = cin
 
@@ -241,7 +285,14 @@ def main() -> None:
             if self.dense.bias is not None:
                 namer.tf1[f"{scope}/dense/bias"] = self.dense.bias
             self.bn_relu = (
-                BatchNormRelu(w, namer, cout, relu=False, center=use_bias, tf1_name=f"{scope}/batch_normalization")
+                BatchNormRelu(
+                    w,
+                    namer,
+                    cout,
+                    relu=False,
+                    center=use_bias,
+                    tf1_name=f"{scope}/batch_normalization",
+                )
                 if use_bn
                 else None
             )
@@ -257,7 +308,15 @@ def main() -> None:
             for j in range(layers):
                 last = full and j == layers - 1
                 self.linear_layers.append(
-                    LinearLayer(w, namer, f"head_contrastive/nl_{j}", features, 128 if last else features, not last, True)
+                    LinearLayer(
+                        w,
+                        namer,
+                        f"head_contrastive/nl_{j}",
+                        features,
+                        128 if last else features,
+                        not last,
+                        True,
+                    )
                 )
             self.full = full
 
@@ -273,7 +332,9 @@ def main() -> None:
     class SupervisedHead(tf.Module):
         def __init__(self, w, namer, cin, classes):
             super().__init__()
-            self.linear_layer = LinearLayer(w, namer, "head_supervised/linear_layer", cin, classes, True, False)
+            self.linear_layer = LinearLayer(
+                w, namer, "head_supervised/linear_layer", cin, classes, True, False
+            )
 
         def __call__(self, x, dtype):
             return self.linear_layer(x, dtype)
@@ -283,7 +344,9 @@ def main() -> None:
             super().__init__()
             self.resnet_model = Resnet(w, namer, case["depth"], case["width"], case["sk"])
             features = self.resnet_model.features
-            self._projection_head = ProjectionHead(w, namer, features, case["head_layers"], case["full_head"])
+            self._projection_head = ProjectionHead(
+                w, namer, features, case["head_layers"], case["full_head"]
+            )
             selector = case["ft_proj_selector"]
             reads = 128 if case["full_head"] and selector == case["head_layers"] else features
             self.supervised_head = SupervisedHead(w, namer, reads, case["classes"])
@@ -301,9 +364,21 @@ def main() -> None:
         model = Model(case, Weights(case["seed"]), namer)
         if case["format"] == "tf1":
             step = tf.Variable(np.int64(250228))
-            slots = {f"{name}/Momentum": tf.Variable(tf.zeros_like(v)) for name, v in list(namer.tf1.items())[:3]}
-            ema = {f"{name}/ExponentialMovingAverage": tf.Variable(v) for name, v in list(namer.tf1.items())[:2]}
-            saver = tf.compat.v1.train.Saver(var_list={**namer.tf1, **slots, **ema, "global_step": step})
+            slots = {
+                f"{name}/Momentum": tf.Variable(tf.zeros_like(v))
+                for name, v in list(namer.tf1.items())[:3]
+            }
+            ema = {
+                f"{name}/ExponentialMovingAverage": tf.Variable(v)
+                for name, v in list(namer.tf1.items())[:2]
+            }
+            extra = {
+                name: tf.Variable(np.zeros(shape, np.float32))
+                for name, shape in case.get("extra", {}).items()
+            }
+            saver = tf.compat.v1.train.Saver(
+                var_list={**namer.tf1, **slots, **ema, **extra, "global_step": step}
+            )
             saver.save(None, os.path.join(folder, "model.ckpt-250228"), write_meta_graph=False)
         elif case["format"] == "tf2":
             checkpoint = tf.train.Checkpoint(model=model, global_step=tf.Variable(np.int64(9)))
