@@ -212,3 +212,21 @@ def test_an_imported_checkpoint_finetunes_distills_and_evaluates(
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout.strip().splitlines()[-1])["samples"] == 40
+
+
+def test_a_classifier_input_the_checkpoint_cannot_have_is_refused(
+    networks: Path, tmp_path: Path
+) -> None:
+    """--from-proj-layer overrides the default, but only to a layer whose width the
+    classifier's kernel fits; the CLI says so in one line and writes nothing."""
+    src = networks / "r50_1x_tf1"  # whole 3-layer head: layer 3 is 128 wide, the rest 2048
+    for layer, message in ((3, "classifier reads 2048 features"), (4, "choose 0 to 3")):
+        result = run_cli(
+            "import", src, tmp_path / "out", "--from-proj-layer", str(layer), tool="ssl-train"
+        )
+        assert result.returncode == 2, result.stderr
+        assert message in result.stderr and "Traceback" not in result.stderr
+        assert not (tmp_path / "out").exists()
+    result = run_cli("import", src, tmp_path / "out", "--from-proj-layer", "1", tool="ssl-train")
+    assert result.returncode == 0, result.stderr
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["from_proj_layer"] == 1
