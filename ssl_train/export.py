@@ -159,13 +159,14 @@ def final_url(run_dir: str) -> str:
 
 def model_url(path: str) -> str:
     """The model folder that ``path`` names: ``path`` itself when it holds a
-    ``config.json`` (an export, an ``ssl-train import``), else the run dir's ``final/``.
-    What --pretrained, --teacher and ``eval`` accept.
+    ``model.safetensors`` (an export, an ``ssl-train import``), else the run dir's
+    ``final/`` (a run dir's own config.json is its training configuration). What
+    --pretrained, --teacher and ``eval`` accept.
 
     Example:
         >>> model_url("s3://b/runs/pretrain")  # doctest: +SKIP
         's3://b/runs/pretrain/final'
     """
-    if storage.size_or_none(storage.join(path, CONFIG_FILE)) is not None:
+    if storage.size_or_none(storage.join(path, MODEL_FILE)) is not None:
         return path
     return final_url(path)
