@@ -114,6 +114,7 @@ def test_resize_is_two_weight_matrix_products(shape, size) -> None:
     expected = np.stack([rows @ image[..., c] @ columns.T for c in range(3)], axis=-1)
     assert np.abs(ours - expected).max() < 1e-3  # grey levels; float32 against float64
     assert np.array_equal(ours, decode.tf_bicubic_resize(image.astype(np.float32), size))
+    assert decode.tf_bicubic_resize(image.astype(np.float64), size).dtype == np.float32
 
 
 def test_resize_keeps_constants_and_same_size_images() -> None:

@@ -282,7 +282,7 @@ def bicubic_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray]:
     float32): sample centre ``x = (i + 0.5) * in/out - 0.5``; taps ``floor(x) - 1`` to
     ``floor(x) + 2``; Keys' cubic kernel with a = -0.5, read from TensorFlow's 1025-entry
     table (the fraction ``x - floor(x)`` rounded to 1/1024: the exact kernel is off by up
-    to 8e-4 on a random image); taps outside the image get weight 0 and the rest are
+    to 8e-4 of the value range on a random image); taps outside the image get weight 0 and the rest are
     renormalised to sum to 1. Taps outside are clamped into range (with weight 0) so that
     indexing never fails.
 
@@ -290,7 +290,7 @@ def bicubic_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray]:
         >>> index, weight = bicubic_taps(4, 2)
         >>> index.tolist()
         [[0, 0, 1, 2], [1, 2, 3, 3]]
-        >>> weight.astype(float).round(4).tolist()  # (-1/16, 9/16, 9/16, -1/16), the first tap dropped
+        >>> weight.astype(float).round(4).tolist()  # (-1, 9, 9, -1)/16, first tap dropped
         [[0.0, 0.5294, 0.5294, -0.0588], [-0.0588, 0.5294, 0.5294, 0.0]]
     """
     scale = np.float32(in_size) / np.float32(out_size)
@@ -315,7 +315,7 @@ def tf_bicubic_resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
     Why: the official SimCLR evaluation resizes with exactly this, and PIL's bicubic is
     another filter (antialiased: it widens the kernel when downscaling, so a crop shrunk
-    2x or more comes out blurrier, several grey levels away on a detailed image). It is
+    2x or more comes out blurrier, tens of grey levels away on a detailed image). It is
     separable: two products with the banded matrices of ``bicubic_taps``, applied as four
     gathered, weighted rows and then columns (a dense product costs 30x as much for a
     2600 px crop). Rows go first and the input is only indexed, never copied whole to
@@ -332,7 +332,8 @@ def tf_bicubic_resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     height, width = size
     row_index, row_weight = bicubic_taps(image.shape[0], height)
     column_index, column_weight = bicubic_taps(image.shape[1], width)
-    rows = row_weight[:, 0, None, None] * image[row_index[:, 0]]
+    f32 = np.float32
+    rows = np.multiply(row_weight[:, 0, None, None], image[row_index[:, 0]], dtype=f32)
     for k in range(1, 4):
         rows += row_weight[:, k, None, None] * image[row_index[:, k]]
     out = column_weight[None, :, 0, None] * rows[:, column_index[:, 0]]
