@@ -46,13 +46,98 @@ def test_center_crop_matches_the_official_evaluation_crop() -> None:
     # official: side = rint(0.875 * short side), offset = ((size - side) + 1) // 2
     assert decode.center_crop_box(500, 375) == (86, 24, 328, 328)
     assert decode.center_crop_box(224, 224) == (14, 14, 196, 196)
+    assert decode.center_crop_box(97, 1003) == (6, 459, 85, 85)
     jpeg = _photo()
-    full = Image.open(io.BytesIO(jpeg)).convert("RGB")
-    expected = np.asarray(full.resize((32, 32), Image.BICUBIC, box=(86, 24, 414, 352)), np.float32)
-    uncropped = np.asarray(full.resize((32, 32), Image.BICUBIC), np.float32)
-    out = decode.eval_view(jpeg, 32).astype(np.float32)
-    assert np.abs(out - expected).mean() < 4.0
-    assert np.abs(out - uncropped).mean() > 2 * np.abs(out - expected).mean()
+    full = decode._decode(jpeg, 500, 375, 1, True, fastdct=True)
+    expected = np.rint(np.clip(decode.tf_bicubic_resize(full[24:352, 86:414], (32, 32)), 0, 255))
+    uncropped = np.rint(np.clip(decode.tf_bicubic_resize(full, (32, 32)), 0, 255))
+    out = decode.eval_view(jpeg, 32)
+    assert out.dtype == np.uint8 and np.array_equal(out, expected)
+    assert np.abs(out - uncropped).mean() > 2.0
+
+
+def test_eval_view_decodes_at_full_resolution_with_tensorflows_idct(monkeypatch) -> None:
+    """The training path would decode this crop at 1/8 (and 1/2 for 224 px); evaluation
+    decodes it whole, with the fast integer IDCT (tf.io.decode_jpeg's default), which
+    gives other pixels than the accurate one (tests/test_eval_preprocessing_tf.py checks
+    them against TensorFlow's)."""
+    calls = []
+    original = decode._decode
+
+    def recording(*args, **kwargs):
+        image = original(*args, **kwargs)
+        calls.append(((image.shape[1], image.shape[0]), kwargs.get("fastdct", False)))
+        return image
+
+    monkeypatch.setattr(decode, "_decode", recording)
+    jpeg = encode_jpeg(photo_like(np.random.default_rng(4), 901, 677))
+    decode.eval_view(jpeg, 32)
+    decode.eval_view(jpeg, 224)
+    decode.one_view(jpeg, "k", 32, seed=0, epoch=0)  # the training path is unchanged
+    assert calls[:2] == [((901, 677), True)] * 2
+    assert calls[2][1] is False and calls[2][0][0] < 901
+    fast = original(jpeg, 901, 677, 1, True, fastdct=True)
+    assert not np.array_equal(fast, original(jpeg, 901, 677, 1, True))
+
+
+@pytest.mark.parametrize(("in_size", "out_size"), [(4, 2), (5, 9), (328, 224), (1, 3), (2625, 224)])
+def test_bicubic_taps_are_a_normalised_four_tap_kernel(in_size: int, out_size: int) -> None:
+    index, weight = decode.bicubic_taps(in_size, out_size)
+    assert index.shape == weight.shape == (out_size, 4) and weight.dtype == np.float32
+    assert index.min() >= 0 and index.max() < in_size
+    assert np.allclose(weight.sum(axis=1), 1, atol=1e-6)
+    # the centre of output pixel i, (i + 0.5) * in/out - 0.5, lies between taps 1 and 2
+    centre = (np.arange(out_size) + 0.5) * in_size / out_size - 0.5
+    position = (index * weight).sum(axis=1)
+    interior = (index[:, 0] < index[:, 1]) & (index[:, 2] < index[:, 3])
+    assert np.allclose(position[interior], centre[interior], atol=2e-3)
+
+
+def _dense(in_size: int, out_size: int) -> np.ndarray:
+    index, weight = decode.bicubic_taps(in_size, out_size)
+    matrix = np.zeros((out_size, in_size))
+    np.add.at(matrix, (np.repeat(np.arange(out_size), 4), index.ravel()), weight.ravel())
+    return matrix
+
+
+@pytest.mark.parametrize(
+    ("shape", "size"), [((328, 500), (224, 224)), ((61, 53), (224, 96)), ((7, 1), (3, 5))]
+)
+def test_resize_is_two_weight_matrix_products(shape, size) -> None:
+    """Gathering four taps per row and column is the separable matrix product
+    ``Wy @ image @ Wx.T`` per channel; any dtype in, float32 out."""
+    rng = np.random.default_rng(1)
+    image = rng.integers(0, 256, (*shape, 3), dtype=np.uint8)
+    ours = decode.tf_bicubic_resize(image, size)
+    assert ours.dtype == np.float32 and ours.shape == (*size, 3)
+    rows, columns = _dense(shape[0], size[0]), _dense(shape[1], size[1])
+    expected = np.stack([rows @ image[..., c] @ columns.T for c in range(3)], axis=-1)
+    assert np.abs(ours - expected).max() < 1e-3  # grey levels; float32 against float64
+    assert np.array_equal(ours, decode.tf_bicubic_resize(image.astype(np.float32), size))
+    assert decode.tf_bicubic_resize(image.astype(np.float64), size).dtype == np.float32
+
+
+def test_resize_keeps_constants_and_same_size_images() -> None:
+    rng = np.random.default_rng(2)
+    image = rng.random((37, 53, 3), dtype=np.float32)
+    assert np.array_equal(decode.tf_bicubic_resize(image, (37, 53)), image)
+    flat = np.full((37, 53, 3), 0.75, np.float32)
+    for size in ((224, 224), (5, 3), (37, 200)):  # taps off the edges are renormalised away
+        assert np.allclose(decode.tf_bicubic_resize(flat, size), 0.75, atol=1e-6)
+
+
+def test_eval_view_clips_the_overshoot_of_bicubic_before_rounding() -> None:
+    """Keys' cubic overshoots at hard edges (below 0 and above 255): clipped, not wrapped."""
+    stripes = np.zeros((300, 300, 3), np.uint8)
+    stripes[:, (np.arange(300) // 5) % 2 == 0] = 255
+    jpeg = encode_jpeg(Image.fromarray(stripes))
+    left, top, w, h = decode.center_crop_box(300, 300)
+    full = decode._decode(jpeg, 300, 300, 1, True, fastdct=True)
+    resized = decode.tf_bicubic_resize(full[top : top + h, left : left + w], (224, 224))
+    assert resized.min() < -0.5 and resized.max() > 255.5
+    view = decode.eval_view(jpeg, 224)
+    assert view.min() == 0 and view.max() == 255
+    assert np.array_equal(view, np.rint(np.clip(resized, 0, 255)))
 
 
 def _record_decoded_sizes(monkeypatch) -> list[tuple[int, int]]:

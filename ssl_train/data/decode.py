@@ -18,6 +18,15 @@ that cost goes, for a 500x375 JPEG of about 100 KB and two 224 px views
 Crop parameters follow torchvision's ``RandomResizedCrop.get_params`` (area 0.08-1,
 aspect ratio 3/4-4/3 drawn log-uniformly, ten tries, then a centre crop), drawn from a
 generator keyed by (seed, epoch, sample key, view): the same crop on any rank or worker.
+
+Evaluation (``eval_view``) is the official SimCLR ``preprocess_for_eval`` instead: a
+full-resolution decode (no DCT scaling; the fast integer IDCT, as ``tf.io.decode_jpeg``),
+the centre 87.5% square, TensorFlow's ``tf.image.resize(..., "bicubic")`` reproduced
+(``tf_bicubic_resize``), clipped, and only then rounded to uint8. Measured against
+TensorFlow 2.21 running the official steps (x255, seven test JPEGs at 224 px,
+``tests/test_eval_preprocessing_tf.py``): max 0.50/255, mean 0.25/255, the uint8 rounding
+alone, as both decode the same pixels (the previous path, DCT-scaled decode and PIL's
+antialiased bicubic: max 91/255, mean 4.0/255).
 """
 
 from __future__ import annotations
@@ -116,7 +125,9 @@ def _header(jpeg: bytes) -> tuple[int, int, bool]:
     return width, height, colorspace in ("YCbCr", "Gray", "RGB")
 
 
-def _decode(jpeg: bytes, width: int, height: int, scale: int, fast: bool) -> np.ndarray:
+def _decode(
+    jpeg: bytes, width: int, height: int, scale: int, fast: bool, *, fastdct: bool = False
+) -> np.ndarray:
     """The whole image at 1/``scale`` (ceil(width/scale) x ceil(height/scale)), (h, w, 3).
 
     Asking libjpeg-turbo for exactly these dimensions selects the 1/2, 1/4, 1/8 DCT
@@ -124,12 +135,18 @@ def _decode(jpeg: bytes, width: int, height: int, scale: int, fast: bool) -> np.
     a full decode. A file libjpeg-turbo refuses (strict: it raises on warnings too) goes
     to PIL, which accepts what it accepted before (corrupt-data warnings) and raises on
     what it refused before (truncated files).
+
+    ``fastdct`` selects libjpeg's fast integer IDCT (JDCT_IFAST) over the accurate one:
+    TensorFlow's ``tf.io.decode_jpeg`` default, so ``eval_view`` decodes the same pixels as
+    the official pipeline (with fancy upsampling, also both libraries' default). The PIL
+    fallback ignores it.
     """
     if fast:
         try:
             return simplejpeg.decode_jpeg(
                 jpeg,
                 colorspace="RGB",
+                fastdct=fastdct,
                 min_height=-(-height // scale),
                 min_width=-(-width // scale),
             )
@@ -256,6 +273,97 @@ def one_view(
     return decode_crops(jpeg, size, boxes, out=None if out is None else out[None])[0]
 
 
+def bicubic_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """TensorFlow's bicubic resampling along one axis: (index, weight), each (out_size, 4).
+
+    Output pixel ``i`` is ``sum_k weight[i, k] * input[index[i, k]]``: the rows of a banded
+    (out_size, in_size) matrix with four non-zeros each. As ResizeBicubic with
+    ``half_pixel_centers=True`` (what ``tf.image.resize(method="bicubic")`` runs, in
+    float32): sample centre ``x = (i + 0.5) * in/out - 0.5``; taps ``floor(x) - 1`` to
+    ``floor(x) + 2``; Keys' cubic kernel with a = -0.5, read from TensorFlow's 1025-entry
+    table (the fraction ``x - floor(x)`` rounded to 1/1024: the exact kernel is off by up
+    to 8e-4 of the value range on a random image); taps outside the image get weight 0 and the rest are
+    renormalised to sum to 1. Taps outside are clamped into range (with weight 0) so that
+    indexing never fails.
+
+    Example:
+        >>> index, weight = bicubic_taps(4, 2)
+        >>> index.tolist()
+        [[0, 0, 1, 2], [1, 2, 3, 3]]
+        >>> weight.astype(float).round(4).tolist()  # (-1, 9, 9, -1)/16, first tap dropped
+        [[0.0, 0.5294, 0.5294, -0.0588], [-0.0588, 0.5294, 0.5294, 0.0]]
+    """
+    scale = np.float32(in_size) / np.float32(out_size)
+    centre = (np.arange(out_size, dtype=np.float32) + np.float32(0.5)) * scale - np.float32(0.5)
+    base = np.floor(centre)
+    fraction = np.rint((centre - base) * np.float32(1024)).astype(np.float64) / 1024
+    distance = np.stack([fraction + 1, fraction, 1 - fraction, 2 - fraction], axis=1)
+    a = -0.5
+    near = ((a + 2) * distance - (a + 3)) * distance * distance + 1  # |d| <= 1
+    far = ((a * distance - 5 * a) * distance + 8 * a) * distance - 4 * a  # 1 < |d| < 2
+    weight = np.where(distance <= 1, near, far).astype(np.float32)
+    index = base.astype(np.int64)[:, None] + np.arange(-1, 3)
+    inside = (index >= 0) & (index < in_size)
+    weight = np.where(inside, weight, np.float32(0))
+    weight /= weight.sum(axis=1, keepdims=True)
+    return np.clip(index, 0, in_size - 1), weight
+
+
+def tf_bicubic_resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """``tf.image.resize(image, size, method="bicubic")`` (antialias off), without TensorFlow:
+    (height, width, channels) of any real dtype to ``size`` = (height, width), float32.
+
+    Why: the official SimCLR evaluation resizes with exactly this, and PIL's bicubic is
+    another filter (antialiased: it widens the kernel when downscaling, so a crop shrunk
+    2x or more comes out blurrier, tens of grey levels away on a detailed image). It is
+    separable: two products with the banded matrices of ``bicubic_taps``, applied as four
+    gathered, weighted rows and then columns (a dense product costs 30x as much for a
+    2600 px crop). Rows go first and the input is only indexed, never copied whole to
+    float32, so a uint8 crop can be passed as it is. Agrees with TensorFlow 2.21 to
+    float32 rounding (about 1e-7 of the value range; ``tests/test_eval_preprocessing_tf.py``).
+
+    Example:
+        >>> ramp = np.arange(4, dtype=np.float32)[None, :, None]  # one row: 0 1 2 3
+        >>> tf_bicubic_resize(ramp, (1, 2))[0, :, 0].astype(float).round(4).tolist()
+        [0.4118, 2.5882]
+        >>> tf_bicubic_resize(np.zeros((375, 500, 3), np.uint8), (224, 224)).shape
+        (224, 224, 3)
+    """
+    height, width = size
+    row_index, row_weight = bicubic_taps(image.shape[0], height)
+    column_index, column_weight = bicubic_taps(image.shape[1], width)
+    f32 = np.float32
+    rows = np.multiply(row_weight[:, 0, None, None], image[row_index[:, 0]], dtype=f32)
+    for k in range(1, 4):
+        rows += row_weight[:, k, None, None] * image[row_index[:, k]]
+    out = column_weight[None, :, 0, None] * rows[:, column_index[:, 0]]
+    for k in range(1, 4):
+        out += column_weight[None, :, k, None] * rows[:, column_index[:, k]]
+    return out
+
+
 def eval_view(jpeg: bytes, size: int) -> np.ndarray:
-    """Evaluation input: the centre 87.5% square, resized bicubically, (size, size, 3) uint8."""
-    return decode_crops(jpeg, size, [center_crop_box(*image_size(jpeg))], Image.BICUBIC)[0]
+    """Evaluation input, (size, size, 3) uint8: the official SimCLR ``preprocess_for_eval``
+    but for the final rounding to uint8.
+
+    The JPEG is decoded at full resolution (never DCT-scaled, which would change pixels)
+    with the fast integer IDCT, as ``tf.io.decode_jpeg`` does by default (the same pixels
+    as TensorFlow's decode; the accurate IDCT is up to 8 grey levels off); its centre
+    87.5% square (``center_crop_box``) is resized by ``tf_bicubic_resize``, clipped to
+    [0, 255] and rounded to the nearest integer; evaluation then divides by 255. So each
+    value is within 0.5/255 of the official float pipeline (module docstring). CMYK and
+    other files that libjpeg-turbo refuses are decoded by PIL (accurate IDCT).
+
+    Example:
+        >>> from shards.images import encode_jpeg
+        >>> view = eval_view(encode_jpeg(Image.new("RGB", (500, 375), (200, 10, 10))), 32)
+        >>> view.shape, view.dtype, view[16, 16].tolist()
+        ((32, 32, 3), dtype('uint8'), [200, 10, 10])
+    """
+    width, height, fast = _header(jpeg)
+    image = _decode(jpeg, width, height, 1, fast, fastdct=True)
+    if image.shape[:2] != (height, width):
+        raise ValueError(f"decoded {image.shape[1]}x{image.shape[0]}, header {width}x{height}")
+    left, top, w, h = center_crop_box(width, height)
+    resized = tf_bicubic_resize(image[top : top + h, left : left + w], (size, size))
+    return np.rint(np.clip(resized, 0, 255, out=resized), out=resized).astype(np.uint8)
