@@ -230,3 +230,22 @@ def test_a_classifier_input_the_checkpoint_cannot_have_is_refused(
     result = run_cli("import", src, tmp_path / "out", "--from-proj-layer", "1", tool="ssl-train")
     assert result.returncode == 0, result.stderr
     assert json.loads((tmp_path / "out" / "config.json").read_text())["from_proj_layer"] == 1
+
+
+def test_import_from_a_folder_in_object_storage_to_object_storage(
+    networks: Path, imported: dict[str, Path], s3_bucket
+) -> None:
+    """SRC and OUT_DIR may both be URLs: a TF2 checkpoint folder uploaded to S3 (found by
+    its only .index) imports into an S3 model folder that loads to the same weights."""
+    from shards import storage
+
+    fs, _ = storage.filesystem(s3_bucket.url)
+    for path in (networks / "r50_1x_tf2").glob("ckpt-1.*"):
+        fs.put_file(str(path), f"{s3_bucket.name}/releases/r50/{path.name}")
+    out = f"{s3_bucket.url}/models/r50"
+    config = import_checkpoint(f"{s3_bucket.url}/releases/r50/", out)
+    assert config["imported_from"].endswith("/releases/r50/ckpt-1")
+    from_s3, _ = load_model(out)
+    local, _ = load_model(str(imported["r50_1x_tf2"]))
+    for key, value in local.state_dict().items():
+        assert torch.equal(from_s3.state_dict()[key], value), key
