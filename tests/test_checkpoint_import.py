@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -81,7 +83,8 @@ EXPECTED = {  # preset, head layers built, kept, classifier input layer
 
 
 @pytest.fixture(scope="module")
-def networks(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def networks(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The cases' checkpoints and TensorFlow's outputs (2 GB, removed afterwards)."""
     out = tmp_path_factory.mktemp("tf-simclr")
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": ""}
     env.pop("PYTHONPATH", None)
@@ -90,13 +93,16 @@ def networks(tmp_path_factory: pytest.TempPathFactory) -> Path:
         env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-4000:]
-    return out
+    yield out
+    shutil.rmtree(out, ignore_errors=True)  # pytest keeps three runs' temp dirs
 
 
 @pytest.fixture(scope="module")
-def imported(networks: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def imported(networks: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Path]]:
+    """Each case imported by ssl-train (1.9 GB of safetensors, removed afterwards)."""
     root = tmp_path_factory.mktemp("imported")
-    return {name: _import(networks / name, root / name) for name in EXPECTED}
+    yield {name: _import(networks / name, root / name) for name in EXPECTED}
+    shutil.rmtree(root, ignore_errors=True)
 
 
 def _import(src: Path, out: Path) -> Path:
