@@ -13,7 +13,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TORCH := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: test test-fast demo lint setup clean bench components tf-env
+.PHONY: test test-fast demo lint setup clean bench components tf-env image wheelhouse
 
 setup: $(STAMP)
 
@@ -67,3 +67,30 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) $(TF_VENV) demo-out .pytest_cache .ruff_cache
+
+# The training image (docker/Dockerfile), built with podman, or docker where that is what
+# the machine has. The wheelhouse holds the project's wheel and every dependency wheel,
+# torch pinned as above, so the build needs no network. BASE_IMAGE defaults to a local
+# Debian base made by debootstrap (docker/local-base.sh), which builds the CPU image on
+# any Linux box; for a cluster image pass the CUDA one, e.g.
+#   make image BASE_IMAGE=pytorch/pytorch:2.9.1-cuda12.8-cudnn9-runtime IMAGE=registry/ml/ssl-train:TAG
+ENGINE ?= $(shell command -v podman 2>/dev/null || command -v docker 2>/dev/null)
+IMAGE ?= localhost/ssl-train:dev
+LOCAL_BASE := localhost/ssl-train-base:bookworm-python
+BASE_IMAGE ?= $(LOCAL_BASE)
+WHEELHOUSE := build/wheelhouse
+export CONTAINERS_CONF ?= $(CURDIR)/docker/containers.conf
+
+wheelhouse: $(STAMP)
+	rm -rf $(WHEELHOUSE)
+	$(PY) -m pip wheel --quiet --no-deps --wheel-dir $(WHEELHOUSE)/project .
+	$(PY) -m pip wheel --quiet --wheel-dir $(WHEELHOUSE)/deps $(TORCH) $(WHEELHOUSE)/project/*.whl
+	rm -f $(WHEELHOUSE)/deps/ssl_train-*.whl
+
+image: wheelhouse
+	@test -n "$(ENGINE)" || { echo "make image: neither podman nor docker is installed" >&2; exit 2; }
+	if [ "$(BASE_IMAGE)" = "$(LOCAL_BASE)" ]; then ENGINE=$(ENGINE) docker/local-base.sh $(LOCAL_BASE); fi
+	$(ENGINE) build --build-arg BASE_IMAGE=$(BASE_IMAGE) \
+		-f docker/Dockerfile -t $(IMAGE) .
+	$(ENGINE) image inspect --format '{{.Size}}' $(IMAGE) | \
+		awk '{printf "built $(IMAGE): %.2f GB\n", $$1 / 1e9}'
