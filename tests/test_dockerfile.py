@@ -44,14 +44,16 @@ def test_dependencies_are_installed_before_the_project_from_the_wheelhouse_only(
     assert not [a for k, a in steps if k in ("COPY", "ADD")]  # wheels mounted, not layered
 
 
-def test_runs_as_a_non_root_user_with_the_cli_as_entrypoint() -> None:
+def test_runs_as_a_non_root_user_and_takes_the_whole_command() -> None:
     steps = instructions()
     users = [args for keyword, args in steps if keyword == "USER"]
     assert users and users[-1] not in ("root", "0")
     last_run = max(i for i, (keyword, _) in enumerate(steps) if keyword == "RUN")
     assert steps.index(("USER", users[-1])) > last_run  # nothing runs as root after it
-    (entrypoint,) = [args for keyword, args in steps if keyword == "ENTRYPOINT"]
-    assert json.loads(entrypoint) == ["ssl-train"]
+    # an ENTRYPOINT would be prepended to the command TorchX's local_docker gives
+    assert not [args for keyword, args in steps if keyword == "ENTRYPOINT"]
+    (cmd,) = [args for keyword, args in steps if keyword == "CMD"]
+    assert json.loads(cmd) == ["ssl-train", "--help"]
     assert ("EXPOSE", "9732") in steps  # ssl_train.metrics.DEFAULT_PORT
 
 

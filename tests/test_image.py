@@ -86,16 +86,14 @@ def shards_in_s3(tiny_shards: TinyShards, s3_bucket: S3Bucket) -> str:
 
 
 def test_the_clis_run_as_a_non_root_user_with_a_writable_home(image: str) -> None:
-    help_text = engine("run", "--rm", image, "--help").stdout
+    help_text = engine("run", "--rm", image).stdout  # CMD: ssl-train --help
     assert "pretrain" in help_text and "import" in help_text
-    assert "create" in engine("run", "--rm", "--entrypoint", "shards", image, "--help").stdout
+    assert "create" in engine("run", "--rm", image, "shards", "--help").stdout
     probe = (
         "import os, torch; open(os.path.expanduser('~/.cache/probe'), 'w').write('x'); "
         "print(os.getuid(), os.environ['HOME'], torch.__version__)"
     )
-    uid, home, version = engine(
-        "run", "--rm", "--entrypoint", "python", image, "-c", probe
-    ).stdout.split()
+    uid, home, version = engine("run", "--rm", image, "python", "-c", probe).stdout.split()
     import torch
 
     assert (uid, home) == ("1000", "/home/trainer")
@@ -115,14 +113,14 @@ def test_a_pretraining_in_a_container_writes_its_run_dir_to_s3_and_exports(
     run_dir = f"{s3_bucket.url}/runs/pretrain"
     args = ["--data", shards_in_s3, "--run-dir", run_dir, *TINY, "--global-batch-size", "16"]
     done = engine(
-        *run_args(s3_bucket), image, "pretrain", *args, "--max-steps", "3",
+        *run_args(s3_bucket), image, "ssl-train", "pretrain", *args, "--max-steps", "3",
         env=s3_bucket.server.env, timeout=600,
     )  # fmt: skip
     assert json.loads(done.stdout.strip().splitlines()[-1])["steps"] == 3
     assert CheckpointStore(run_dir).latest() == 3
     exported = f"{s3_bucket.url}/models/pretrain"
     engine(
-        *run_args(s3_bucket), image, "export", run_dir, exported,
+        *run_args(s3_bucket), image, "ssl-train", "export", run_dir, exported,
         env=s3_bucket.server.env, timeout=300,
     )  # fmt: skip
     model, config = load_model(exported)
@@ -140,12 +138,12 @@ def test_podman_stop_saves_the_step_reached_through_torchrun_and_a_new_container
     run_dir = f"{s3_bucket.url}/runs/stopped"
     name = f"ssl-train-test-{uuid.uuid4().hex[:8]}"
     pretrain = [
-        "--nproc-per-node", "1", "-m", "ssl_train.cli", "pretrain", "--data", shards_in_s3,
+        "torchrun", "--nproc-per-node", "1", "-m", "ssl_train.cli", "pretrain", "--data", shards_in_s3,
         "--run-dir", run_dir, *TINY, "--global-batch-size", "16", "--epochs", "200",
         "--checkpoint-every-steps", "1000",
     ]  # fmt: skip
     engine(
-        *run_args(s3_bucket, name), "-d", "--entrypoint", "torchrun", image, *pretrain,
+        *run_args(s3_bucket, name), "-d", image, *pretrain,
         env=s3_bucket.server.env,
     )  # fmt: skip
     try:
@@ -169,7 +167,7 @@ def test_podman_stop_saves_the_step_reached_through_torchrun_and_a_new_container
     reached = int(match.group(1))
     assert reached >= 3 and CheckpointStore(run_dir).latest() == reached
     done = engine(
-        *run_args(s3_bucket), "--entrypoint", "torchrun", image, *pretrain,
+        *run_args(s3_bucket), image, *pretrain,
         "--stop-at-step", str(reached + 2), env=s3_bucket.server.env, timeout=600,
     )  # fmt: skip
     resumed = done.stdout + done.stderr
