@@ -178,3 +178,103 @@ def test_podman_stop_saves_the_step_reached_through_torchrun_and_a_new_container
 def logs(name: str) -> str:
     done = engine("logs", name, check=False)
     return done.stdout + done.stderr
+
+
+# ---- TorchX's local_docker scheduler, through podman's Docker-compatible API ----------
+
+
+@pytest.fixture(scope="module")
+def docker_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """DOCKER_HOST for TorchX's docker client: podman's API service (docker's own
+    daemon where docker is the engine)."""
+    if not ENGINE.endswith("podman"):
+        yield os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
+        return
+    socket = tmp_path_factory.mktemp("podman-api") / "api.sock"
+    service = subprocess.Popen(
+        [ENGINE, "system", "service", "--time=0", f"unix://{socket}"],
+        env=engine_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while not socket.exists():
+            assert service.poll() is None and time.monotonic() < deadline, "no podman API"
+            time.sleep(0.1)
+        yield f"unix://{socket}"
+    finally:
+        service.terminate()
+        service.wait(timeout=30)
+
+
+@pytest.fixture
+def shared_folder(tiny_shards: TinyShards, tmp_path: Path) -> Path:
+    """The shard set and a run dir on a host folder every container mounts at /tx: the
+    containers sit on TorchX's bridge network, where the host's loopback S3 server is
+    not reachable. Writable by the image's user (uid 1000)."""
+    folder = tmp_path / "tx"
+    shutil.copytree(tiny_shards.train, folder / "data")
+    for path in [folder, *folder.rglob("*")]:
+        path.chmod(0o777 if path.is_dir() else 0o666)
+    return folder
+
+
+def torchx_local_docker(
+    image: str, api: str, folder: Path, log: Path, *component_args: str
+) -> subprocess.Popen:
+    """`torchx run -s local_docker ssl.pretrain -j 2x1 ...` from an empty folder
+    (``--workspace ""``: run the image as built, not patched with the current folder)."""
+    cwd = folder.parent / "cwd"
+    cwd.mkdir(exist_ok=True)
+    cmd = [
+        str(ROOT / ".venv" / "bin" / "torchx"), "run", "-s", "local_docker", "--workspace", "",
+        "ssl.pretrain", "--image", image, "-j", "2x1", "--cpu", "1", "--memMB", "3000",
+        "--mounts", f"type=bind,src={folder},dst=/tx", "--data", "/tx/data",
+        "--run_dir", "/tx/run", "--preset", "tiny", "--image_size", "16",
+        "--global_batch_size", "16", "--workers", "0", "--log_every_steps", "1",
+        "--precision", "fp32", "--channels_last", "False", *component_args,
+    ]  # fmt: skip
+    return subprocess.Popen(
+        cmd, cwd=cwd, env=engine_env({"DOCKER_HOST": api}), stdout=log.open("w"),
+        stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+
+
+def test_torchx_local_docker_runs_two_containers_as_two_nodes_and_survives_a_killed_one(
+    image: str, docker_api: str, shared_folder: Path, tiny_shards: TinyShards, tmp_path: Path
+) -> None:
+    """Two containers rendezvous (c10d) as two nodes; SIGKILL to one container's first
+    process (a crashed node) restarts that container (TorchX's restart policy), both
+    resume from the newest checkpoint, and every step and sample is trained once."""
+    from stage_runs import assert_exactly_once, trace
+
+    log = tmp_path / "torchx.log"
+    job = torchx_local_docker(
+        image, docker_api, shared_folder, log, "--max_steps", "30",
+        "--", "--trace-samples", "/tx/trace", "--checkpoint-every-steps", "4",
+    )  # fmt: skip
+    trace_file = shared_folder / "trace"
+    try:
+        deadline = time.monotonic() + 300
+        while not any(line["global_step"] >= 6 for line in trace(trace_file)):
+            assert job.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.2)
+        names = engine("ps", "--format", "{{.Names}}").stdout.split()
+        (node1,) = [n for n in names if n.endswith("-pretrain-1")]
+        pid = engine("inspect", "--format", "{{.State.Pid}}", node1).stdout.strip()
+        os.kill(int(pid), 9)  # the node crashes: not a `stop`, so its restart policy applies
+        assert job.wait(timeout=600) == 0, log.read_text()[-4000:]
+        restarts = engine("inspect", "--format", "{{.RestartCount}}", node1).stdout.strip()
+        assert restarts == "1", restarts  # the same container came back as node 1
+    finally:
+        if job.poll() is None:
+            job.kill()
+        app = [n for n in engine("ps", "-a", "--format", "{{.Names}}").stdout.split()
+               if n.endswith(("-pretrain-0", "-pretrain-1"))]  # fmt: skip
+        if app:
+            engine("rm", "-f", *app, check=False)
+    out = log.read_text()
+    assert "resumed from step" in out, out[-3000:]
+    summary = json.loads((shared_folder / "run" / "summary.json").read_text())
+    assert summary["finished"] and summary["steps"] == 30 and summary["world_size"] == 2
+    assert_exactly_once(trace(trace_file), tiny_shards.keys, 10)
