@@ -4,7 +4,14 @@
 # into a temporary folder, then import it. About 40 s; does nothing if $1 exists.
 set -euo pipefail
 name="${1:?usage: docker/local-base.sh IMAGE_NAME [MIRROR]}"
-mirror="${2:-http://deb.debian.org/debian}"
+# The mirror this machine's apt uses (what can be reached here), else Debian's own.
+apt_mirror() {
+    grep -hoE '^(URIs:\s*|deb\s+(\[[^]]*\]\s+)?)https?://[^ ]+' \
+        /etc/apt/sources.list.d/*.sources /etc/apt/sources.list 2>/dev/null \
+        | grep -oE 'https?://[^ ]+' | grep -v security | head -n 1
+}
+mirror="${2:-$(apt_mirror || true)}"
+mirror="${mirror:-http://deb.debian.org/debian}"
 engine="${ENGINE:-podman}"
 if "$engine" image inspect "$name" >/dev/null 2>&1; then exit 0; fi
 command -v debootstrap >/dev/null || {
