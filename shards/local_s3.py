@@ -42,6 +42,7 @@ IDENTITIES = "identities.json"
 LOCK = "server.lock"
 LOG = "seaweedfs.log"
 DATA = "seaweedfs"
+MAX_VOLUMES = 10_000
 # weed mini's listeners besides the S3 port, each given a free loopback port
 _PORT_FLAGS = (
     "master.port",
@@ -249,6 +250,12 @@ class LocalS3Server:
             "-webdav=false",
             "-admin.ui=false",
             "-master.telemetry=false",  # nothing leaves the machine
+            # SeaweedFS caps its volume count at free disk / volume size (128 MB here) and
+            # gives every bucket about eight volumes up front, so with 44 GB free only 43
+            # buckets could ever be written ("no free volumes left"). Volumes are not
+            # preallocated (empty ones are a few KB), so the count is not what fills a
+            # disk: lift it, and a full disk is reported as itself.
+            f"-volume.max={MAX_VOLUMES}",
         ]
         self._log = open(os.path.join(self.data_dir, LOG), "ab")  # noqa: SIM115
         self._proc = subprocess.Popen(

