@@ -91,6 +91,7 @@ image: wheelhouse
 	@test -n "$(ENGINE)" || { echo "make image: neither podman nor docker is installed" >&2; exit 2; }
 	if [ "$(BASE_IMAGE)" = "$(LOCAL_BASE)" ]; then ENGINE=$(ENGINE) docker/local-base.sh $(LOCAL_BASE); fi
 	$(ENGINE) build --build-arg BASE_IMAGE=$(BASE_IMAGE) \
+		--build-arg DEPS_DIGEST=$$(cd $(WHEELHOUSE)/deps && ls -l --time-style=+ *.whl | awk '{print $$5, $$NF}' | sha256sum | cut -c1-16) \
 		-f docker/Dockerfile -t $(IMAGE) .
 	$(ENGINE) image inspect --format '{{.Size}}' $(IMAGE) | \
 		awk '{printf "built $(IMAGE): %.2f GB\n", $$1 / 1e9}'

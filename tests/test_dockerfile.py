@@ -35,13 +35,14 @@ def test_base_image_is_an_argument_whose_default_is_cuda_pytorch() -> None:
 
 def test_dependencies_are_installed_before_the_project_from_the_wheelhouse_only() -> None:
     steps = instructions()
-    runs = [args for keyword, args in steps if keyword == "RUN"]
-    deps = next(i for i, a in enumerate(runs) if "source=build/wheelhouse/deps" in a)
-    project = next(i for i, a in enumerate(runs) if "source=build/wheelhouse/project" in a)
-    assert deps < project
-    for args in (runs[deps], runs[project]):
-        assert "pip install --no-index" in args  # no network during the build
-    assert not [a for k, a in steps if k in ("COPY", "ADD")]  # wheels mounted, not layered
+    deps = next(i for i, (k, a) in enumerate(steps) if "source=build/wheelhouse/deps" in a)
+    assert "${DEPS_DIGEST}" in steps[deps][1]  # mounted content is not in the cache key
+    copies = [i for i, (k, a) in enumerate(steps) if k in ("COPY", "ADD")]
+    assert [steps[i][1] for i in copies] == ["build/wheelhouse/project/ /tmp/project/"]
+    project = next(i for i, (k, a) in enumerate(steps) if k == "RUN" and "/tmp/project" in a)
+    assert deps < copies[0] < project
+    for index in (deps, project):
+        assert "pip install --no-index" in steps[index][1]  # no network during the build
 
 
 def test_runs_as_a_non_root_user_and_takes_the_whole_command() -> None:

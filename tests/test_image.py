@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import time
@@ -98,6 +99,20 @@ def test_the_clis_run_as_a_non_root_user_with_a_writable_home(image: str) -> Non
 
     assert (uid, home) == ("1000", "/home/trainer")
     assert version == torch.__version__  # the torch every other test runs on
+    # the image holds this checkout's code, not a layer cached from an earlier build
+    import hashlib
+
+    sources = sorted(
+        str(p.relative_to(ROOT)) for d in ("ssl_train", "shards") for p in (ROOT / d).rglob("*.py")
+    )
+    ours = hashlib.sha256(b"".join((ROOT / s).read_bytes() for s in sources)).hexdigest()
+    digest = (
+        "import hashlib, sys, sysconfig; root = sysconfig.get_paths()['purelib']; "
+        "print(hashlib.sha256(b''.join(open(f'{root}/{s}', 'rb').read() "
+        "for s in sys.argv[1:])).hexdigest())"
+    )
+    theirs = engine("run", "--rm", image, "python", "-c", digest, *sources).stdout.strip()
+    assert theirs == ours, "the image's ssl_train/shards differ from the checkout"
     config = json.loads(engine("image", "inspect", image).stdout)[0]["Config"]
     env = " ".join(config.get("Env") or [])
     assert not any(key in env for key in (*CREDENTIALS, "SECRET", "TOKEN", "PASSWORD"))
@@ -130,22 +145,32 @@ def test_a_pretraining_in_a_container_writes_its_run_dir_to_s3_and_exports(
         assert (model.state_dict()[key] == value).all(), key
 
 
-def test_podman_stop_saves_the_step_reached_through_torchrun_and_a_new_container_resumes(
-    image: str, shards_in_s3: str, s3_bucket: S3Bucket
+def launch(launcher: str, args: list[str]) -> list[str]:
+    """A container's command: ssl-train itself, torchrun, or the jobs' shape (a shell
+    that checks, then execs torchrun; ssl_train/jobs.py) as its first process."""
+    torchrun = ["torchrun", "--nproc-per-node", "1", "-m", "ssl_train.cli", "pretrain", *args]
+    if launcher == "ssl-train":
+        return ["ssl-train", "pretrain", *args]
+    if launcher == "torchrun":
+        return torchrun
+    check = shlex.join(["ssl-train", "pretrain", *args, "--check-only"])
+    return ["bash", "-c", f"{check} && exec {shlex.join(torchrun)}"]
+
+
+@pytest.mark.parametrize("launcher", ["ssl-train", "torchrun", "job-shell"])
+def test_podman_stop_saves_the_step_reached_and_a_new_container_resumes(
+    launcher: str, image: str, shards_in_s3: str, s3_bucket: S3Bucket
 ) -> None:
+    """`podman stop -t 60`: SIGTERM to the container's first process, whichever it is."""
     from ssl_train.checkpoint import CheckpointStore
 
     run_dir = f"{s3_bucket.url}/runs/stopped"
     name = f"ssl-train-test-{uuid.uuid4().hex[:8]}"
-    pretrain = [
-        "torchrun", "--nproc-per-node", "1", "-m", "ssl_train.cli", "pretrain", "--data", shards_in_s3,
-        "--run-dir", run_dir, *TINY, "--global-batch-size", "16", "--epochs", "200",
-        "--checkpoint-every-steps", "1000",
+    args = [
+        "--data", shards_in_s3, "--run-dir", run_dir, *TINY, "--global-batch-size", "16",
+        "--epochs", "200", "--checkpoint-every-steps", "1000",
     ]  # fmt: skip
-    engine(
-        *run_args(s3_bucket, name), "-d", image, *pretrain,
-        env=s3_bucket.server.env,
-    )  # fmt: skip
+    engine(*run_args(s3_bucket, name), "-d", image, *launch(launcher, args))
     try:
         deadline = time.monotonic() + 240
         while not re.search(r"step [3-9]\d*/", logs(name)):
@@ -154,7 +179,7 @@ def test_podman_stop_saves_the_step_reached_through_torchrun_and_a_new_container
             assert state == "true", logs(name)[-3000:]
             time.sleep(1)
         stopped = time.monotonic()
-        engine("stop", "-t", "60", name, timeout=120)  # SIGTERM to PID 1, torchrun
+        engine("stop", "-t", "60", name, timeout=120)  # SIGTERM to PID 1
         took = time.monotonic() - stopped
         code = int(engine("inspect", "--format", "{{.State.ExitCode}}", name).stdout)
         output = logs(name)
@@ -166,10 +191,8 @@ def test_podman_stop_saves_the_step_reached_through_torchrun_and_a_new_container
     assert match, output[-3000:]
     reached = int(match.group(1))
     assert reached >= 3 and CheckpointStore(run_dir).latest() == reached
-    done = engine(
-        *run_args(s3_bucket), image, *pretrain,
-        "--stop-at-step", str(reached + 2), env=s3_bucket.server.env, timeout=600,
-    )  # fmt: skip
+    resume = launch(launcher, [*args, "--stop-at-step", str(reached + 2)])
+    done = engine(*run_args(s3_bucket), image, *resume, timeout=600)
     resumed = done.stdout + done.stderr
     assert f"resumed from step {reached}" in resumed, resumed[-3000:]
     assert CheckpointStore(run_dir).latest() == reached + 2
