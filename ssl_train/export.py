@@ -101,6 +101,25 @@ def save_model(state: dict[str, torch.Tensor], config: dict[str, Any], out_url: 
     storage.write_bytes_atomic(config_url, json.dumps(config, indent=2).encode() + b"\n")
 
 
+def refuse_another_model(out_dir: str, config: dict[str, Any], force: bool) -> None:
+    """Stop before writing ``config``'s model to ``out_dir`` when that folder already
+    holds a different model, unless ``force`` (the same model again is no loss).
+
+    Example:
+        >>> refuse_another_model("/tmp/empty-model-dir", model_config("tiny", 10, 3, 128, 1, 1), False)
+    """
+    if force or storage.size_or_none(storage.join(out_dir, CONFIG_FILE)) is None:
+        return
+    there = read_config(out_dir)
+    if there != json.loads(json.dumps(config)):
+        step = f", step {there['step']}" if "step" in there else ""
+        raise ExportError(
+            f"{storage.redact(out_dir)} already holds a model (a {there.get('stage')} "
+            f"{there.get('preset')}{step}): choose another OUT_DIR, or pass --force to "
+            "replace it"
+        )
+
+
 def read_config(url: str) -> dict[str, Any]:
     """The ``config.json`` of a model folder; a clear error when the folder is unfinished."""
     config_url = storage.join(url, CONFIG_FILE)

@@ -31,8 +31,8 @@ import torch
 
 from shards import storage
 from ssl_train.errors import UserError
-from ssl_train.export import CONFIG_FILE, model_config, read_config, save_model
-from ssl_train.models import PRESETS, SimCLRv2, build_model, resnet
+from ssl_train.export import build_from_config, model_config, refuse_another_model, save_model
+from ssl_train.models import PRESETS, SimCLRv2, resnet
 
 from .object_graph import OBJECT_GRAPH_KEY, variable_paths
 from .simclr_layout import (
@@ -292,22 +292,14 @@ def _convert(array: np.ndarray, kind: str) -> torch.Tensor:
     return tensor
 
 
-def build_imported(named: NamedVariables, arch: Architecture, entries: list[Entry]) -> SimCLRv2:
-    """The ssl-train module holding the checkpoint's weights (float32, in eval mode).
+def build_imported(named: NamedVariables, config: dict[str, Any], entries: list[Entry]) -> SimCLRv2:
+    """The module ``config`` describes (``export.build_from_config``, as every later load
+    builds it), holding the checkpoint's weights (float32, in eval mode).
 
     Built on the meta device and given the converted tensors themselves, so an R152 3x
     (3.2 GB) is held once, not twice.
     """
-    model = build_model(
-        arch.preset,
-        arch.num_classes,
-        arch.head_layers,
-        arch.proj_dim,
-        arch.from_proj_layer,
-        device="meta",
-        stem_pool="tensorflow",
-    )
-    model.keep_head_layers(arch.kept_head_layers)
+    model = build_from_config(config, device="meta")
     state = model.state_dict()
     loaded = {}
     for entry in entries:
@@ -333,7 +325,8 @@ def import_checkpoint(
 ) -> dict[str, Any]:
     """Write the official checkpoint ``src`` (folder, prefix or index file; any URL the
     project opens) as ``model.safetensors`` + ``config.json`` in ``out_dir``; returns the
-    config written.
+    config written. An ``out_dir`` holding another model is refused before any weight is
+    read, unless ``force``.
 
     Example:
         >>> import_checkpoint("/data/r50_1x_sk0", "/models/r50_1x_sk0")["preset"]  # doctest: +SKIP
@@ -342,7 +335,6 @@ def import_checkpoint(
     checkpoint = TFCheckpoint(src)
     named = NamedVariables(checkpoint)
     arch, entries = infer_architecture(named, from_proj_layer)
-    model = build_imported(named, arch, entries)
     config = model_config(
         arch.preset,
         arch.num_classes,
@@ -356,14 +348,8 @@ def import_checkpoint(
         imported_from=storage.redact(checkpoint.prefix),
         checkpoint_format=named.style,
     )
-    if storage.size_or_none(storage.join(out_dir, CONFIG_FILE)) is not None and not force:
-        there = read_config(out_dir)
-        if there != config:
-            raise CheckpointImportError(
-                f"{storage.redact(out_dir)} already holds a model (a {there.get('stage')} "
-                f"{there.get('preset')}): choose another OUT_DIR, or pass --force to replace it"
-            )
-    save_model(model.state_dict(), config, out_dir)
+    refuse_another_model(out_dir, config, force)
+    save_model(build_imported(named, config, entries).state_dict(), config, out_dir)
     return config
 
 

@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import json
 from typing import Any
 
 from shards import storage
 from ssl_train.checkpoint import CheckpointError, CheckpointStore
 from ssl_train.export import (
-    CONFIG_FILE,
-    ExportError,
     load_model,
     model_url,
-    read_config,
+    refuse_another_model,
     save_model,
 )
 from ssl_train.stages import runtime as rt
@@ -63,14 +60,7 @@ def export_run(run_dir: str, out_dir: str, step: int | None = None, force: bool 
     config = state["config"]
     about = {"stage": config["stage"], "image_size": config["image_size"], "step": step}
     described = {**state["model_config"], **about}
-    if storage.size_or_none(storage.join(out_dir, CONFIG_FILE)) is not None and not force:
-        there = read_config(out_dir)
-        if there != json.loads(json.dumps(described)):
-            raise ExportError(
-                f"{storage.redact(out_dir)} already holds a model (a {there.get('stage')} "
-                f"{there.get('preset')}, step {there.get('step')}): choose another OUT_DIR, "
-                "or pass --force to replace it"
-            )
+    refuse_another_model(out_dir, described, force)
     save_model(state["model"], described, out_dir)
     print(f"exported step {step} of {storage.redact(run_dir)} to {storage.redact(out_dir)}")
     return step
