@@ -1,0 +1,89 @@
+"""`-s local_docker` is ssl-train's podman-aware DockerScheduler: a status poll that
+lands between a container's exit and podman's cleanup (state ``stopped``) is read by the
+exit code, as ``exited`` is, instead of ending ``torchx run`` with a KeyError.
+
+The transient state cannot be produced on demand (it lasts a fraction of a second), so
+these tests hand the scheduler what podman's API returns for it: a container record
+with that status and the exit code ``wait`` reports. The whole path through a real
+podman socket runs in tests/test_image.py."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pytest
+from torchx.schedulers import get_scheduler_factories
+from torchx.schedulers.docker_scheduler import LABEL_REPLICA_ID, LABEL_ROLE_NAME
+from torchx.specs import AppState
+from torchx.specs.api import is_terminal
+
+from ssl_train.docker_scheduler import PodmanAwareDockerScheduler
+
+
+@dataclass
+class ContainerRecord:
+    """The fields of docker-py's Container that the scheduler reads."""
+
+    status: str
+    exit_code: int = 0
+    replica: int = 0
+    name: str = "job-pretrain-0"
+    image: str = "localhost/ssl-train:dev"
+    labels: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.labels = {LABEL_ROLE_NAME: "pretrain", LABEL_REPLICA_ID: str(self.replica)}
+
+    def wait(self, timeout: int) -> dict[str, int]:
+        assert self.status in ("exited", "stopped"), "wait on a live container would block"
+        return {"StatusCode": self.exit_code}
+
+
+def scheduler_seeing(containers: list[ContainerRecord]) -> PodmanAwareDockerScheduler:
+    scheduler = PodmanAwareDockerScheduler(session_name="test")
+    scheduler._get_containers = lambda app_id: containers  # type: ignore[method-assign]
+    return scheduler
+
+
+def test_local_docker_is_the_podman_aware_scheduler() -> None:
+    scheduler = get_scheduler_factories()["local_docker"](session_name="ssl")
+    assert isinstance(scheduler, PodmanAwareDockerScheduler)
+
+
+@pytest.mark.parametrize(
+    "status, exit_code, state",
+    [
+        ("stopped", 0, AppState.SUCCEEDED),  # podman: exited, cleanup pending
+        ("stopped", 137, AppState.FAILED),
+        ("exited", 0, AppState.SUCCEEDED),
+        ("exited", 1, AppState.FAILED),
+        ("configured", 0, AppState.SUBMITTED),  # podman: created, not yet in the runtime
+        ("initialized", 0, AppState.SUBMITTED),
+        ("running", 0, AppState.RUNNING),
+        ("restarting", 0, AppState.PENDING),
+        ("some-future-state", 0, AppState.UNKNOWN),  # not terminal: polled again
+    ],
+)
+def test_each_container_state_maps_to_an_app_state(
+    status: str, exit_code: int, state: AppState
+) -> None:
+    scheduler = scheduler_seeing([ContainerRecord(status, exit_code)])
+    assert scheduler._get_app_state(ContainerRecord(status, exit_code)) == state
+
+
+def test_a_job_polled_while_one_node_awaits_cleanup_is_reported_finished() -> None:
+    scheduler = scheduler_seeing(
+        [ContainerRecord("exited", 0, replica=0), ContainerRecord("stopped", 0, replica=1)]
+    )
+    described = scheduler.describe("job")
+    assert described is not None and described.state == AppState.SUCCEEDED
+    (role,) = described.roles_statuses
+    assert sorted(r.state for r in role.replicas) == [AppState.SUCCEEDED] * 2
+
+
+def test_a_job_with_a_node_in_an_unknown_state_is_not_yet_terminal() -> None:
+    scheduler = scheduler_seeing(
+        [ContainerRecord("exited", 0, replica=0), ContainerRecord("some-future-state", replica=1)]
+    )
+    described = scheduler.describe("job")
+    assert described is not None and not is_terminal(described.state)
