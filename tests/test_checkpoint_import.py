@@ -249,7 +249,16 @@ def test_import_from_a_folder_in_object_storage_to_object_storage(
     for path in (networks / "r50_1x_tf2").glob("ckpt-1.*"):
         fs.put_file(str(path), f"{s3_bucket.name}/releases/r50/{path.name}")
     out = f"{s3_bucket.url}/models/r50"
-    config = import_checkpoint(f"{s3_bucket.url}/releases/r50/", out)
+    reads: list[int] = []
+    storage.add_listener(lambda event, n: event == "read_bytes" and reads.append(n))
+    try:
+        config = import_checkpoint(f"{s3_bucket.url}/releases/r50/", out)
+    finally:
+        storage._listeners.clear()
+    # Neighbouring tensors are fetched together: a handful of reads (index, object graph,
+    # then up to 64 MB each), not one per tensor of the R50's 400-odd.
+    data = (networks / "r50_1x_tf2" / "ckpt-1.data-00000-of-00001").stat().st_size
+    assert len(reads) <= 2 + -(-data // (64 << 20)) + 1, (len(reads), reads)
     assert config["imported_from"].endswith("/releases/r50/ckpt-1")
     from_s3, _ = load_model(out)
     local, _ = load_model(str(imported["r50_1x_tf2"]))

@@ -24,6 +24,7 @@ import pytest
 from shards import storage
 from ssl_train.checkpoint_import import TFCheckpoint, resolve_prefix
 from ssl_train.checkpoint_import.crc32c import crc32c, crc32c_reference, mask, unmask
+from ssl_train.checkpoint_import.read_plan import plan_reads
 from ssl_train.checkpoint_import.sstable import FOOTER_SIZE, _handle, block_entries, read_block
 from ssl_train.checkpoint_import.wire import BundleEntry, parse_fields
 from ssl_train.errors import UserError
@@ -68,12 +69,21 @@ def assert_same_as_tensorflow(ckpt: TFCheckpoint, dumped: dict) -> None:
     for name, info in dumped["variables"].items():
         variable = variables[name]
         assert (variable.dtype, list(variable.shape)) == (info["dtype"], info["shape"]), name
-        ours, theirs = ckpt.read(name), tf_value(info)
-        if info["dtype"] == "string":
-            assert ours.shape == () and ours.item() == theirs, name
-        else:
-            assert ours.dtype == theirs.dtype and ours.shape == theirs.shape, name
-            assert ours.tobytes() == theirs.tobytes(), name  # bitwise, NaN payloads too
+        assert_same_value(ckpt.read(name), info, name)
+    # Read all at once (neighbours fetched together), the values are the same.
+    together = dict(ckpt.read_many(dumped["variables"]))
+    assert sorted(together) == sorted(dumped["variables"])
+    for name, info in dumped["variables"].items():
+        assert_same_value(together[name], info, name)
+
+
+def assert_same_value(ours: np.ndarray, info: dict, name: str) -> None:
+    theirs = tf_value(info)
+    if info["dtype"] == "string":
+        assert ours.shape == () and ours.item() == theirs, name
+    else:
+        assert ours.dtype == theirs.dtype and ours.shape == theirs.shape, name
+        assert ours.tobytes() == theirs.tobytes(), name  # bitwise, NaN payloads too
 
 
 def copy_checkpoint(prefix: str, dest: Path) -> str:
@@ -177,6 +187,67 @@ def test_reads_each_tensor_by_range_from_s3(written: dict, s3_bucket, monkeypatc
     assert read == [index_size, value.nbytes]
 
 
+@needs_tf
+def test_read_many_fetches_neighbours_together_from_s3(
+    written: dict, s3_bucket, monkeypatch
+) -> None:
+    """All of a checkpoint's tensors in a few merged requests, each byte of them once,
+    skipped neighbours (here every weight's /Momentum slot) included only when they lie
+    between two wanted tensors within the gap allowed."""
+    prefix = written["tf1"]["prefix"]
+    fs, _ = storage.filesystem(s3_bucket.url)
+    for path in Path(prefix).parent.glob(Path(prefix).name + ".*"):
+        fs.put_file(str(path), f"{s3_bucket.name}/many/{path.name}")
+    ckpt = TFCheckpoint(f"{s3_bucket.url}/many/{Path(prefix).name}")
+    wanted = [n for n in ckpt.names() if ckpt.variables()[n].readable and "Momentum" not in n]
+    entries = {n: ckpt._entries[n] for n in wanted}
+    plan = plan_reads({n: (e.shard_id, e.offset, e.size) for n, e in entries.items() if e.size})
+    requests: list[int] = []
+    monkeypatch.setattr(
+        storage, "_listeners", [lambda e, n: e == "read_bytes" and requests.append(n)]
+    )
+    values = dict(ckpt.read_many(wanted))
+    assert sorted(values) == sorted(wanted)
+    for name in wanted:
+        assert_same_value(values[name], written["tf1"]["variables"][name], name)
+    assert requests == [r.end - r.start for r in plan]
+    assert len(requests) < len(wanted) // 4, (len(requests), len(wanted))
+    # A tight gap limit skips the Momentum slots instead: more requests, fewer bytes.
+    tight = plan_reads(
+        {n: (e.shard_id, e.offset, e.size) for n, e in entries.items() if e.size}, max_gap_bytes=0
+    )
+    assert len(tight) > len(plan)
+    assert sum(r.end - r.start for r in tight) < sum(requests)
+
+
+def test_plan_reads_merges_neighbours_within_the_gap_and_the_request_size() -> None:
+    mib = 1 << 20
+    spans = {
+        "a": (0, 0, mib),
+        "b": (0, mib + 10, mib),  # 10 bytes after a: same read
+        "c": (0, 10 * mib, mib),  # 8 MiB after b: past a 4 MiB gap, a new read
+        "big": (0, 12 * mib, 100 * mib),  # larger than a request: a read of its own
+        "d": (0, 112 * mib, 4),
+        "other-shard": (1, 0, 4),  # next to a in offsets, but another file
+        "e": (0, 113 * mib, 4),
+    }
+    plan = plan_reads(spans, max_gap_bytes=4 * mib, max_request_bytes=64 * mib)
+    assert [(r.shard, r.start, r.end, r.members) for r in plan] == [
+        (0, 0, 2 * mib + 10, ("a", "b")),
+        (0, 10 * mib, 11 * mib, ("c",)),
+        (0, 12 * mib, 112 * mib, ("big",)),
+        (0, 112 * mib, 113 * mib + 4, ("d", "e")),
+        (1, 0, 4, ("other-shard",)),
+    ]
+    # No read grows past the limit, and every name is in exactly one read.
+    many = {f"t{i:03d}": (0, i * 1000, 900) for i in range(500)}
+    plan = plan_reads(many, max_gap_bytes=200, max_request_bytes=50_000)
+    assert all(r.end - r.start <= 50_000 for r in plan)
+    assert sorted(n for r in plan for n in r.members) == sorted(many)
+    assert len(plan) == 10  # 50 tensors of 900 bytes + 100 between fill 49,900 bytes
+    assert plan_reads({}) == []
+
+
 # ---- damaged files: one clear error each ------------------------------------------------
 
 
@@ -204,6 +275,13 @@ def test_a_truncated_data_file(written: dict, tmp_path: Path) -> None:
     ckpt = TFCheckpoint(prefix)  # the index alone is fine
     with pytest.raises(UserError, match=r"data-00000-of-00001: truncated: 'zz_last' needs bytes"):
         ckpt.read("zz_last")
+    with pytest.raises(UserError, match=r"data-00000-of-00001: truncated: 'zz_last' needs bytes"):
+        dict(ckpt.read_many([first_stored(ckpt), "zz_last"]))
+
+
+def first_stored(ckpt: TFCheckpoint) -> str:
+    """The variable whose bytes come first in the data file."""
+    return min((e.offset, n) for n, e in ckpt._entries.items() if e.size)[1]
 
 
 @needs_tf
@@ -225,6 +303,8 @@ def test_a_flipped_byte_fails_the_crc(written: dict, tmp_path: Path) -> None:
     data.write_bytes(bytes(raw))
     with pytest.raises(UserError, match=f"'{name}' .* fails its CRC-32C check"):
         TFCheckpoint(prefix).read(name)
+    with pytest.raises(UserError, match=f"'{name}' .* fails its CRC-32C check"):
+        dict(TFCheckpoint(prefix).read_many([first_stored(TFCheckpoint(prefix)), name]))
     # Without the check the damage shows: one value differs from TensorFlow's.
     damaged = TFCheckpoint(prefix, verify=False).read(name)
     original = tf_value(written["tf1"]["variables"][name])

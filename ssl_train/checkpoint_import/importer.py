@@ -23,6 +23,7 @@ config.json); finetuning an imported model keeps it.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -112,6 +113,12 @@ class NamedVariables:
 
     def read(self, name: str) -> np.ndarray:
         return self.checkpoint.read(self.keys[name])
+
+    def read_many(self, names: list[str]) -> Iterator[tuple[str, np.ndarray]]:
+        """``(name, value)`` for ``names``, fetched together (``TFCheckpoint.read_many``)."""
+        by_key = {self.keys[name]: name for name in names}
+        for key, value in self.checkpoint.read_many(by_key):
+            yield by_key[key], value
 
 
 def _below_model(path: str) -> str | None:
@@ -302,8 +309,12 @@ def build_imported(named: NamedVariables, config: dict[str, Any], entries: list[
     model = build_from_config(config, device="meta")
     state = model.state_dict()
     loaded = {}
-    for entry in entries:
-        tensor = _convert(named.read(entry.tf_name), entry.kind)
+    by_name = {entry.tf_name: entry for entry in entries}
+    if len(by_name) != len(entries):
+        raise RuntimeError("the layout maps one TensorFlow variable to two weights")
+    for tf_name, array in named.read_many(list(by_name)):
+        entry = by_name[tf_name]
+        tensor = _convert(array, entry.kind)
         if tensor.shape != state[entry.torch_key].shape:
             raise CheckpointImportError(
                 f"{named.label}: {entry.tf_name} has shape {tuple(tensor.shape)} after "
