@@ -11,7 +11,7 @@ Every file goes through ``shards.storage``, so local paths, ``s3://`` and ``http
 URLs (the public Google Cloud Storage bucket answers at
 ``https://storage.googleapis.com/simclr-checkpoints/...``) work alike, and tensors are
 fetched by ranged reads (neighbours merged, :mod:`.read_plan`): a 3 GB data file is
-never loaded at once, nor asked for 2,000 times.
+never loaded at once, nor asked for once per tensor.
 """
 
 from __future__ import annotations
@@ -246,10 +246,9 @@ class TFCheckpoint:
             {'a/bias': array([...], dtype=float32), 'a/kernel': array([...], dtype=float32)}
         """
         entries = {name: self._readable_entry(name) for name in names}
-        empty = [name for name, entry in entries.items() if entry.size == 0]
-        for name in empty:
-            yield name, self._decode(name, entries[name], b"")
         urls = {n: self._shard_url(n, e) for n, e in entries.items() if e.size}
+        for name in entries.keys() - urls.keys():  # empty tensors: nothing to fetch
+            yield name, self._decode(name, entries[name], b"")
         stored = {n: (entries[n].shard_id, entries[n].offset, entries[n].size) for n in urls}
         for read in plan_reads(stored):
             url = urls[read.members[0]]
