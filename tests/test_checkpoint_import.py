@@ -239,7 +239,7 @@ def test_a_classifier_input_the_checkpoint_cannot_have_is_refused(
 
 
 def test_import_from_a_folder_in_object_storage_to_object_storage(
-    networks: Path, imported: dict[str, Path], s3_bucket
+    networks: Path, imported: dict[str, Path], s3_bucket, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """SRC and OUT_DIR may both be URLs: a TF2 checkpoint folder uploaded to S3 (found by
     its only .index) imports into an S3 model folder that loads to the same weights."""
@@ -250,13 +250,12 @@ def test_import_from_a_folder_in_object_storage_to_object_storage(
         fs.put_file(str(path), f"{s3_bucket.name}/releases/r50/{path.name}")
     out = f"{s3_bucket.url}/models/r50"
     reads: list[int] = []
-    storage.add_listener(lambda event, n: event == "read_bytes" and reads.append(n))
-    try:
-        config = import_checkpoint(f"{s3_bucket.url}/releases/r50/", out)
-    finally:
-        storage._listeners.clear()
+    monkeypatch.setattr(
+        storage, "_listeners", [lambda event, n: event == "read_bytes" and reads.append(n)]
+    )
+    config = import_checkpoint(f"{s3_bucket.url}/releases/r50/", out)
     # Neighbouring tensors are fetched together: a handful of reads (index, object graph,
-    # then up to 64 MB each), not one per tensor of the R50's 400-odd.
+    # then up to 64 MB each), not one per tensor of the R50's few hundred.
     data = (networks / "r50_1x_tf2" / "ckpt-1.data-00000-of-00001").stat().st_size
     assert len(reads) <= 2 + -(-data // (64 << 20)) + 1, (len(reads), reads)
     assert config["imported_from"].endswith("/releases/r50/ckpt-1")
