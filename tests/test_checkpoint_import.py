@@ -23,6 +23,7 @@ import pytest
 import torch
 from stage_runs import command, run
 
+from shards.sources import imagenet_wnids
 from ssl_train.checkpoint_import.importer import CheckpointImportError, import_checkpoint
 from ssl_train.export import load_model
 from ssl_train.models.resnet import SamePaddingMaxPool, SelectiveKernelConv
@@ -47,7 +48,7 @@ def _case(name: str, depth: int, width: int, sk: bool, fmt: str, **head) -> dict
     return {
         "name": name, "depth": depth, "width": width, "sk": sk, "format": fmt,
         "head_layers": head.get("head_layers", 3), "full_head": head.get("full_head", True),
-        "ft_proj_selector": head.get("ft_proj_selector", 0), "classes": 4,
+        "ft_proj_selector": head.get("ft_proj_selector", 0), "classes": head.get("classes", 4),
         "image_size": 64, "seed": len(name) * 7 + depth + width,
     }  # fmt: skip
 
@@ -69,7 +70,7 @@ CASES = [
     ),
     _case("r50_1x_sk_tf2", 50, 1, True, "tf2"),
     _case("r50_2x_sk_tf1", 50, 2, True, "tf1"),
-    _case("r50_2x_sk_savedmodel", 50, 2, True, "savedmodel"),
+    _case("r50_2x_sk_savedmodel", 50, 2, True, "savedmodel", classes=1000),  # as released
     {**_case("r50_1x_se_tf1", 50, 1, False, "tf1"), "extra": {"base_model/conv2d_60/bias": [64]}},
 ]
 EXPECTED = {  # preset, head layers built, kept, classifier input layer
@@ -80,6 +81,9 @@ EXPECTED = {  # preset, head layers built, kept, classifier input layer
     "r50_2x_sk_tf1": ("r50_2x_sk1", 3, 3, 0),
     "r50_2x_sk_savedmodel": ("r50_2x_sk1", 3, 3, 0),
 }
+
+
+CLASSES = {case["name"]: case["classes"] for case in CASES}
 
 
 @pytest.fixture(scope="module")
@@ -140,11 +144,14 @@ def test_imported_network_computes_tensorflows_function(
         head_layers,
         kept,
     )
+    classes = CLASSES[name]
     assert (config["from_proj_layer"], config["num_classes"], config["stem_pool"]) == (
         layer,
-        4,
+        classes,
         "tensorflow",
     )
+    # An ImageNet classifier's labels are TFDS's: the sorted wnids. Others are unknown.
+    assert config.get("classes") == (imagenet_wnids() if classes == 1000 else None)
     assert isinstance(model.backbone.maxpool, SamePaddingMaxPool)
     float32 = _errors(model, networks / name, "f32")
     assert max(float32.values()) < FLOAT32_BOUND, float32
@@ -218,6 +225,60 @@ def test_an_imported_checkpoint_finetunes_distills_and_evaluates(
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout.strip().splitlines()[-1])["samples"] == 40
+
+
+def test_an_imagenet_classifier_refuses_data_with_its_classes_in_another_order(
+    tiny_shards: TinyShards, imported: dict[str, Path], tmp_path: Path
+) -> None:
+    """An imported ImageNet classifier knows its labels (sorted wnids): evaluating it, or
+    distilling from it, on shards whose class list has another order is refused with the
+    first differing class; the same images sharded with ImageNet's order are accepted."""
+    from shards.create import CreateOptions, create
+
+    model_dir = imported["r50_2x_sk_savedmodel"]
+    src = tiny_shards.test.parent / "src-test"  # 4 wnids x 10 images
+    (tmp_path / "reversed.txt").write_text("\n".join(reversed(imagenet_wnids())) + "\n")
+    for name, classes in (("imagenet", "imagenet1k"), ("reversed", str(tmp_path / "reversed.txt"))):
+        create(CreateOptions(src=str(src), dest=str(tmp_path / name), classes=classes, workers=1))
+    common = ["--image-size", "32", "--workers", "0"]
+    result = run_cli(
+        "eval", model_dir, "--data", tmp_path / "reversed", *common, tool="ssl-train", timeout=300
+    )
+    assert result.returncode == 2, result.stderr
+    assert (
+        "1000 classes are not the model's 1000 in the same order (first difference at class 0)"
+        in result.stderr
+    )
+    result = run_cli(
+        "eval", model_dir, "--data", tmp_path / "imagenet", *common, tool="ssl-train", timeout=300
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout.strip().splitlines()[-1])["samples"] == 40
+    distill = {
+        name: run_cli(
+            "distill",
+            "--data",
+            tmp_path / name,
+            "--teacher",
+            model_dir,
+            "--run-dir",
+            tmp_path / f"student-{name}",
+            "--student",
+            "tiny_student",
+            "--check-only",
+            "--global-batch-size",
+            "8",
+            tool="ssl-train",
+            timeout=300,
+        )
+        for name in ("reversed", "imagenet")
+    }
+    assert distill["imagenet"].returncode == 0, distill["imagenet"].stderr
+    refused = distill["reversed"]
+    assert refused.returncode == 2, refused.stderr
+    first, last = imagenet_wnids()[0], imagenet_wnids()[-1]
+    assert f"classifier's class 0 is {first!r}" in refused.stderr, refused.stderr
+    assert f"'s is {last!r}" in refused.stderr and "Traceback" not in refused.stderr
 
 
 def test_a_classifier_input_the_checkpoint_cannot_have_is_refused(

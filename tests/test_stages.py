@@ -5,6 +5,7 @@ bad configurations fail before any work with a message that says what to do."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -126,6 +127,22 @@ def test_distill_never_updates_the_teacher(
     assert any(not torch.equal(student_after[k], v) for k, v in student_before.items())
     config_json = json.loads((tmp_path / "student" / "final" / "config.json").read_text())
     assert (config_json["preset"], config_json["kept_head_layers"]) == ("tiny_student", 0)
+
+    # The same images sharded with the classes in another order: the teacher's logit i
+    # would be another class there, so the stage refuses before building anything.
+    from shards.create import CreateOptions, create
+    from ssl_train.errors import UserError
+
+    classes = json.loads((teacher_dir / "final" / "config.json").read_text())["classes"]
+    order = tmp_path / "reversed.txt"
+    order.write_text("\n".join(reversed(classes)) + "\n")
+    src = tiny_shards.train.parent / "src-train"
+    create(CreateOptions(src=str(src), dest=str(tmp_path / "rev"), classes=str(order), workers=1))
+    reordered = dataclasses.replace(
+        config, data=str(tmp_path / "rev"), run_dir=str(tmp_path / "student-2")
+    )
+    with pytest.raises(UserError, match=f"classifier's class 0 is {classes[0]!r}"):
+        Trainer(reordered, start_runtime("cpu"))
 
 
 def test_eval_counts_every_sample_once_and_matches_a_hand_count(

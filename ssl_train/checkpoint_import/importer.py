@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from shards import storage
+from shards.sources import imagenet_wnids
 from ssl_train.errors import UserError
 from ssl_train.export import build_from_config, model_config, refuse_another_model, save_model
 from ssl_train.models import PRESETS, SimCLRv2, resnet
@@ -57,6 +58,9 @@ TF2_SCOPES = ("resnet_model/", "_projection_head/", "supervised_head/")
 
 class CheckpointImportError(UserError):
     """A checkpoint that is not an official SimCLR one ssl-train can rebuild."""
+
+
+IMAGENET_CLASSES = 1000
 
 
 @dataclass(frozen=True)
@@ -331,6 +335,16 @@ def build_imported(named: NamedVariables, config: dict[str, Any], entries: list[
     return model.eval()
 
 
+def _known_classes(arch: Architecture) -> dict[str, list[str]]:
+    """The class list of an ImageNet classifier: the official models were trained on
+    TFDS's imagenet2012, whose label i is the i-th wnid in sorted order. Recorded, `eval`
+    and distillation refuse shard sets whose classes are in another order instead of
+    scoring permuted logits."""
+    if arch.num_classes == IMAGENET_CLASSES and not arch.small_images:
+        return {"classes": imagenet_wnids()}
+    return {}
+
+
 def import_checkpoint(
     src: str, out_dir: str, from_proj_layer: int | None = None, force: bool = False
 ) -> dict[str, Any]:
@@ -358,6 +372,7 @@ def import_checkpoint(
         image_size=32 if arch.small_images else 224,
         imported_from=storage.redact(checkpoint.prefix),
         checkpoint_format=named.style,
+        **_known_classes(arch),
     )
     refuse_another_model(out_dir, config, force)
     save_model(build_imported(named, config, entries).state_dict(), config, out_dir)

@@ -51,7 +51,7 @@ def check_stage(config: StageConfig) -> dict[str, Any]:
     stream = TrainStream(stream_config, 0, 1, StreamState(), shard_set)
     plan = stream.plan(0)  # a subset that names nothing, fewer samples than one batch
     check_memory_size(config, plan.steps * config.global_batch_size)
-    check_sources(config, len(classes))
+    check_sources(config, classes)
     if config.eval_data:
         check_eval_data(config.eval_data, classes)
     result: dict[str, Any] = {

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from shards import storage
 from ssl_train.data.augment import SimCLRAugment, apply_view_params, flip_params
 from ssl_train.errors import UserError
 from ssl_train.export import load_model, model_config, model_url, read_config
@@ -119,13 +120,13 @@ def _lars(model: nn.Module, config: StageConfig) -> LARS:
     return LARS(groups, lr=0.0, momentum=config.momentum)
 
 
-def check_sources(config: StageConfig, num_classes: int) -> None:
+def check_sources(config: StageConfig, classes: list[str]) -> None:
     """The models a stage starts from exist, are finished, and fit it (their configs
     only: what ``--check-only`` reads before a job starts torchrun).
 
     Example:
         >>> config = StageConfig.for_stage("finetune", data="d", run_dir="/r", pretrained="/nope")
-        >>> check_sources(config, 2)
+        >>> check_sources(config, ["cat", "dog"])
         Traceback (most recent call last):
         ...
         ssl_train.export.ExportError: --pretrained /nope/final holds no finished model (config.json missing): let the stage that writes it finish, or point at another run
@@ -133,7 +134,7 @@ def check_sources(config: StageConfig, num_classes: int) -> None:
     if config.pretrained:
         check_pretrained(config, _model_config("--pretrained", config.pretrained))
     if config.teacher:
-        check_teacher(config, _model_config("--teacher", config.teacher), num_classes)
+        check_teacher(config, _model_config("--teacher", config.teacher), classes)
 
 
 def check_pretrained(config: StageConfig, saved: dict[str, Any]) -> None:
@@ -150,12 +151,23 @@ def check_pretrained(config: StageConfig, saved: dict[str, Any]) -> None:
         )
 
 
-def check_teacher(config: StageConfig, saved: dict[str, Any], num_classes: int) -> None:
-    """``saved`` (the --teacher model's config) classifies the training data's classes."""
-    if saved.get("num_classes") != num_classes:
+def check_teacher(config: StageConfig, saved: dict[str, Any], classes: list[str]) -> None:
+    """``saved`` (the --teacher model's config) classifies the training data's classes,
+    in the same order where it records them: a teacher whose logit i means another
+    class would teach permuted labels, and nothing later would say so."""
+    if saved.get("num_classes") != len(classes):
         raise UserError(
-            f"--teacher {config.teacher} has no classifier for the {num_classes} classes "
+            f"--teacher {config.teacher} has no classifier for the {len(classes)} classes "
             "of --data: pass a finetune run on the same classes"
+        )
+    theirs = saved.get("classes")
+    if theirs is not None and list(theirs) != list(classes):
+        at = next(i for i, (a, b) in enumerate(zip(theirs, classes, strict=True)) if a != b)
+        raise UserError(
+            f"--teacher {config.teacher}: its classifier's class {at} is {theirs[at]!r}, "
+            f"--data {storage.redact(config.data)}'s is {classes[at]!r}: the same classes "
+            "must be in the same order; shard the data with the teacher's class list "
+            "(shards create --classes)"
         )
 
 
@@ -253,8 +265,7 @@ def build_linear_eval(config: StageConfig, num_classes: int, device: torch.devic
 
 def build_distill(config: StageConfig, num_classes: int, device: torch.device) -> Task:
     """A student from random weights learning the frozen teacher's soft labels."""
-    teacher, saved = load_model(model_url(config.teacher), device)
-    check_teacher(config, saved, num_classes)
+    teacher, _ = load_model(model_url(config.teacher), device)  # fits --data: check_sources
     teacher.eval().requires_grad_(False)
     model = build_model(config.preset, num_classes, config.head_layers, config.proj_dim, 0, device)
     model.keep_head_layers(0)
