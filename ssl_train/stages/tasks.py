@@ -155,16 +155,22 @@ def check_teacher(config: StageConfig, saved: dict[str, Any], classes: list[str]
     """``saved`` (the --teacher model's config) classifies the training data's classes,
     in the same order where it records them: a teacher whose logit i means another
     class would teach permuted labels, and nothing later would say so."""
+    teacher = storage.redact(config.teacher or "")
     if saved.get("num_classes") != len(classes):
         raise UserError(
-            f"--teacher {config.teacher} has no classifier for the {len(classes)} classes "
+            f"--teacher {teacher} has no classifier for the {len(classes)} classes "
             "of --data: pass a finetune run on the same classes"
         )
     theirs = saved.get("classes")
+    if theirs is not None and len(theirs) != len(classes):
+        raise UserError(
+            f"--teacher {teacher}: its config.json names {len(theirs)} classes for "
+            f"{len(classes)} outputs: the file is damaged; export or import it again"
+        )
     if theirs is not None and list(theirs) != list(classes):
         at = next(i for i, (a, b) in enumerate(zip(theirs, classes, strict=True)) if a != b)
         raise UserError(
-            f"--teacher {config.teacher}: its classifier's class {at} is {theirs[at]!r}, "
+            f"--teacher {teacher}: its classifier's class {at} is {theirs[at]!r}, "
             f"--data {storage.redact(config.data)}'s is {classes[at]!r}: the same classes "
             "must be in the same order; shard the data with the teacher's class list "
             "(shards create --classes)"
