@@ -115,9 +115,6 @@ class NamedVariables:
                 "google-research/simclr (TF1 model.ckpt-N or a TF2 checkpoint/SavedModel)"
             )
 
-    def read(self, name: str) -> np.ndarray:
-        return self.checkpoint.read(self.keys[name])
-
     def read_many(self, names: list[str]) -> Iterator[tuple[str, np.ndarray]]:
         """``(name, value)`` for ``names``, fetched together (``TFCheckpoint.read_many``)."""
         by_key = {self.keys[name]: name for name in names}

@@ -39,6 +39,18 @@ def topk_correct(
     return [int(hits[:, :k].any(dim=1).sum()) for k in ks]
 
 
+def first_difference(theirs: list[str], ours: list[str]) -> int:
+    """The first class index where two class lists differ (the shorter one's length when
+    one extends the other): what a refusal names so the user can find the mismatch.
+
+    Example:
+        >>> first_difference(["cat", "dog"], ["cat", "eel"]), first_difference(["a"], ["a", "b"])
+        (1, 1)
+    """
+    pairs = enumerate(zip(theirs, ours, strict=False))
+    return next((i for i, (a, b) in pairs if a != b), min(len(theirs), len(ours)))
+
+
 def check_eval_data(data: str, classes: list[str] | None, flag: str = "--eval-data") -> Manifest:
     """Open the evaluation shard set's manifest now, in this process, so that a wrong
     path, an unreachable endpoint or another label set is one clear line before any work
@@ -56,10 +68,7 @@ def check_eval_data(data: str, classes: list[str] | None, flag: str = "--eval-da
         raise UserError(f"{flag}: {exc}") from None
     if classes is not None and manifest.classes != list(classes):
         theirs, ours = manifest.classes, list(classes)
-        differ = next(
-            (i for i, (a, b) in enumerate(zip(theirs, ours, strict=False)) if a != b),
-            min(len(theirs), len(ours)),
-        )
+        differ = first_difference(theirs, ours)
         raise UserError(
             f"{flag} {storage.redact(data)}: its {len(theirs)} classes are not the model's "
             f"{len(ours)} in the same order (first difference at class {differ}); evaluate on "

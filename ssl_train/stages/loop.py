@@ -45,7 +45,7 @@ from ssl_train.stages import runtime as rt
 from ssl_train.stages.config import StageConfig, config_changes
 from ssl_train.stages.evaluate import check_eval_data, evaluate
 from ssl_train.stages.scalars import ScalarLog
-from ssl_train.stages.tasks import Task, build_task, check_sources
+from ssl_train.stages.tasks import Task, build_task
 from ssl_train.state_broadcast import load_latest_once, transfer_device
 
 log = logging.getLogger(__name__)
@@ -241,9 +241,8 @@ class Trainer:
         self.classes = shard_set.manifest.classes
         if config.eval_data:  # now, not after the last step
             check_eval_data(config.eval_data, self.classes)
-        check_sources(config, self.classes)  # the models it starts from fit --data
         torch.manual_seed(config.seed)  # the same initial weights on every rank
-        self.task: Task = build_task(config, len(self.classes), runtime.device)
+        self.task: Task = build_task(config, self.classes, runtime.device)
         stream_config = stream_config_of(config)
         self.stream = TrainStream(
             stream_config, runtime.rank, runtime.world_size, StreamState(), shard_set

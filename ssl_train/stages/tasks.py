@@ -31,6 +31,7 @@ from ssl_train.models import SimCLRv2, build_model
 from ssl_train.optim import LARS, lars_param_groups
 from ssl_train.stages import registry
 from ssl_train.stages.config import StageConfig
+from ssl_train.stages.evaluate import first_difference
 
 
 def _is_classifier(name: str, param: nn.Parameter) -> bool:
@@ -168,7 +169,7 @@ def check_teacher(config: StageConfig, saved: dict[str, Any], classes: list[str]
             f"{len(classes)} outputs: the file is damaged; export or import it again"
         )
     if theirs is not None and list(theirs) != list(classes):
-        at = next(i for i, (a, b) in enumerate(zip(theirs, classes, strict=True)) if a != b)
+        at = first_difference(theirs, classes)
         raise UserError(
             f"--teacher {teacher}: its classifier's class {at} is {theirs[at]!r}, "
             f"--data {storage.redact(config.data)}'s is {classes[at]!r}: the same classes "
@@ -184,20 +185,20 @@ def _model_config(flag: str, run_dir: str) -> dict[str, Any]:
         raise type(exc)(f"{flag} {exc}") from None
 
 
-def build_task(config: StageConfig, num_classes: int, device: torch.device) -> Task:
+def build_task(config: StageConfig, classes: list[str], device: torch.device) -> Task:
     """The stage's task on ``device``, by the builder its declaration names; reads the
-    previous stage's model where needed.
+    previous stage's model where needed. ``classes`` are --data's, in label order.
 
     Example:
         >>> config = StageConfig.for_stage("pretrain", data="d", run_dir="/r", preset="tiny")
-        >>> task = build_task(config, num_classes=10, device=torch.device("cpu"))
+        >>> task = build_task(config, [str(i) for i in range(10)], torch.device("cpu"))
         >>> task.mode, task.model.classifier is None
         ('pretrain', True)
     """
-    return registry.stage(config.stage).build_task()(config, num_classes, device)
+    return registry.stage(config.stage).build_task()(config, classes, device)
 
 
-def build_pretrain(config: StageConfig, num_classes: int, device: torch.device) -> Task:
+def build_pretrain(config: StageConfig, classes: list[str], device: torch.device) -> Task:
     """SimCLRv2's network with its projection head and no classifier, under LARS."""
     model = build_model(config.preset, None, config.head_layers, config.proj_dim, device=device)
     described = model_config(
@@ -213,9 +214,9 @@ def build_pretrain(config: StageConfig, num_classes: int, device: torch.device) 
     return task
 
 
-def build_supervised(config: StageConfig, num_classes: int, device: torch.device) -> Task:
+def build_supervised(config: StageConfig, classes: list[str], device: torch.device) -> Task:
     """Finetuning's network from random weights."""
-    layer = config.from_proj_layer
+    layer, num_classes = config.from_proj_layer, len(classes)
     model = build_model(
         config.preset, num_classes, config.head_layers, config.proj_dim, layer, device
     )
@@ -250,15 +251,15 @@ def _from_pretrained(
     return model, described
 
 
-def build_finetune(config: StageConfig, num_classes: int, device: torch.device) -> Task:
+def build_finetune(config: StageConfig, classes: list[str], device: torch.device) -> Task:
     """Every layer trained from the pretrained weights, under LARS."""
-    model, described = _from_pretrained(config, num_classes, device)
+    model, described = _from_pretrained(config, len(classes), device)
     return FinetuneTask(config, model, _lars(model, config), "finetune", described)
 
 
-def build_linear_eval(config: StageConfig, num_classes: int, device: torch.device) -> Task:
+def build_linear_eval(config: StageConfig, classes: list[str], device: torch.device) -> Task:
     """Only the classifier trained (Nesterov momentum SGD); backbone and head frozen."""
-    model, described = _from_pretrained(config, num_classes, device)
+    model, described = _from_pretrained(config, len(classes), device)
     for param in list(model.backbone.parameters()) + list(model.head.parameters()):
         param.requires_grad_(False)
     optimizer = torch.optim.SGD(
@@ -269,10 +270,12 @@ def build_linear_eval(config: StageConfig, num_classes: int, device: torch.devic
     )
 
 
-def build_distill(config: StageConfig, num_classes: int, device: torch.device) -> Task:
+def build_distill(config: StageConfig, classes: list[str], device: torch.device) -> Task:
     """A student from random weights learning the frozen teacher's soft labels."""
-    teacher, _ = load_model(model_url(config.teacher), device)  # fits --data: check_sources
+    teacher, saved = load_model(model_url(config.teacher), device)
+    check_teacher(config, saved, classes)
     teacher.eval().requires_grad_(False)
+    num_classes = len(classes)
     model = build_model(config.preset, num_classes, config.head_layers, config.proj_dim, 0, device)
     model.keep_head_layers(0)
     described = model_config(config.preset, num_classes, config.head_layers, config.proj_dim, 0, 0)
