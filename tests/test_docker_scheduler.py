@@ -5,11 +5,21 @@ exit code, as ``exited`` is, instead of ending ``torchx run`` with a KeyError.
 The transient state cannot be produced on demand (it lasts a fraction of a second), so
 these tests hand the scheduler what podman's API returns for it: a container record
 with that status and the exit code ``wait`` reports. The whole path through a real
-podman socket runs in tests/test_image.py."""
+podman socket runs in tests/test_image.py.
+
+It also submits only onto a ``torchx`` network whose containers resolve each other by
+name: tested here against real podman (its API service, networks in a folder of the
+test's own), with and without podman's DNS plugin; no image is needed, since the network
+is settled before anything is pulled or run."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 from torchx.schedulers import get_scheduler_factories
@@ -17,7 +27,13 @@ from torchx.schedulers.docker_scheduler import LABEL_REPLICA_ID, LABEL_ROLE_NAME
 from torchx.specs import AppState
 from torchx.specs.api import is_terminal
 
-from ssl_train.docker_scheduler import PodmanAwareDockerScheduler
+from ssl_train.docker_scheduler import (
+    PodmanAwareDockerScheduler,
+    dns_package,
+    ensure_named_network,
+)
+
+from containers import ROOT, engine, is_podman, network_backend, own_podman_config, podman_api
 
 
 @dataclass
@@ -87,3 +103,56 @@ def test_a_job_with_a_node_in_an_unknown_state_is_not_yet_terminal() -> None:
     )
     described = scheduler.describe("job")
     assert described is not None and not is_terminal(described.state)
+
+
+# ---- the torchx network, through podman's real API --------------------------------------
+
+needs_podman_cni = pytest.mark.skipif(
+    not is_podman() or network_backend() != "cni",
+    reason="needs podman with the CNI network backend (what .ci/run installs on Debian)",
+)
+
+
+def dns_enabled(env: dict[str, str], name: str = "torchx") -> bool:
+    (network,) = json.loads(engine("network", "inspect", name, env=env).stdout)
+    return bool(network["dns_enabled"])
+
+
+@needs_podman_cni
+def test_a_torchx_network_left_without_dns_is_created_again_with_dns(tmp_path: Path) -> None:
+    """A machine whose `torchx` network predates the DNS plugin (made without DNS) gets
+    it recreated with DNS before a job is submitted, instead of a rendezvous time-out."""
+    import docker
+
+    env = own_podman_config(tmp_path, dns_plugin=True)
+    engine("network", "create", "--disable-dns", "torchx", env=env)
+    assert not dns_enabled(env)
+    with podman_api(tmp_path, env) as api:
+        ensure_named_network(docker.DockerClient(base_url=api))
+    assert dns_enabled(env)
+
+
+@needs_podman_cni
+def test_torchx_run_without_the_dns_plugin_refuses_at_once_naming_the_package(
+    tmp_path: Path,
+) -> None:
+    """`torchx run -s local_docker` on a podman without its DNS plugin: one message naming
+    the package, exit status 1, in seconds (the image is not even looked for)."""
+    env = own_podman_config(tmp_path, dns_plugin=False)
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    with podman_api(tmp_path, env) as api:
+        started = time.monotonic()
+        done = subprocess.run(
+            [str(ROOT / ".venv" / "bin" / "torchx"), "run", "-s", "local_docker",
+             "--workspace", "", "ssl.pretrain", "--image", "localhost/ssl-train:absent",
+             "-j", "2x1", "--data", str(tmp_path / "data"), "--run_dir", str(tmp_path / "run"),
+             "--preset", "tiny"],
+            cwd=cwd, env={**os.environ, **env, "DOCKER_HOST": api},
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        took = time.monotonic() - started
+    output = done.stdout + done.stderr
+    assert done.returncode == 1, output
+    assert dns_package("cni") in output and "Traceback" not in output, output
+    assert took < 30, f"{took:.0f} s"

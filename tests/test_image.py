@@ -5,7 +5,10 @@ runs in a container against the S3 server on the host with its run dir in S3 and
 exported from another, and a container stopped mid-run with `podman stop` (SIGTERM to
 its first process, torchrun) saves the step it reached, which a new container resumes.
 
-Skipped only where no container engine is installed (`.ci/run` installs podman).
+Before anything is built, two throwaway containers must resolve each other by name (what
+TorchX's multi-node containers need): where they cannot, every test here fails at once
+with one line naming the package to install, instead of a rendezvous timing out minutes
+later. Skipped only where no container engine is installed (`.ci/run` installs podman).
 """
 
 from __future__ import annotations
@@ -23,10 +26,22 @@ from pathlib import Path
 
 import pytest
 
-from conftest import S3Bucket, TinyShards
+from ssl_train.docker_scheduler import ensure_named_network
 
-ROOT = Path(__file__).resolve().parents[1]
-ENGINE = shutil.which("podman") or shutil.which("docker")
+from conftest import S3Bucket, TinyShards
+from containers import (
+    ENGINE,
+    ROOT,
+    build_base_image,
+    engine,
+    engine_env,
+    is_podman,
+    names_resolve_reason,
+    network_backend,
+    own_podman_config,
+    podman_api,
+)
+
 IMAGE = "localhost/ssl-train:test"
 CREDENTIALS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL")
 TINY = ["--preset", "tiny", "--image-size", "16", "--log-every-steps", "1", "--workers", "0"]
@@ -41,21 +56,6 @@ pytestmark = [
 ]
 
 
-def engine_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    env = {**os.environ, **(extra or {})}
-    env.setdefault("CONTAINERS_CONF", str(ROOT / "docker" / "containers.conf"))
-    return env
-
-
-def engine(*args: str, env: dict[str, str] | None = None, timeout: float = 300, check: bool = True):
-    done = subprocess.run(
-        [ENGINE, *args], env=engine_env(env), capture_output=True, text=True, timeout=timeout
-    )
-    if check:
-        assert done.returncode == 0, f"{ENGINE} {' '.join(args)}:\n{done.stderr[-3000:]}"
-    return done
-
-
 def run_args(bucket: S3Bucket, name: str | None = None) -> list[str]:
     """`run` on the host's network (the S3 server listens on the host's loopback), the
     credentials passed by name from this process's environment, never on the command
@@ -68,13 +68,74 @@ def run_args(bucket: S3Bucket, name: str | None = None) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def image() -> Iterator[str]:
+def base_image() -> str:
+    return build_base_image()
+
+
+@pytest.fixture(scope="module")
+def containers_find_each_other(base_image: str) -> None:
+    """The prerequisite, checked once before the image is built: pytest keeps a module
+    fixture's failure, so every test below reports this one line."""
+    reason = names_resolve_reason(base_image)
+    if reason:
+        pytest.fail(reason, pytrace=False)
+
+
+@pytest.fixture(scope="module")
+def image(containers_find_each_other: None) -> Iterator[str]:
     done = subprocess.run(
         ["make", "image", f"IMAGE={IMAGE}"],
         cwd=ROOT, env=engine_env(), capture_output=True, text=True, timeout=1800,
     )  # fmt: skip
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     yield IMAGE
+
+
+@pytest.mark.skipif(
+    not is_podman() or network_backend() != "cni",
+    reason="takes podman's CNI DNS plugin away; needs podman with the CNI backend",
+)
+def test_the_name_check_fails_at_once_naming_the_package_when_dns_is_missing(
+    containers_find_each_other: None, base_image: str, tmp_path: Path
+) -> None:
+    """The prerequisite check itself, on a podman whose networks live in a folder of the
+    test's: with the machine's CNI plugins it passes; without `dnsname` it fails in
+    seconds, naming the package, instead of a rendezvous timing out after a minute."""
+    with_dns = own_podman_config(tmp_path / "with", dns_plugin=True)
+    assert names_resolve_reason(base_image, env=with_dns) is None
+    started = time.monotonic()
+    reason = names_resolve_reason(base_image, env=own_podman_config(tmp_path / "without", False))
+    took = time.monotonic() - started
+    assert reason and "golang-github-containernetworking-plugin-dnsname" in reason, reason
+    assert took < 10, f"{took:.0f} s"
+
+
+@pytest.mark.skipif(not is_podman(), reason="podman's networks only")
+def test_a_torchx_network_without_dns_that_containers_use_is_named_not_removed(
+    containers_find_each_other: None, base_image: str, tmp_path: Path
+) -> None:
+    """The scheduler recreates a `torchx` network without DNS only when no container
+    uses it: otherwise it refuses, naming the containers, and removes nothing."""
+    import docker
+
+    from ssl_train.jobs import JobRefused
+
+    env = own_podman_config(tmp_path, dns_plugin=True)
+    engine("network", "create", "--disable-dns", "torchx", env=env)
+    user = f"ssl-train-test-{uuid.uuid4().hex[:8]}"
+    engine("create", "--name", user, "--network", "torchx", base_image, "true", env=env)
+    try:
+        with podman_api(tmp_path, env) as api:
+            client = docker.DockerClient(base_url=api)
+            with pytest.raises(JobRefused, match=f"podman rm -f {user}"):
+                ensure_named_network(client)
+            assert engine("network", "exists", "torchx", env=env, check=False).returncode == 0
+            engine("rm", "-f", user, env=env)
+            ensure_named_network(client)
+        (network,) = json.loads(engine("network", "inspect", "torchx", env=env).stdout)
+        assert network["dns_enabled"]
+    finally:
+        engine("rm", "-f", user, env=env, check=False)
 
 
 @pytest.fixture
@@ -211,23 +272,11 @@ def logs(name: str) -> str:
 def docker_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """DOCKER_HOST for TorchX's docker client: podman's API service (docker's own
     daemon where docker is the engine)."""
-    if not ENGINE.endswith("podman"):
+    if not is_podman():
         yield os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
         return
-    socket = tmp_path_factory.mktemp("podman-api") / "api.sock"
-    service = subprocess.Popen(
-        [ENGINE, "system", "service", "--time=0", f"unix://{socket}"],
-        env=engine_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 30
-        while not socket.exists():
-            assert service.poll() is None and time.monotonic() < deadline, "no podman API"
-            time.sleep(0.1)
-        yield f"unix://{socket}"
-    finally:
-        service.terminate()
-        service.wait(timeout=30)
+    with podman_api(tmp_path_factory.mktemp("podman-api")) as api:
+        yield api
 
 
 @pytest.fixture
