@@ -13,7 +13,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TORCH := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: test test-fast demo lint setup clean bench components tf-env image wheelhouse
+.PHONY: test test-fast demo lint setup environments clean bench components tf-env image wheelhouse
 
 setup: $(STAMP)
 
@@ -52,12 +52,28 @@ lint: $(STAMP)
 components: $(STAMP)
 	$(PY) -m ssl_train.stages.codegen
 
-test: $(STAMP) $(TF_STAMP) lint
-	$(PY) -m pytest -q --durations=20
+# The two environments are installed side by side (two pips, each mostly one core).
+environments:
+	$(MAKE) -j2 $(STAMP) $(TF_STAMP)
+
+# The fast tier (everything not marked slow: single-process tests, each mostly on one
+# core) runs in TEST_WORKERS processes (pytest-xdist), a test file per worker so that its
+# module fixtures are built once. `make test` adds to that pass the slow tests marked
+# side_by_side (the image build, the checkpoint import, numerical equivalence across
+# processes: nothing timed, killed or waiting out a lease), longest first. The rest of
+# the slow tier then has the machine to itself: its end-to-end runs time real windows (a
+# preemption's checkpoint, podman's grace period, a lease), which a neighbour on the same
+# cores would stretch.
+TEST_WORKERS ?= 2
+PARALLEL := -n $(TEST_WORKERS) --dist loadfile
+
+test: environments lint
+	$(PY) -m pytest -q -m "not slow or side_by_side" $(PARALLEL) --durations=10
+	$(PY) -m pytest -q -m "slow and not side_by_side" --durations=20
 
 # everything but the end-to-end runs marked slow: a few minutes, for iterating
-test-fast: $(STAMP) $(TF_STAMP) lint
-	$(PY) -m pytest -q -m "not slow"
+test-fast: environments lint
+	$(PY) -m pytest -q -m "not slow" $(PARALLEL) --durations=5
 
 demo: $(STAMP)
 	$(VENV)/bin/ssl-train demo --out demo-out

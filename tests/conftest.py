@@ -27,6 +27,20 @@ BIN = Path(sys.executable).parent
 _bucket_numbers = itertools.count()
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Longest first for `make test`'s two-worker pass: the image tests (minutes of
+    building), then the other slow tests that run there (marker ``side_by_side``), then
+    the fast tier, which fills in around them. A long file started last would keep one
+    worker busy alone after the other has finished."""
+
+    def order(item: pytest.Item) -> tuple[bool, bool]:
+        return item.get_closest_marker("containers") is None, item.get_closest_marker(
+            "slow"
+        ) is None
+
+    items.sort(key=order)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def index_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """The node-local index cache of this test session (not the machine's shared one), in

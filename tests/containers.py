@@ -75,11 +75,15 @@ def build_base_image() -> str:
     return BASE_IMAGE
 
 
-def own_podman_config(folder: Path, dns_plugin: bool = True) -> dict[str, str]:
+def own_podman_config(
+    folder: Path, dns_plugin: bool = True, own_store: bool = False
+) -> dict[str, str]:
     """Environment for a podman whose networks live in ``folder`` (not the machine's
     /etc/cni/net.d) and whose CNI plugins are the machine's, with or without ``dnsname``:
     a test can leave a network without DNS, or take the plugin away, and touch nothing
-    the rest of the suite or the machine uses. docker/containers.conf's settings stay."""
+    the rest of the suite or the machine uses. docker/containers.conf's settings stay.
+    ``own_store``: containers and images in ``folder`` too (an empty store), so that no
+    container another test runs at the same time is seen on a network of the same name."""
     plugins = folder / "cni-plugins"
     networks = folder / "networks"
     plugins.mkdir(parents=True, exist_ok=True)
@@ -89,11 +93,19 @@ def own_podman_config(folder: Path, dns_plugin: bool = True) -> dict[str, str]:
             if (dns_plugin or plugin.name != "dnsname") and not (plugins / plugin.name).exists():
                 (plugins / plugin.name).symlink_to(plugin)
     conf = folder / "containers.conf"
-    conf.write_text(
-        (ROOT / "docker" / "containers.conf").read_text()
-        + f'\n[network]\nnetwork_config_dir = "{networks}"\ncni_plugin_dirs = ["{plugins}"]\n'
-    )
-    return {"CONTAINERS_CONF": str(conf)}
+    text = (ROOT / "docker" / "containers.conf").read_text()
+    text += f'\n[network]\nnetwork_config_dir = "{networks}"\ncni_plugin_dirs = ["{plugins}"]\n'
+    env = {"CONTAINERS_CONF": str(conf)}
+    if own_store:
+        text = text.replace("[engine]\n", f'[engine]\ntmp_dir = "{folder / "libpod-tmp"}"\n')
+        storage = folder / "storage.conf"
+        storage.write_text(
+            f'[storage]\ndriver = "overlay"\ngraphroot = "{folder / "store"}"\n'
+            f'runroot = "{folder / "store-run"}"\n'
+        )
+        env["CONTAINERS_STORAGE_CONF"] = str(storage)
+    conf.write_text(text)
+    return env
 
 
 @contextmanager
@@ -126,9 +138,9 @@ def names_resolve_reason(
     network = f"ssl-train-dns-check-{uuid.uuid4().hex[:8]}"
     server = f"{network}-a"
     advice = (
-        f"containers on a {ENGINE} network cannot resolve each other by name ({backend} "
-        f"backend{{}}), so TorchX's multi-node containers cannot rendezvous: install "
-        f"{dns_package(backend)} (.ci/run installs it), then run again"
+        f"containers on a {Path(ENGINE or 'podman').name} network cannot resolve each other "
+        f"by name ({backend} backend{{}}), so TorchX's multi-node containers cannot "
+        f"rendezvous: install {dns_package(backend)} (.ci/run installs it), then run again"
     )
     engine("network", "create", network, env=env)
     try:

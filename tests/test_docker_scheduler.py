@@ -8,8 +8,8 @@ with that status and the exit code ``wait`` reports. The whole path through a re
 podman socket runs in tests/test_image.py.
 
 It also submits only onto a ``torchx`` network whose containers resolve each other by
-name: tested here against real podman (its API service, networks in a folder of the
-test's own), with and without podman's DNS plugin; no image is needed, since the network
+name: tested here against real podman (its API service, networks and store in a folder
+of the test's own), with and without podman's DNS plugin; no image is needed, since the network
 is settled before anything is pulled or run."""
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from torchx.specs import AppState
 from torchx.specs.api import is_terminal
 
 from ssl_train.docker_scheduler import (
+    DNS_PACKAGES,
     PodmanAwareDockerScheduler,
     dns_package,
     ensure_named_network,
@@ -107,6 +108,16 @@ def test_a_job_with_a_node_in_an_unknown_state_is_not_yet_terminal() -> None:
 
 # ---- the torchx network, through podman's real API --------------------------------------
 
+
+def test_ci_installs_the_dns_plugin_the_refusal_names_for_debians_podman() -> None:
+    """Debian's podman (4.3) uses the CNI backend: CI's package list must hold the
+    package the refusal tells a user to install, or a fresh CI machine cannot run
+    TorchX's multi-node containers."""
+    lines = (ROOT / ".ci" / "packages").read_text().splitlines()
+    packages = {line.strip() for line in lines if line.strip() and not line.startswith("#")}
+    assert {"podman", DNS_PACKAGES["cni"]} <= packages
+
+
 needs_podman_cni = pytest.mark.skipif(
     not is_podman() or network_backend() != "cni",
     reason="needs podman with the CNI network backend (what .ci/run installs on Debian)",
@@ -124,7 +135,7 @@ def test_a_torchx_network_left_without_dns_is_created_again_with_dns(tmp_path: P
     it recreated with DNS before a job is submitted, instead of a rendezvous time-out."""
     import docker
 
-    env = own_podman_config(tmp_path, dns_plugin=True)
+    env = own_podman_config(tmp_path, dns_plugin=True, own_store=True)
     engine("network", "create", "--disable-dns", "torchx", env=env)
     assert not dns_enabled(env)
     with podman_api(tmp_path, env) as api:
@@ -138,7 +149,7 @@ def test_torchx_run_without_the_dns_plugin_refuses_at_once_naming_the_package(
 ) -> None:
     """`torchx run -s local_docker` on a podman without its DNS plugin: one message naming
     the package, exit status 1, in seconds (the image is not even looked for)."""
-    env = own_podman_config(tmp_path, dns_plugin=False)
+    env = own_podman_config(tmp_path, dns_plugin=False, own_store=True)
     cwd = tmp_path / "cwd"
     cwd.mkdir()
     with podman_api(tmp_path, env) as api:

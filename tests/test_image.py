@@ -48,6 +48,8 @@ TINY = ["--preset", "tiny", "--image-size", "16", "--log-every-steps", "1", "--w
 
 pytestmark = [
     pytest.mark.slow,
+    pytest.mark.containers,
+    pytest.mark.side_by_side,
     pytest.mark.skipif(
         ENGINE is None,
         reason="no container engine: apt-get install podman runc fuse-overlayfs "

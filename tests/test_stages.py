@@ -18,7 +18,8 @@ from stage_runs import TINY, assert_exactly_once, command, run, start, trace
 
 from conftest import TinyShards
 
-pytestmark = pytest.mark.slow  # every test runs the stage commands as real processes
+# every test runs the stage commands as real processes
+pytestmark = [pytest.mark.slow, pytest.mark.side_by_side]
 FINETUNE_BATCH = 8
 
 

@@ -12,7 +12,8 @@ import torch.distributed as dist
 
 from distributed import run_under_torchrun
 
-pytestmark = pytest.mark.slow  # every test here starts real torchrun workers
+# every test here starts real torchrun workers
+pytestmark = [pytest.mark.slow, pytest.mark.side_by_side]
 
 
 def _fingerprint(value) -> str:
