@@ -100,7 +100,7 @@ def own_podman_config(
         text = text.replace("[engine]\n", f'[engine]\ntmp_dir = "{folder / "libpod-tmp"}"\n')
         storage = folder / "storage.conf"
         storage.write_text(
-            f'[storage]\ndriver = "overlay"\ngraphroot = "{folder / "store"}"\n'
+            f'[storage]\ndriver = "vfs"\ngraphroot = "{folder / "store"}"\n'
             f'runroot = "{folder / "store-run"}"\n'
         )
         env["CONTAINERS_STORAGE_CONF"] = str(storage)
