@@ -28,15 +28,12 @@ _bucket_numbers = itertools.count()
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Longest first for `make test`'s two-worker pass: the image tests (minutes of
-    building), then the other slow tests that run there (marker ``side_by_side``), then
-    the fast tier, which fills in around them. A long file started last would keep one
-    worker busy alone after the other has finished."""
+    """The image tests (marker ``containers``, minutes of building) first: `make test`
+    runs them beside the fast tier on two workers, and the longest file started last
+    would keep one worker busy alone long after the other has finished."""
 
-    def order(item: pytest.Item) -> tuple[bool, bool]:
-        return item.get_closest_marker("containers") is None, item.get_closest_marker(
-            "slow"
-        ) is None
+    def order(item: pytest.Item) -> bool:
+        return item.get_closest_marker("containers") is None
 
     items.sort(key=order)
 

@@ -37,7 +37,6 @@ FLOAT32_BOUND, FLOAT64_BOUND = 5e-4, 1e-9
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.side_by_side,
     pytest.mark.skipif(
         not TF_PYTHON.exists(),
         reason=f"{TF_PYTHON} is missing: run `make tf-env` (TensorFlow in its own venv) first",

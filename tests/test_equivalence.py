@@ -17,7 +17,6 @@ GLOBAL_PAIRS = 8
 IMAGE = 16
 LR, WEIGHT_DECAY = 0.6, 1e-4
 MEMORY_SIZE = 20
-pytestmark = pytest.mark.side_by_side  # `make test` runs its slow tests beside the fast tier
 
 
 def _model() -> torch.nn.Module:

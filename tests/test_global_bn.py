@@ -18,7 +18,7 @@ from ssl_train.dist import GlobalBatchNorm, convert_to_global_bn
 
 from distributed import run_under_torchrun
 
-pytestmark = [pytest.mark.timeout(120), pytest.mark.side_by_side]
+pytestmark = pytest.mark.timeout(120)
 
 
 def _reference_bn(dim: int, channels: int, **kwargs) -> nn.modules.batchnorm._BatchNorm:

@@ -13,8 +13,7 @@ from stage_runs import TINY, command, run
 
 from conftest import TinyShards
 
-# real stage commands, one under torchrun
-pytestmark = [pytest.mark.slow, pytest.mark.side_by_side]
+pytestmark = pytest.mark.slow  # real stage commands, one under torchrun
 
 
 def test_two_ranks_log_once_with_a_start_line_an_eta_and_the_model(

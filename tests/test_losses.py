@@ -21,7 +21,7 @@ from ssl_train.losses import contrastive_accuracy, distillation_loss, nt_xent
 
 from distributed import run_under_torchrun
 
-pytestmark = [pytest.mark.timeout(120), pytest.mark.side_by_side]
+pytestmark = pytest.mark.timeout(120)
 
 LARGE_NUM = 1e9
 

@@ -13,7 +13,6 @@ import pytest
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 BIN = Path(sys.executable).parent
-pytestmark = pytest.mark.side_by_side  # `make test` runs its slow test beside the fast tier
 
 
 def quick_start() -> str:

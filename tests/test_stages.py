@@ -18,8 +18,7 @@ from stage_runs import TINY, assert_exactly_once, command, run, start, trace
 
 from conftest import TinyShards
 
-# every test runs the stage commands as real processes
-pytestmark = [pytest.mark.slow, pytest.mark.side_by_side]
+pytestmark = pytest.mark.slow  # every test runs the stage commands as real processes
 FINETUNE_BATCH = 8
 
 

@@ -12,8 +12,7 @@ import torch.distributed as dist
 
 from distributed import run_under_torchrun
 
-# every test here starts real torchrun workers
-pytestmark = [pytest.mark.slow, pytest.mark.side_by_side]
+pytestmark = pytest.mark.slow  # every test here starts real torchrun workers
 
 
 def _fingerprint(value) -> str:

@@ -14,7 +14,7 @@ from scipy import stats
 from conftest import S3Bucket, make_tree, run_cli
 
 # real torchrun/TorchX jobs: `make test` runs them, `make test-fast` does not
-pytestmark = [pytest.mark.slow, pytest.mark.side_by_side]
+pytestmark = pytest.mark.slow
 
 GLOBAL_BATCH, IMAGE, PARTITIONS = 40, 16, 8
 
