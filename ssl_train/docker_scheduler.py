@@ -128,15 +128,44 @@ class PodmanAwareDockerScheduler(DockerScheduler):
     def _get_app_state(self, container: "Container") -> AppState:
         status = container.status
         if status == "exited" or status in PODMAN_EXITED_STATES:
-            # Docker has no success/failure state: the exit code decides.
-            return (
-                AppState.SUCCEEDED
-                if container.wait(timeout=10)["StatusCode"] == 0
-                else AppState.FAILED
-            )
+            return _exited_state(container)
         if status in PODMAN_NOT_STARTED_STATES:
             return AppState.SUBMITTED
         return CONTAINER_STATE.get(status, AppState.UNKNOWN)
+
+
+def _exited_state(container: "Container") -> AppState:
+    """An exited container's state, from its inspect record, without blocking: Docker has
+    no success/failure state, so the exit code decides, and a failed container that its
+    restart policy brings back (a crashed node, `max_retries`) is pending, not failed.
+    TorchX asks ``wait`` for the exit code instead; on a container being restarted that
+    waits for its next exit, and podman's API timed out under it (CI, issue 28)."""
+    from docker.errors import NotFound
+
+    try:
+        container.reload()
+    except NotFound:
+        return AppState.UNKNOWN  # removed between the listing and now: polled again
+    state = container.attrs.get("State") or {}
+    now = state.get("Status", "exited")
+    if now not in ("exited", *PODMAN_EXITED_STATES):
+        return CONTAINER_STATE.get(now, AppState.UNKNOWN)  # restarted since the listing
+    if state.get("ExitCode") == 0:
+        return AppState.SUCCEEDED
+    return AppState.PENDING if _will_restart(container.attrs) else AppState.FAILED
+
+
+def _will_restart(attrs: dict[str, Any]) -> bool:
+    """Whether the engine restarts this failed container (its restart policy, as TorchX
+    sets it: ``on-failure`` with ``max_retries``)."""
+    policy = (attrs.get("HostConfig") or {}).get("RestartPolicy") or {}
+    name = policy.get("Name") or ""
+    if name in ("always", "unless-stopped"):
+        return True
+    if name != "on-failure":
+        return False
+    limit = int(policy.get("MaximumRetryCount") or 0)
+    return limit == 0 or int(attrs.get("RestartCount") or 0) < limit
 
 
 def create_scheduler(session_name: str, **kwargs: Any) -> PodmanAwareDockerScheduler:

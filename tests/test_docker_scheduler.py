@@ -20,6 +20,7 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 from torchx.schedulers import get_scheduler_factories
@@ -48,12 +49,24 @@ class ContainerRecord:
     image: str = "localhost/ssl-train:dev"
     labels: dict[str, str] = field(default_factory=dict)
 
+    restarts: int = 0  # RestartCount
+    retries: int = 0  # the on-failure policy's MaximumRetryCount (TorchX's max_retries)
+    attrs: dict[str, Any] = field(default_factory=dict)
+
     def __post_init__(self) -> None:
         self.labels = {LABEL_ROLE_NAME: "pretrain", LABEL_REPLICA_ID: str(self.replica)}
 
+    def reload(self) -> None:
+        """docker-py's inspect: the record the scheduler reads an exit from."""
+        policy = {"Name": "on-failure", "MaximumRetryCount": self.retries} if self.retries else {}
+        self.attrs = {
+            "State": {"Status": self.status, "ExitCode": self.exit_code},
+            "HostConfig": {"RestartPolicy": policy},
+            "RestartCount": self.restarts,
+        }
+
     def wait(self, timeout: int) -> dict[str, int]:
-        assert self.status in ("exited", "stopped"), "wait on a live container would block"
-        return {"StatusCode": self.exit_code}
+        raise AssertionError("wait blocks on a container its restart policy brings back")
 
 
 def scheduler_seeing(containers: list[ContainerRecord]) -> PodmanAwareDockerScheduler:
@@ -86,6 +99,25 @@ def test_each_container_state_maps_to_an_app_state(
 ) -> None:
     scheduler = scheduler_seeing([ContainerRecord(status, exit_code)])
     assert scheduler._get_app_state(ContainerRecord(status, exit_code)) == state
+
+
+@pytest.mark.parametrize(
+    "exit_code, restarts, retries, state",
+    [
+        (137, 0, 3, AppState.PENDING),  # a killed node its restart policy brings back
+        (137, 2, 3, AppState.PENDING),
+        (137, 3, 3, AppState.FAILED),  # retries spent
+        (1, 0, 0, AppState.FAILED),  # no restart policy
+        (0, 1, 3, AppState.SUCCEEDED),
+    ],
+)
+def test_an_exited_node_is_read_from_its_record_and_its_restart_policy(
+    exit_code: int, restarts: int, retries: int, state: AppState
+) -> None:
+    """Without `wait`: on a container being restarted it waits for the next exit, and
+    podman's API timed out under it, ending `torchx run` while the job recovered."""
+    node = ContainerRecord("exited", exit_code, restarts=restarts, retries=retries)
+    assert scheduler_seeing([node])._get_app_state(node) == state
 
 
 def test_a_job_polled_while_one_node_awaits_cleanup_is_reported_finished() -> None:
