@@ -31,8 +31,7 @@ CNI_PLUGIN_DIRS = (
     "/usr/local/libexec/cni", "/usr/libexec/cni", "/usr/local/lib/cni", "/usr/lib/cni",
     "/opt/cni/bin",
 )  # fmt: skip
-# getent is in Debian's libc-bin (essential), so every Debian base has it.
-RESOLVE_TIMEOUT_S = 20.0
+RESOLVE_TIMEOUT_S = 20.0  # for two containers to find each other by name
 
 
 def engine_env(extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -133,7 +132,8 @@ def names_resolve_reason(
 ) -> str | None:
     """Why two throwaway containers on a fresh network cannot resolve each other by
     name, or None when they can (within ``timeout`` seconds). Under podman a network
-    created without DNS is reported at once, without starting a container."""
+    created without DNS is reported at once, without starting a container. The lookup is
+    getent's, from Debian's essential libc-bin, so any Debian-based ``image`` has it."""
     backend = network_backend(env)
     network = f"ssl-train-dns-check-{uuid.uuid4().hex[:8]}"
     server = f"{network}-a"
