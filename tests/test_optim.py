@@ -453,3 +453,203 @@ def test_step_counts_match_official_formulas() -> None:
     assert total_steps_for(60, 12_811, 1024) == 751
     assert total_steps_for(800, 1_281_167, 4096, max_steps=1000) == 1000
     assert total_steps_for(800, 1_281_167, 4096, max_steps=0) == 250228  # 0 = not set
+
+
+# ---------------------------------------------------------------------------- foreach step
+
+
+def _reference_step(opt: LARS) -> None:
+    """The per-parameter loop LARS.step was before it ran as foreach ops (kept verbatim).
+
+    Reads and writes the optimizer's own groups and state, so a foreach step and this one
+    can be run on twin optimizers and compared tensor for tensor.
+    """
+    with torch.no_grad():
+        for group in opt.param_groups:
+            lr, momentum, eeta = group["lr"], group["momentum"], group["eeta"]
+            for param in group["params"]:
+                if param.grad is None:
+                    continue
+                grad = param.grad
+                if group["weight_decay"]:
+                    grad = grad.add(param, alpha=group["weight_decay"])
+                if group["lars_exclude"]:
+                    scaled_lr: Tensor | float = lr
+                else:
+                    w_norm = torch.linalg.vector_norm(param)
+                    g_norm = torch.linalg.vector_norm(grad)
+                    trust = torch.where(
+                        (w_norm > 0) & (g_norm > 0), eeta * w_norm / g_norm, torch.ones_like(w_norm)
+                    )
+                    scaled_lr = lr * trust
+                state = opt.state[param]
+                buffer = state.get("momentum_buffer")
+                if buffer is None:
+                    buffer = state["momentum_buffer"] = torch.zeros_like(param)
+                step = grad * scaled_lr
+                buffer.mul_(momentum).add_(step)
+                param.sub_(buffer * momentum + step if group["nesterov"] else buffer)
+
+
+def _simclr_like(dtype: torch.dtype) -> nn.Module:
+    """A small SimCLRv2 (ResNet-18 at 1/4 width, head, classifier) in ``dtype``."""
+    torch.manual_seed(0)
+    return SimCLRv2(resnet(18, 0.25, small_images=True), num_classes=10).to(dtype)
+
+
+def _random_grads(model: nn.Module, step: int) -> None:
+    """Seeded gradients of mixed sizes, with the corner cases the trust ratio has.
+
+    Step 0: the classifier has no gradient (skipped, its state created later) and one
+    LARS tensor's gradient is 0; from step 1 a conv weight is 0 (trust 1 for it while
+    its neighbours in the same stacked norm get the real ratio).
+    """
+    gen = torch.Generator().manual_seed(100 + step)
+    for name, p in model.named_parameters():
+        scale = 10.0 ** float(torch.randint(-3, 2, (), generator=gen))
+        grad = torch.randn(p.shape, generator=gen, dtype=torch.float64) * scale
+        p.grad = grad.to(p.dtype)
+        if step == 0 and name.startswith("classifier."):
+            p.grad = None
+    named = dict(model.named_parameters())
+    if step == 0:
+        named["backbone.layer1.0.conv1.weight"].grad.zero_()
+    if step == 1:
+        with torch.no_grad():
+            named["backbone.layer2.0.conv2.weight"].zero_()
+
+
+def _twin_optimizers(dtype: torch.dtype, nesterov: bool) -> tuple[nn.Module, LARS, nn.Module, LARS]:
+    models = [_simclr_like(dtype) for _ in range(2)]
+    opts = [
+        LARS(
+            lars_param_groups(m, 1e-4, exclude=lambda name, p: name.startswith("classifier.")),
+            lr=2.5,
+            nesterov=nesterov,
+        )
+        for m in models
+    ]
+    return models[0], opts[0], models[1], opts[1]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_foreach_step_is_bitwise_the_per_parameter_loop(nesterov: bool, dtype: torch.dtype) -> None:
+    # The foreach step runs the same ops in the same order as the loop, and on CPU the
+    # foreach ops are those per-tensor ops: the weights and buffers agree to the bit.
+    model, opt, ref_model, ref_opt = _twin_optimizers(dtype, nesterov)
+    groups = [len(g["params"]) for g in opt.param_groups]
+    assert groups[0] > 10 and groups[1] > 10  # both kinds of group, many tensors each
+    for step in range(4):
+        _random_grads(model, step)
+        _random_grads(ref_model, step)
+        opt.step()
+        _reference_step(ref_opt)
+        for (name, p), ref in zip(model.named_parameters(), ref_model.parameters(), strict=True):
+            assert torch.equal(p, ref), f"{name}, step {step}"
+            if name.startswith("classifier.") and step == 0:
+                assert p not in opt.state and ref not in ref_opt.state, name
+                continue
+            assert set(opt.state[p]) == {"momentum_buffer"}, name
+            assert opt.state[p]["momentum_buffer"].dtype == dtype
+            assert torch.equal(
+                opt.state[p]["momentum_buffer"], ref_opt.state[ref]["momentum_buffer"]
+            ), f"{name} buffer, step {step}"
+    # the checks above are not vacuous: every parameter moved
+    fresh = _simclr_like(dtype)
+    for (name, p), p0 in zip(model.named_parameters(), fresh.parameters(), strict=True):
+        assert not torch.equal(p, p0), name
+    # checkpoints hold the optimizer state: the same layout as the loop's
+    state, ref_state = opt.state_dict(), ref_opt.state_dict()
+    assert state["param_groups"] == ref_state["param_groups"]
+    assert {i: sorted(s) for i, s in state["state"].items()} == {
+        i: ["momentum_buffer"] for i in ref_state["state"]
+    }
+
+
+def test_foreach_step_with_mixed_dtypes_in_a_group() -> None:
+    # bf16, float32 and float64 tensors in one group are split by dtype, as torch's own
+    # foreach optimizers do, and each gets the per-tensor result in its own dtype.
+    def make() -> tuple[list[nn.Parameter], LARS]:
+        torch.manual_seed(5)
+        params = [
+            nn.Parameter(torch.randn(4, 3, dtype=dtype))
+            for dtype in (torch.bfloat16, torch.float32, torch.float64, torch.bfloat16)
+        ]
+        bias = nn.Parameter(torch.randn(3, dtype=torch.bfloat16))
+        groups = [
+            {"params": params, "weight_decay": 1e-2},
+            {"params": [bias], "lars_exclude": True},
+        ]
+        # eeta 0.5: steps of about 0.35 ||w|| (lr * eeta), which bf16 does not round away
+        return [*params, bias], LARS(groups, lr=0.7, eeta=0.5, nesterov=True)
+
+    params, opt = make()
+    ref_params, ref_opt = make()
+    for step in range(3):
+        for ps in (params, ref_params):
+            gen = torch.Generator().manual_seed(step)
+            for p in ps:
+                p.grad = torch.randn(p.shape, generator=gen).to(p.dtype)
+        opt.step()
+        _reference_step(ref_opt)
+        for i, (p, ref) in enumerate(zip(params, ref_params, strict=True)):
+            assert p.dtype == ref.dtype and torch.equal(p, ref), f"param {i}, step {step}"
+            buffer, ref_buffer = (
+                opt.state[p]["momentum_buffer"],
+                ref_opt.state[ref]["momentum_buffer"],
+            )
+            assert buffer.dtype == p.dtype and torch.equal(buffer, ref_buffer), f"buffer {i}"
+    fresh, _ = make()
+    assert all(not torch.equal(p, p0) for p, p0 in zip(params, fresh, strict=True))
+
+
+def _syncs_on_the_host(t: Tensor) -> Tensor:
+    """What the step must never do: branch in Python on a value on the device."""
+    norm = torch.linalg.vector_norm(t)
+    return t / norm if norm > 0 else t
+
+
+def test_fake_cuda_tensors_catch_a_host_sync() -> None:
+    # The no-sync test below relies on FakeTensorMode refusing every data-dependent read.
+    from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensorMode
+
+    with FakeTensorMode():
+        t = torch.ones(3, device="cuda")
+        assert t.device.type == "cuda"
+        with pytest.raises(DataDependentOutputException):
+            _syncs_on_the_host(t)
+        with pytest.raises(DataDependentOutputException):
+            t.sum().item()
+        with pytest.raises(DataDependentOutputException):
+            float(t.sum())
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_step_makes_no_host_sync(nesterov: bool) -> None:
+    # On fake CUDA tensors (no GPU needed) any .item(), float(tensor) or Python branch on
+    # a tensor value raises; a step that completes read nothing back from the device.
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    with FakeTensorMode():
+        with torch.device("cuda"):
+            model = nn.Sequential(
+                nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.Flatten(), nn.Linear(8, 4)
+            )
+            for p in model.parameters():
+                p.grad = torch.randn(p.shape)
+            model[3].bias.grad = None  # a parameter without gradient, too
+            extra = nn.Parameter(torch.randn(5, 5, dtype=torch.float64))
+            extra.grad = torch.randn(5, 5, dtype=torch.float64)
+        groups = lars_param_groups(model, weight_decay=1e-4)
+        groups[0]["params"].append(extra)  # a second dtype in the LARS group
+        opt = LARS(groups, lr=0.1, nesterov=nesterov)
+        opt.step()
+        opt.step()
+        for name, p in [*model.named_parameters(), ("extra", extra)]:
+            assert isinstance(p, FakeTensor) and p.device.type == "cuda", name
+            if p.grad is None:
+                assert p not in opt.state, name
+                continue
+            buffer = opt.state[p]["momentum_buffer"]
+            assert buffer.device.type == "cuda" and buffer.dtype == p.dtype, name
