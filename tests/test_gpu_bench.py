@@ -1,8 +1,10 @@
 """``bench/gpu_all.py``, the one script of every GPU measurement, checked end to end.
 
 Without a GPU it must refuse politely, and its ``--allow-cpu`` smoke mode must run all
-three parts (step comparison, decode throughput, the gpu-marked tests) with tiny sizes;
-on a GPU machine the same command runs them on the GPU.
+six parts (step comparison, decode throughput, two ranks against one process, a
+pretraining run with SimCLRv2's memory, the decoded pixels against the CPU path, the
+gpu-marked tests) with tiny sizes, each new check printing its PASS line; on a GPU
+machine the same command runs them on the GPU.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ def test_without_a_gpu_it_refuses_and_says_how_to_smoke_test() -> None:
     assert "Traceback" not in result.stderr
 
 
-def test_the_smoke_run_measures_all_three_parts(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_smoke_run_measures_and_checks_all_six_parts(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.syspath_prepend(str(REPO / "bench"))  # as the script imports its neighbours
     from gpu_all import SMOKE_FLAGS  # the flags its refusal and docstring give
 
@@ -55,5 +57,27 @@ def test_the_smoke_run_measures_all_three_parts(monkeypatch: pytest.MonkeyPatch)
     assert tests["returncode"] == 0 and "-m gpu" in tests["command"]
     ran = tests["counts"].get("passed", 0) + tests["counts"].get("skipped", 0)
     assert ran >= 7 and tests["counts"].get("failed", 0) == 0  # every gpu test of the file
-    assert set(report["seconds"]) == {"step", "decode", "tests", "total"}
+    assert set(report["seconds"]) == {
+        "step", "decode", "ranks", "memory", "decode-pixels", "tests", "total"
+    }  # fmt: skip
     assert "| eager |" in result.stdout and "--decode cpu (PIL" in result.stdout
+
+    # the checks of what the single-process parts skip: one verdict line each
+    lines = result.stdout.splitlines()
+    for part in ("ranks", "memory", "decode-pixels"):
+        verdicts = [line for line in lines if line.split(":")[0].split(" ")[-1] == part]
+        assert len(verdicts) == 1 and verdicts[0].startswith(f"PASS {part}: "), verdicts
+    assert report["verdicts"] == {"ranks": "PASS", "memory": "PASS", "decode-pixels": "PASS"}
+    ranks = report["results"]["ranks"]
+    assert ranks["device"] == ("cuda:0" if torch.cuda.is_available() else "cpu")
+    assert ranks["failures"] == [] and ranks["figures"]["memory_buffer_between_ranks"] == 0.0
+    assert {"bn_fp32_output", "bn_bf16_grad_input", "nt_xent_grad_z1", "memory_buffer"} <= set(
+        ranks["figures"]
+    )
+    assert ranks["figures"]["bn_fp32_grad_weight"] <= 1e-4
+    memory = report["results"]["memory"]
+    assert memory["returncode"] == 0 and memory["steps"] == 4 and memory["memory_wraps"]
+    assert memory["samples_per_s_logged"] > 0 and "--memory-size 24" in memory["command"]
+    pixels = report["results"]["decode-pixels"]["sizes"]
+    assert set(pixels) == {"224", "32"}
+    assert pixels["224"]["batch_mean_abs"] <= pixels["224"]["tolerance_batch"]
