@@ -187,7 +187,12 @@ def _lars_foreach(
         ratios = torch.where(
             (w_norms > 0) & (g_norms > 0), eeta * w_norms / g_norms, torch.ones_like(w_norms)
         )
-        steps = torch._foreach_mul(grads, list((lr * ratios).unbind()))
+        scaled_lrs = list((lr * ratios).unbind())
+        if weight_decay:  # the decayed gradients are a copy already: scale them in place
+            torch._foreach_mul_(grads, scaled_lrs)  # (one group-sized temporary, not two)
+            steps = grads
+        else:
+            steps = torch._foreach_mul(grads, scaled_lrs)
     else:
         steps = torch._foreach_mul(grads, lr)
     # momentum as a 0-d float64 tensor, not a float: on CPU the in-place foreach op rounds

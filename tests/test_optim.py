@@ -519,11 +519,15 @@ def _random_grads(model: nn.Module, step: int) -> None:
             named["backbone.layer2.0.conv2.weight"].zero_()
 
 
-def _twin_optimizers(dtype: torch.dtype, nesterov: bool) -> tuple[nn.Module, LARS, nn.Module, LARS]:
+def _twin_optimizers(
+    dtype: torch.dtype, nesterov: bool, weight_decay: float
+) -> tuple[nn.Module, LARS, nn.Module, LARS]:
     models = [_simclr_like(dtype) for _ in range(2)]
     opts = [
         LARS(
-            lars_param_groups(m, 1e-4, exclude=lambda name, p: name.startswith("classifier.")),
+            lars_param_groups(
+                m, weight_decay, exclude=lambda name, p: name.startswith("classifier.")
+            ),
             lr=2.5,
             nesterov=nesterov,
         )
@@ -532,12 +536,16 @@ def _twin_optimizers(dtype: torch.dtype, nesterov: bool) -> tuple[nn.Module, LAR
     return models[0], opts[0], models[1], opts[1]
 
 
+@pytest.mark.parametrize("weight_decay", [1e-4, 0.0])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("nesterov", [False, True])
-def test_foreach_step_is_bitwise_the_per_parameter_loop(nesterov: bool, dtype: torch.dtype) -> None:
+def test_foreach_step_is_bitwise_the_per_parameter_loop(
+    nesterov: bool, dtype: torch.dtype, weight_decay: float
+) -> None:
     # The foreach step runs the same ops in the same order as the loop, and on CPU the
     # foreach ops are those per-tensor ops: the weights and buffers agree to the bit.
-    model, opt, ref_model, ref_opt = _twin_optimizers(dtype, nesterov)
+    # (With weight decay the step scales its decayed copy of the gradients in place.)
+    model, opt, ref_model, ref_opt = _twin_optimizers(dtype, nesterov, weight_decay)
     groups = [len(g["params"]) for g in opt.param_groups]
     assert groups[0] > 10 and groups[1] > 10  # both kinds of group, many tensors each
     for step in range(4):
@@ -547,6 +555,8 @@ def test_foreach_step_is_bitwise_the_per_parameter_loop(nesterov: bool, dtype: t
         _reference_step(ref_opt)
         for (name, p), ref in zip(model.named_parameters(), ref_model.parameters(), strict=True):
             assert torch.equal(p, ref), f"{name}, step {step}"
+            # the caller's gradients are left as they were (the loop never writes them)
+            assert (p.grad is None and ref.grad is None) or torch.equal(p.grad, ref.grad), name
             if name.startswith("classifier.") and step == 0:
                 assert p not in opt.state and ref not in ref_opt.state, name
                 continue
