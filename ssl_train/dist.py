@@ -149,6 +149,22 @@ def _local_moments(x: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
     return mean.double(), var.double(), None
 
 
+def _fused_kernels(x: Tensor) -> bool:
+    """Whether ``x`` takes torch's SyncBatchNorm kernels (``batch_norm_stats``,
+    ``batch_norm_backward_reduce``, ``batch_norm_backward_elemt``): one pass each, reading
+    bf16 input as it is with float32 statistics. They exist for CUDA only."""
+    return x.is_cuda
+
+
+def _fused_local_moments(x: Tensor) -> tuple[Tensor, Tensor]:
+    """This rank's per-channel mean and biased variance (float64) from
+    ``batch_norm_stats``: with eps 0 its inverse std is 1/sqrt(var), or 0 for a
+    constant channel (its ``InvStd``), which is variance 0 here."""
+    mean, invstd = torch.batch_norm_stats(x, 0.0)
+    var = torch.where(invstd > 0, invstd.double().pow(-2), 0.0)
+    return mean.double(), var
+
+
 def _channel_shape(x: Tensor) -> tuple[int, ...]:
     return (1, x.shape[1]) + (1,) * (x.dim() - 2)
 
@@ -184,9 +200,12 @@ class _GlobalBatchNormFn(torch.autograd.Function):
         group: ProcessGroup | None,
     ) -> tuple[Tensor, Tensor, Tensor]:
         channels = x.shape[1]
-        xs = _float(x)
-        local_count = xs.numel() // channels if channels else 0
-        mean, var, buffer = _local_moments(xs)
+        local_count = x.numel() // channels if channels else 0
+        if _fused_kernels(x) and local_count:  # they read bf16 as it is
+            (mean, var), buffer = _fused_local_moments(x), None
+        else:
+            mean, var, buffer = _local_moments(_float(x))
+        acc_dtype = torch.float32 if x.dtype in _LOW_PRECISION else x.dtype
         sums = torch.cat(
             [
                 mean * local_count,
@@ -199,11 +218,11 @@ class _GlobalBatchNormFn(torch.autograd.Function):
         mean = sums[:channels] / count
         var = (sums[channels:-1] / count - mean * mean).clamp_min_(0.0)
         unbiased_var = var * (count / (count - 1).clamp_min(1.0))
-        mean, var, unbiased_var = (t.to(xs.dtype) for t in (mean, var, unbiased_var))
+        mean, var, unbiased_var = (t.to(acc_dtype) for t in (mean, var, unbiased_var))
 
         # torch's kernels take float32 statistics with bf16/fp16 input, but a model cast
         # wholly to bf16 has bf16 parameters, and then they want bf16 statistics
-        stats_dtype = weight.dtype if weight is not None else xs.dtype
+        stats_dtype = weight.dtype if weight is not None else acc_dtype
         mean_p, var_p = mean.to(stats_dtype), var.to(stats_dtype)
         if buffer is not None and buffer.dtype == x.dtype:
             y = buffer  # same shape, dtype and layout as x, and ours to overwrite
@@ -226,7 +245,7 @@ class _GlobalBatchNormFn(torch.autograd.Function):
         ctx.save_for_backward(x, weight, mean, var)
         ctx.eps = eps
         ctx.group = group
-        ctx.count = count.to(xs.dtype)
+        ctx.count = count  # float64
         ctx.local_count = local_count
         ctx.has_bias = bias is not None
         ctx.mark_non_differentiable(mean, unbiased_var)
@@ -237,12 +256,17 @@ class _GlobalBatchNormFn(torch.autograd.Function):
         ctx: FunctionCtx, dy: Tensor, _dmean: Tensor | None, _dvar: Tensor | None
     ) -> tuple[Tensor | None, Tensor | None, Tensor | None, None, None]:
         x, weight, mean, var = ctx.saved_tensors
+        if ctx.local_count and _fused_kernels(x):
+            return _fused_backward(ctx, dy, x, weight, mean, var)
         xs, dys = _float(x), _float(dy)
         weight_s = None if weight is None else weight.to(xs.dtype)
         if ctx.local_count:
-            # eval-mode kernel: grad_weight = sum(dy * xhat), grad_bias = sum(dy), one pass
+            # eval-mode kernel: grad_weight = sum(dy * xhat), grad_bias = sum(dy), one pass.
+            # save_mean/save_invstd empty (not None): "use the running statistics given",
+            # which torch's CUDA kernel requires to be a defined tensor
+            none = mean.new_empty(0)
             _, sum_dy_xhat, sum_dy = torch.ops.aten.native_batch_norm_backward(
-                dys, xs, weight_s, mean, var, None, None, False, ctx.eps, [False, True, True]
+                dys, xs, weight_s, mean, var, none, none, False, ctx.eps, [False, True, True]
             )
         else:  # (torch's kernel divides by zero on an empty batch)
             sum_dy_xhat, sum_dy = torch.zeros_like(mean), torch.zeros_like(mean)
@@ -253,7 +277,7 @@ class _GlobalBatchNormFn(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             sums = torch.cat([sum_dy, sum_dy_xhat])
             dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=ctx.group)
-            mean_dy, mean_dy_xhat = (sums / ctx.count).chunk(2)
+            mean_dy, mean_dy_xhat = (sums / ctx.count.to(sums.dtype)).chunk(2)
             scale = torch.rsqrt(var + ctx.eps)  # w * invstd multiplies everything
             if weight_s is not None:
                 scale = scale * weight_s
@@ -271,6 +295,44 @@ class _GlobalBatchNormFn(torch.autograd.Function):
             )
             grad_x.addcmul_(dy, scale.view(_channel_shape(x)))
         return grad_x, grad_weight, grad_bias, None, None
+
+
+def _fused_backward(
+    ctx: FunctionCtx, dy: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, var: Tensor
+) -> tuple[Tensor | None, Tensor | None, Tensor | None, None, None]:
+    """The backward pass with torch's SyncBatchNorm kernels: one reduction pass gives
+    this rank's sum(dy), sum(dy * (x - mean)) and the weight and bias gradients; one
+    all_reduce makes the sums global; one element-wise pass gives dx. Means are passed
+    for sums with a count of 1, so the kernel's int32 count cannot overflow on a global
+    batch of more than 2^31 values per channel."""
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    dy = dy.contiguous(memory_format=_memory_format(x))
+    invstd = torch.rsqrt(var + ctx.eps)  # float32 for bf16/fp32 input, as the kernels want
+    sum_dy, sum_dy_xmu, grad_weight, grad_bias = torch.batch_norm_backward_reduce(
+        dy, x, mean, invstd, weight, need_x, need_w and weight is not None, need_b and ctx.has_bias
+    )
+    grad_x = None
+    if need_x:
+        sums = torch.cat([sum_dy, sum_dy_xmu]).double()
+        dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=ctx.group)
+        mean_dy, mean_dy_xmu = (sums / ctx.count).to(mean.dtype).chunk(2)
+        one = torch.ones(1, dtype=torch.int32, device=x.device)
+        grad_x = torch.batch_norm_backward_elemt(
+            dy, x, mean, invstd, weight, mean_dy, mean_dy_xmu, one
+        )
+    return (
+        grad_x,
+        grad_weight if need_w and weight is not None else None,
+        grad_bias if need_b and ctx.has_bias else None,
+        None,
+        None,
+    )
+
+
+def _memory_format(x: Tensor) -> torch.memory_format:
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
 
 
 class GlobalBatchNorm(_BatchNorm):

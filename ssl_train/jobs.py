@@ -31,12 +31,21 @@ from torchx.specs.finder import ComponentValidationException
 
 from ssl_train.errors import UserError
 from ssl_train.metrics import DEFAULT_PORT
-from ssl_train.preemption import MIN_GRACE_PERIOD_S, SHUTDOWN_TIMEOUT_ENV, shutdown_timeout_s
+from ssl_train.preemption import (
+    COLLECTIVE_TIMEOUT_ENV,
+    GLOO_TIMEOUT_S,
+    SHUTDOWN_TIMEOUT_ENV,
+    TORCH_COLLECTIVE_TIMEOUT_S,
+    collective_timeout_s,
+    grace_period_s,
+    shutdown_timeout_s,
+)
 from ssl_train.stages import registry
 
 DEFAULT_IMAGE = "ssl-train:latest"
 CLI_MODULE = "ssl_train.cli"
-PRESET_METADATA = "ssl_train.preset"  # the network whose checkpoint the grace period must fit
+PRESET_METADATA = "ssl_train.preset"  # the network the job trains
+CHECKPOINT_BYTES_METADATA = "ssl_train.checkpoint_bytes"  # what the grace period must fit
 CHECK_FAILED_EXIT_CODE = 2  # `ssl-train` on a user error: the job ends, no retry
 
 
@@ -158,7 +167,7 @@ def check_decode(config: Any, options: JobOptions) -> None:
     """
     if config.decode != "gpu":
         return
-    if specs.resource(cpu=1, gpu=options.gpu, memMB=1, h=options.h).gpu <= 0:
+    if _gpus(options) <= 0:
         raise JobRefused(
             "--decode gpu decodes on the job's GPUs and this job has none: give it --gpu N "
             "(or a GPU resource with -h), or leave decode out to decode in the data workers"
@@ -171,7 +180,7 @@ def check_gpu_memory(config: Any, options: JobOptions) -> None:
     spec = registry.stage(config.stage)
     if spec.model_field is None:
         return  # a network built from another run's: sized by that run's job
-    if specs.resource(cpu=1, gpu=options.gpu, memMB=1, h=options.h).gpu <= 0:
+    if _gpus(options) <= 0:
         return  # CPU processes: host memory, not a GPU's, is the limit
     from ssl_train.models.memory import check_fits  # torch: only for GPU jobs
 
@@ -196,16 +205,25 @@ def stage_job(
         >>> app.roles[0].name, app.roles[0].args[1].startswith("ssl-train pretrain --data s3://b/t")
         ('pretrain', True)
     """
+    if _gpus(options) > 0 and values.get("device") is None:
+        # a GPU job trains on its GPUs or stops: without --device a rank whose torch
+        # cannot use the GPU would fall back to the CPU
+        values = {**values, "device": "cuda"}
     argv = stage_argv(stage, values, extra_args)
     config = parse_stage(argv)
     check_decode(config, options)
     check_gpu_memory(config, options)
     check_world_sizes(stage, config.global_batch_size, options.j)
     metrics = ["--metrics-port", str(options.metrics_port)]
-    app = _torchrun_app([*argv, *metrics], options)
+    from ssl_train.stages.sizing import stage_checkpoint_bytes  # torch, on the meta device
+
+    size = stage_checkpoint_bytes(config)
+    app = _torchrun_app([*argv, *metrics], options, checkpoint_bytes=size)
     spec = registry.stage(stage)
     if spec.model_field is not None:
         app.metadata[PRESET_METADATA] = getattr(config, spec.model_field)
+    if size is not None:
+        app.metadata[CHECKPOINT_BYTES_METADATA] = str(size)
     if options.metrics_port:
         app.roles[0].port_map["metrics"] = options.metrics_port
     return app
@@ -216,15 +234,28 @@ def eval_job(argv: Sequence[str], options: JobOptions) -> specs.AppDef:
     return _torchrun_app(argv, options, check=False)
 
 
-def _torchrun_app(argv: Sequence[str], options: JobOptions, check: bool = True) -> specs.AppDef:
+def _gpus(options: JobOptions) -> int:
+    return specs.resource(cpu=1, gpu=options.gpu, memMB=1, h=options.h).gpu
+
+
+def _torchrun_app(
+    argv: Sequence[str],
+    options: JobOptions,
+    check: bool = True,
+    checkpoint_bytes: int | None = None,
+) -> specs.AppDef:
     """TorchX's ``dist.ddp`` running ``python -m ssl_train.cli ARGV``, with a fresh
-    rendezvous store per round, torchrun's restarts and shutdown window, and the check
-    before torchrun."""
+    rendezvous store per round, torchrun's restarts, and the check before torchrun; the
+    shutdown window and the collectives' timeout are sized for a checkpoint of
+    ``checkpoint_bytes`` (the ``kubernetes`` scheduler sets the pod's grace period to
+    match, and a ``-cfg grace_period_s`` there overrides the window)."""
+    backend_floor = TORCH_COLLECTIVE_TIMEOUT_S if _gpus(options) > 0 else GLOO_TIMEOUT_S
     job_env = {
         "PET_MAX_RESTARTS": str(options.max_restarts),  # torchrun reads its flags from PET_*
         "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",  # a fresh store per rendezvous round
         "LOGLEVEL": "INFO",
-        SHUTDOWN_TIMEOUT_ENV: str(shutdown_timeout_s(MIN_GRACE_PERIOD_S)),
+        SHUTDOWN_TIMEOUT_ENV: str(shutdown_timeout_s(grace_period_s(checkpoint_bytes))),
+        COLLECTIVE_TIMEOUT_ENV: str(collective_timeout_s(checkpoint_bytes, backend_floor)),
         **(options.env or {}),
     }
     app = ddp(

@@ -11,7 +11,8 @@ options on top of TorchX's (``-cfg`` or ``.torchxconfig``):
   (template: ``k8s/s3-credentials.secret.yaml``). The job spec names the Secret, never
   its values. Leave it unset with workload identity (``service_account``).
 - ``grace_period_s``: seconds between SIGTERM and SIGKILL (default: from the size of the
-  preset's checkpoint at a stated write speed, at least 120; ``ssl_train.preemption``).
+  stage's checkpoint, memory network included, at a stated write speed, at least 120;
+  ``ssl_train.preemption``).
   torchrun's shutdown window (``TORCH_ELASTIC_SHUTDOWN_TIMEOUT``) is set from it, less a
   margin for torchrun's own exit, so the workers' preemption checkpoint has all of it.
 - ``shm_size``: size limit of the memory-backed ``/dev/shm`` (default ``16Gi``).
@@ -27,7 +28,7 @@ from torchx.schedulers.kubernetes_scheduler import (
 )
 from torchx.specs import AppDef, runopts
 
-from ssl_train.jobs import CHECK_FAILED_EXIT_CODE, PRESET_METADATA
+from ssl_train.jobs import CHECK_FAILED_EXIT_CODE, CHECKPOINT_BYTES_METADATA
 from ssl_train.preemption import (
     MIN_GRACE_PERIOD_S,
     SHUTDOWN_TIMEOUT_ENV,
@@ -75,13 +76,10 @@ class SSLKubernetesScheduler(KubernetesScheduler):
 
 
 def default_grace_period_s(app: AppDef) -> int:
-    """The grace period that fits the preemption checkpoint of the app's preset."""
-    preset = app.metadata.get(PRESET_METADATA)
-    if not preset:
-        return MIN_GRACE_PERIOD_S
-    from ssl_train.models.memory import parameter_count  # torch, on the meta device
-
-    return grace_period_s(parameter_count(preset))
+    """The grace period that fits the preemption checkpoint of the app's stage (its
+    size, memory network included, as the component computed it)."""
+    size = app.metadata.get(CHECKPOINT_BYTES_METADATA)
+    return grace_period_s(int(size)) if size else MIN_GRACE_PERIOD_S
 
 
 def patch_pod(pod: Any, secret: Optional[str], grace_period_s: int, shm_size: str) -> None:

@@ -45,18 +45,21 @@ def _contrastive_logits(
         )
     batch = z1.shape[0]
     dtype = _compute_dtype(z1)
-    # tf.math.l2_normalize divides by sqrt(max(sum(x^2), 1e-12)), i.e. max(norm, 1e-6)
-    hidden = F.normalize(torch.cat([z1, z2]).to(dtype), dim=1, eps=1e-6)
-    keys = gather_with_grad(hidden)  # (2N, D), rank-major: [h1_r0; h2_r0; h1_r1; ...]
-    logits = (hidden / temperature) @ keys.T  # scale the small side, not the (2B, 2N) one
-
-    rows = torch.arange(2 * batch, device=hidden.device)
-    offset = rank() * 2 * batch
-    logits.index_put_((rows, rows + offset), logits.new_tensor(_MASKED_LOGIT))
-    targets = (rows + batch) % (2 * batch) + offset  # the other view of the same image
-    if memory is not None and memory.shape[0]:
-        negatives = memory.detach().to(dtype)  # unit vectors from ContrastiveMemory
-        logits = torch.cat([logits, (hidden / temperature) @ negatives.T], dim=1)
+    # Autocast would run the matmuls below in bf16 whatever their inputs' dtype: logits
+    # near 1/temperature = 10 would be rounded in steps of 0.06. Off for this block only.
+    with torch.autocast(z1.device.type, enabled=False):
+        # tf.math.l2_normalize divides by sqrt(max(sum(x^2), 1e-12)), i.e. max(norm, 1e-6)
+        hidden = F.normalize(torch.cat([z1, z2]).to(dtype), dim=1, eps=1e-6)
+        keys = gather_with_grad(hidden)  # (2N, D), rank-major: [h1_r0; h2_r0; h1_r1; ...]
+        logits = (hidden / temperature) @ keys.T  # scale the small side, not the (2B, 2N) one
+        offset = rank() * 2 * batch
+        # anchor i's own column is offset + i: a diagonal of the (2B, 2N) block
+        logits.diagonal(offset).fill_(_MASKED_LOGIT)
+        rows = torch.arange(2 * batch, device=hidden.device)
+        targets = (rows + batch) % (2 * batch) + offset  # the other view of the same image
+        if memory is not None and memory.shape[0]:
+            negatives = memory.detach().to(dtype)  # unit vectors from ContrastiveMemory
+            logits = torch.cat([logits, (hidden / temperature) @ negatives.T], dim=1)
     return logits, targets
 
 

@@ -65,10 +65,16 @@ class ContrastiveMemory(nn.Module):
         for module in self.network.modules():
             if isinstance(module, _BatchNorm):  # batch statistics; the averaged ones kept
                 module.track_running_stats = False
-        dtype = next(model.parameters()).dtype  # float32, or float64 in exactness tests
-        self.register_buffer("buffer", torch.zeros(size, dim, dtype=dtype))
-        self.register_buffer("filled", torch.zeros((), dtype=torch.long))
-        self.register_buffer("position", torch.zeros((), dtype=torch.long))
+        # on the network's device and in its dtype (float32, or float64 in exactness
+        # tests): projections are compared with these entries at every step
+        like = next(model.parameters())
+        self.register_buffer("buffer", torch.zeros(size, dim, dtype=like.dtype, device=like.device))
+        self.register_buffer("filled", torch.zeros((), dtype=torch.long, device=like.device))
+        self.register_buffer("position", torch.zeros((), dtype=torch.long, device=like.device))
+        # the same two counters on the host: reading a device tensor for a slice bound
+        # would wait for the GPU at every step; the buffers are what checkpoints hold
+        self._filled = self._position = 0
+        self.register_load_state_dict_post_hook(_read_counters)
 
     def train(self, mode: bool = True) -> ContrastiveMemory:
         """Always batch statistics, whatever mode its owner is put in (see the module)."""
@@ -83,12 +89,18 @@ class ContrastiveMemory(nn.Module):
         ours, theirs = self.network.state_dict(), online.state_dict()
         if list(ours) != list(theirs):
             raise ValueError("the memory network and the online network differ in structure")
+        averaged = [name for name, mine in ours.items() if mine.is_floating_point()]
+        # lerp(m, o, 1 - momentum) = momentum * m + (1 - momentum) * o, as multi-tensor
+        # kernels: a few launches per step instead of two per tensor (R50: ~320 tensors)
+        for names in _same_dtype_and_device(ours, averaged):
+            torch._foreach_lerp_(
+                [ours[n] for n in names],
+                [theirs[n].detach().to(ours[n].dtype) for n in names],
+                1.0 - self.momentum,
+            )
         for name, mine in ours.items():
-            value = theirs[name].detach()
-            if mine.is_floating_point():
-                mine.mul_(self.momentum).add_(value.to(mine.dtype), alpha=1.0 - self.momentum)
-            else:
-                mine.copy_(value)
+            if not mine.is_floating_point():
+                mine.copy_(theirs[name])
 
     @torch.no_grad()
     def push(self, images: Tensor) -> None:
@@ -108,7 +120,7 @@ class ContrastiveMemory(nn.Module):
     def _write(self, entries: Tensor) -> None:
         size = self.buffer.shape[0]
         entries = entries[-size:]  # a batch larger than the buffer keeps its newest entries
-        start = int(self.position)
+        start = self._position
         end = start + entries.shape[0]
         if end <= size:
             self.buffer[start:end] = entries
@@ -116,12 +128,30 @@ class ContrastiveMemory(nn.Module):
             first = size - start
             self.buffer[start:] = entries[:first]
             self.buffer[: end - size] = entries[first:]
-        self.position.fill_(end % size)
-        self.filled.fill_(min(size, int(self.filled) + entries.shape[0]))
+        self._position = end % size
+        self._filled = min(size, self._filled + entries.shape[0])
+        self.position.fill_(self._position)  # host values: no wait for the device
+        self.filled.fill_(self._filled)
 
     def negatives(self) -> Tensor:
         """The entries filled so far (their order does not matter to the loss)."""
-        return self.buffer[: int(self.filled)]
+        return self.buffer[: self._filled]
 
     def extra_repr(self) -> str:
         return f"size={self.buffer.shape[0]}, momentum={self.momentum}"
+
+
+def _read_counters(memory: nn.Module, _incompatible: object) -> None:
+    """After a checkpoint is loaded: the host copies of the counters follow the buffers
+    (one read per resume, not per step)."""
+    memory._filled = int(memory.filled)
+    memory._position = int(memory.position)
+
+
+def _same_dtype_and_device(tensors: dict[str, Tensor], names: list[str]) -> list[list[str]]:
+    """``names`` grouped so that each group's tensors share dtype and device, as the
+    multi-tensor kernels require."""
+    groups: dict[tuple[torch.dtype, torch.device], list[str]] = {}
+    for name in names:
+        groups.setdefault((tensors[name].dtype, tensors[name].device), []).append(name)
+    return list(groups.values())

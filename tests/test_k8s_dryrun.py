@@ -102,23 +102,49 @@ def test_dryrun_job_is_valid_and_carries_no_credentials(component: str, tmp_path
         assert shm and shm[0]["emptyDir"]["sizeLimit"] == "16Gi"
 
 
+# 48 images per GPU at the smallest size (16 GPUs): fits 80 GiB; 768 divides 16, 24, 32
+R152_BATCH = ["--global_batch_size", "768"]
+
+
 @pytest.mark.parametrize(
-    ("component", "args", "grace"),
+    ("component", "args", "grace", "timeout"),
     [
-        # 877M parameters with the head: 7.0 GB at 8 bytes each, 71 s at 100 MB/s + 75 s
-        ("ssl.pretrain", ["--preset", "r152_3x_sk1"], 146),
-        ("ssl.finetune", [], 120),  # its network comes from the pretrained run
+        # 871M parameters (no classifier), and SimCLRv2's memory network (on by default)
+        # and its 65,536 projections: weights, momentum, memory = 10.49 GB, 105 s at the
+        # stated 100 MB/s + 60 s of fixed costs + 15 s for torchrun's exit; collectives
+        # wait 4x the 165 s a checkpoint's read or write takes
+        ("ssl.pretrain", ["--preset", "r152_3x_sk1", *R152_BATCH], 180, 660),
+        ("ssl.pretrain", ["--preset", "r152_3x_sk1", *R152_BATCH, "--memory_size", "0"], 145, 600),
+        ("ssl.finetune", [], 120, 600),  # its network comes from the pretrained run
     ],
 )
-def test_the_default_grace_period_fits_the_presets_checkpoint(
-    component: str, args: list[str], grace: int, tmp_path: Path
+def test_the_job_spec_carries_the_device_and_windows_sized_for_the_checkpoint(
+    component: str, args: list[str], grace: int, timeout: int, tmp_path: Path
 ) -> None:
-    _, job = dryrun(component, [*COMPONENTS[component], *args], tmp_path, cfg=CFG)
+    """A GPU job (--gpu 8) trains on its GPUs or stops (--device cuda); its grace
+    period, torchrun's shutdown window and the collectives' timeout fit its checkpoint."""
+    base = COMPONENTS[component]
+    if "--global_batch_size" in args:  # in place of the 3072 every component gets
+        base = base[: base.index("--global_batch_size")]
+    _, job = dryrun(component, [*base, "--gpu", "8", *args], tmp_path, cfg=CFG)
     for task in job["spec"]["tasks"]:
         spec = task["template"]["spec"]
         assert spec["terminationGracePeriodSeconds"] == grace
-        env = {item["name"]: item.get("value") for item in spec["containers"][0]["env"]}
+        (container,) = spec["containers"]
+        env = {item["name"]: item.get("value") for item in container["env"]}
         assert env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] == str(grace - 15)
+        assert env["SSL_TRAIN_COLLECTIVE_TIMEOUT_S"] == str(timeout)
+        check, _, launch = container["command"][2].partition(" && exec ")
+        assert "--device cuda" in check and "--device cuda" in launch
+        assert container["resources"]["limits"]["nvidia.com/gpu"] == "8"
+
+
+def test_a_cpu_job_keeps_the_device_choice_and_gloos_timeout(tmp_path: Path) -> None:
+    _, job = dryrun("ssl.pretrain", COMPONENTS["ssl.pretrain"], tmp_path, cfg=CFG)
+    container = job["spec"]["tasks"][0]["template"]["spec"]["containers"][0]
+    env = {item["name"]: item.get("value") for item in container["env"]}
+    assert "--device" not in container["command"][2]
+    assert env["SSL_TRAIN_COLLECTIVE_TIMEOUT_S"] == "1800"  # gloo's own default, not less
 
 
 def test_eval_component_runs_the_eval_command_on_every_node(tmp_path: Path) -> None:

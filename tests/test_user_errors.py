@@ -89,6 +89,24 @@ def test_a_device_that_cannot_work(
     one_line_error(result, f"--device {device}")
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible: --device cuda works")
+@pytest.mark.parametrize("check_only", [True, False])
+def test_a_gpu_job_without_a_usable_gpu_names_the_driver_it_needs(
+    tiny_shards: TinyShards, tmp_path: Path, check_only: bool
+) -> None:
+    """What a GPU job's ranks run (the components pass --device cuda), where the GPU is
+    missing: the check before torchrun, and the stage itself, stop in one line naming
+    the driver this torch needs, before anything is written."""
+    run_dir = tmp_path / "run"
+    result = run_cli(
+        "pretrain", "--data", tiny_shards.train, "--run-dir", run_dir, *TINY_RUN,
+        "--global-batch-size", "16", "--device", "cuda",
+        *(["--check-only"] if check_only else []), tool="ssl-train",
+    )  # fmt: skip
+    line = one_line_error(result, "--device cuda", "NVIDIA driver", f"CUDA {torch.version.cuda}")
+    assert "or newer" in line and not run_dir.exists()
+
+
 def test_eval_data_is_checked_before_the_first_step(
     tiny_shards: TinyShards, tmp_path: Path
 ) -> None:

@@ -87,7 +87,26 @@ def decode_jpegs(jpegs: list[Tensor], device: torch.device | str) -> list[Tensor
         >>> [tuple(image.shape) for image in decode_jpegs([jpeg, jpeg], "cpu")]
         [(3, 30, 40), (3, 30, 40)]
     """
+    device = torch.device(device)
+    if device.type == "cuda":
+        drain_before_nvjpeg(device)
     return _quietly(decode_jpeg, jpegs, mode=ImageReadMode.RGB, device=device)
+
+
+def drain_before_nvjpeg(device: torch.device) -> None:
+    """Wait for the work queued on ``device``'s current stream before nvJPEG decodes.
+
+    nvJPEG's hardware engine writes its output buffers without waiting for the stream
+    it is given, and torchvision 0.29 decodes on a stream of its own: the buffers come
+    from torch's caching allocator, which hands out a block freed by kernels still queued
+    on the training stream, so the decode can overwrite what the previous step is still
+    reading (reproduced on an H100: pytorch/vision#9606, meta-pytorch/torchcodec#1634).
+    The training loop no longer waits for the GPU every step, so nothing else drains the
+    stream first. This wait costs the overlap of the host with the previous step's
+    device work, on the ``--decode gpu`` path only; the decode call itself returns only
+    when its stream is done, so little more is lost.
+    """
+    torch.cuda.current_stream(device).synchronize()
 
 
 def decode_on_host(image: Tensor) -> Tensor:

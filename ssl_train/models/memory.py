@@ -4,8 +4,9 @@ The global batch stays fixed when an elastic job shrinks (that is what keeps it 
 so each GPU's share grows as GPUs leave: the smallest world size a job may shrink to is
 set by memory. Two parts, per GPU:
 
-- state, per parameter: fp32 weights, gradients, LARS momentum and DDP's gradient
-  buckets (16 bytes), plus a distillation teacher's fp32 weights;
+- state, per parameter: fp32 weights, gradients and LARS momentum, with a fourth copy
+  as margin (16 bytes; ``STATE_BYTES_PER_PARAMETER``), plus a distillation teacher's
+  fp32 weights;
 - activations: bytes saved for the backward pass per image, measured by running the
   model's forward pass on the ``meta`` device (shapes and dtypes only, no arithmetic: a
   second even for R152 3x+SK; ``bench/scale.py`` shows it equals a real CPU pass),
@@ -26,7 +27,10 @@ import torch
 from ssl_train.errors import UserError
 from ssl_train.models.presets import build_model, get_preset
 
-STATE_BYTES_PER_PARAMETER = 16  # weights, gradients, momentum, DDP buckets (fp32 each)
+# weights, gradients, momentum (fp32 each), and one copy more: DDP's buckets once held
+# a second copy of the gradients; they share it now (gradient_as_bucket_view), and the
+# estimate keeps the margin (4 bytes per parameter, R50: 0.1 GB)
+STATE_BYTES_PER_PARAMETER = 16
 TEACHER_BYTES_PER_PARAMETER = 4
 MEMORY_NETWORK_BYTES_PER_PARAMETER = 4  # SimCLRv2's memory network: fp32 weights, no grads
 PROJECTION_BYTES = 128 * 4  # one buffered 128-d fp32 projection
@@ -75,6 +79,37 @@ def parameter_count(preset: str, head_layers: int = 3) -> int:
     """Trainable parameters of a preset's SimCLRv2 model (backbone and head)."""
     model = build_model(preset, num_classes=1000, head_layers=head_layers, device="meta")
     return sum(p.numel() for p in model.parameters())
+
+
+@lru_cache(maxsize=64)
+def checkpoint_bytes(
+    preset: str,
+    num_classes: int | None = None,
+    head_layers: int = 3,
+    proj_dim: int = 128,
+    memory_size: int = 0,
+) -> int:
+    """Bytes of tensors in a training checkpoint of this network: its state dict
+    (weights and batch-norm statistics), the optimizer's momentum for every parameter,
+    and with SimCLRv2's memory (``memory_size`` projections) the memory network's state
+    dict and its buffer. Counted on the meta device from the real modules, so nothing
+    is assumed per parameter.
+
+    Example:
+        >>> round(checkpoint_bytes("r50_1x_sk0") / 2**20), round(checkpoint_bytes("r50_1x_sk0", memory_size=65536) / 2**20)
+        (246, 401)
+    """
+    from ssl_train.memory import ContrastiveMemory  # the module checkpoints hold
+
+    model = build_model(preset, num_classes, head_layers, proj_dim, device="meta")
+    total = _state_bytes(model) + sum(p.numel() * p.element_size() for p in model.parameters())
+    if memory_size:
+        total += _state_bytes(ContrastiveMemory(model, memory_size, 0.999, proj_dim))
+    return total
+
+
+def _state_bytes(module: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in module.state_dict().values())
 
 
 @dataclass(frozen=True)

@@ -13,13 +13,11 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
 from shards import storage
 from shards.reader import ShardSet
 from ssl_train.checkpoint import CheckpointStore
 from ssl_train.data.stream import StreamState, TrainStream
-from ssl_train.stages.config import StageConfig, check_device_flag
+from ssl_train.stages.config import StageConfig
 from ssl_train.stages.evaluate import check_eval_data
 from ssl_train.stages.loop import (
     check_memory_size,
@@ -28,6 +26,7 @@ from ssl_train.stages.loop import (
     read_summary,
     stream_config_of,
 )
+from ssl_train.stages.runtime import pick_device
 from ssl_train.stages.tasks import check_sources
 
 
@@ -38,9 +37,9 @@ def check_stage(config: StageConfig) -> dict[str, Any]:
         >>> check_stage(StageConfig.for_stage("pretrain", data="s3://b/train", run_dir="s3://b/p"))  # doctest: +SKIP
         {'checked': True, 'stage': 'pretrain', 'samples': 1281167, 'steps_per_epoch': 312, ...}
     """
-    check_device_flag(config.device)
-    kind = (config.device or ("cuda" if torch.cuda.is_available() else "cpu")).split(":")[0]
-    config = config.on_device(kind)  # as the ranks will resolve it (--decode gpu too)
+    # as the ranks will resolve it (--decode gpu too); a GPU asked for and missing, or a
+    # driver too old for this torch, ends the job here in one line
+    config = config.on_device(pick_device(config.device).type)
     if config.decode == "gpu":  # a torchvision without nvJPEG fails here, once per node
         from ssl_train.data.device_decode import check_device_decoding
 

@@ -8,16 +8,21 @@ GPUs talk over NCCL, CPUs over gloo.
 
 from __future__ import annotations
 
+import datetime
 import logging
 import os
+import re
 import signal
 import types
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.constants import default_pg_nccl_timeout, default_pg_timeout
 
 from ssl_train.errors import UserError
+from ssl_train.preemption import collective_timeout_s
 from ssl_train.stages.config import check_device_flag
 
 log = logging.getLogger(__name__)
@@ -31,6 +36,11 @@ class Runtime:
     world_size: int
     local_rank: int
     device: torch.device
+    # gloo group for the loop's per-step agreements on host values (stop, checkpoint
+    # due): on NCCL, reading a collective's result waits for every kernel queued before
+    # it, so each step would wait for the previous one to finish on the GPU. None: the
+    # default group (gloo already, or one process)
+    control_group: Any = None
 
     @property
     def is_main(self) -> bool:
@@ -41,8 +51,10 @@ class Runtime:
         return self.world_size > 1
 
 
-def start(device: str | None = None) -> Runtime:
-    """Join torchrun's process group when launched by it; pick this rank's device.
+def start(device: str | None = None, checkpoint_bytes: int | None = None) -> Runtime:
+    """Join torchrun's process group when launched by it; pick this rank's device. The
+    group's collectives wait as long as rank 0 may need for a checkpoint of
+    ``checkpoint_bytes`` (``ssl_train.preemption.collective_timeout_s``).
 
     Example:
         >>> runtime = start("cpu")  # a plain process
@@ -53,8 +65,12 @@ def start(device: str | None = None) -> Runtime:
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     chosen = pick_device(device, local_rank)
+    control = None
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if chosen.type == "cuda" else "gloo"
+        floor = default_pg_nccl_timeout if backend == "nccl" else default_pg_timeout
+        seconds = collective_timeout_s(checkpoint_bytes, int(floor.total_seconds()))
+        timeout = datetime.timedelta(seconds=seconds)
         store, rank, world = next(dist.rendezvous("env://"))
         dist.init_process_group(
             backend,
@@ -62,8 +78,11 @@ def start(device: str | None = None) -> Runtime:
             rank=rank,
             world_size=world,
             device_id=chosen if chosen.type == "cuda" else None,
+            timeout=timeout,
         )
-    return Runtime(rank, world, local_rank, chosen)
+        if backend != "gloo":
+            control = dist.new_group(backend="gloo", timeout=timeout)
+    return Runtime(rank, world, local_rank, chosen, control)
 
 
 def pick_device(device: str | None, local_rank: int = 0) -> torch.device:
@@ -76,14 +95,20 @@ def pick_device(device: str | None, local_rank: int = 0) -> torch.device:
     """
     check_device_flag(device)
     if device is None:
+        if not torch.cuda.is_available() and nvidia_driver_version() is not None:
+            # a GPU machine whose GPU torch cannot use: training on its CPU instead would
+            # look like a working job that is a hundred times too slow
+            raise UserError(
+                f"this machine has an NVIDIA driver but torch cannot use its GPU: "
+                f"{cuda_unavailable_reason(nvidia_driver_version(), torch.version.cuda)}; or "
+                "pass --device cpu to train on the CPU"
+            )
         device = "cuda" if torch.cuda.is_available() else "cpu"
     chosen = torch.device(device)
     if chosen.type == "cuda":
         if not torch.cuda.is_available():
-            raise UserError(
-                f"--device {device}: this machine has no usable CUDA GPU (no NVIDIA driver or "
-                "device is visible to torch); use --device cpu, or run where a GPU is"
-            )
+            reason = cuda_unavailable_reason(nvidia_driver_version(), torch.version.cuda)
+            raise UserError(f"--device {device}: {reason}")
         if chosen.index is None:
             chosen = torch.device("cuda", local_rank)
         if chosen.index >= torch.cuda.device_count():
@@ -94,6 +119,68 @@ def pick_device(device: str | None, local_rank: int = 0) -> torch.device:
             )
         torch.cuda.set_device(chosen)
     return chosen
+
+
+# The oldest Linux driver each CUDA major version runs on (NVIDIA's minor-version
+# compatibility floor, CUDA Toolkit release notes, table 3).
+DRIVER_FLOOR = {"11": "450.80.02", "12": "525.60.13", "13": "580.65.06"}
+NVIDIA_DRIVER_FILE = "/proc/driver/nvidia/version"
+
+
+def nvidia_driver_version(path: str | None = None) -> str | None:
+    """The loaded NVIDIA kernel driver's version (from ``NVIDIA_DRIVER_FILE`` unless
+    ``path``), None when no driver is loaded.
+
+    Example:
+        >>> nvidia_driver_version("/nonexistent")  # no driver
+    """
+    try:
+        with open(path or NVIDIA_DRIVER_FILE, encoding="utf-8", errors="replace") as f:
+            text = f.read()
+    except OSError:
+        return None
+    found = re.search(r"\b(\d{3,}\.\d+(?:\.\d+)?)\b", text)
+    return found.group(1) if found else "unknown"
+
+
+def cuda_unavailable_reason(driver: str | None, build: str | None) -> str:
+    """Why torch sees no CUDA GPU, in words that say what to change, given the loaded
+    driver's version (``nvidia_driver_version()``; None: none loaded) and the CUDA
+    version torch was built for (``torch.version.cuda``; None: a CPU-only build).
+
+    Example:
+        >>> cuda_unavailable_reason(driver="535.104.05", build="13.0")  # doctest: +ELLIPSIS
+        'the NVIDIA driver here is 535.104.05, and this torch (... built for CUDA 13.0) needs driver 580.65.06 or newer: upgrade the driver, or install a torch built for an older CUDA (README: GPUs)'
+    """
+    if build is None:
+        return (
+            f"this torch ({torch.__version__}) is a CPU-only build: install its CUDA build "
+            "(README: GPUs)"
+        )
+    this = f"this torch ({torch.__version__} built for CUDA {build})"
+    floor = DRIVER_FLOOR.get(build.split(".")[0])
+    if driver is None:
+        return (
+            f"no NVIDIA driver is loaded on this machine ({NVIDIA_DRIVER_FILE} is missing); "
+            f"{this} needs driver {floor or 'for CUDA ' + build} or newer; run where a GPU "
+            "is, or use --device cpu"
+        )
+    if floor is not None and _version(driver) < _version(floor):
+        return (
+            f"the NVIDIA driver here is {driver}, and {this} needs driver {floor} or "
+            "newer: upgrade the driver, or install a torch built for an older CUDA "
+            "(README: GPUs)"
+        )
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return (
+        f"the NVIDIA driver here ({driver}) suits {this}, but no GPU is visible to it"
+        + (f" (CUDA_VISIBLE_DEVICES={visible!r})" if visible is not None else "")
+        + ": give the job a GPU (Kubernetes: --gpu N), or use --device cpu"
+    )
+
+
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in re.findall(r"\d+", text))
 
 
 def _store_for_this_attempt(store: dist.Store, world: int) -> dist.Store:

@@ -234,11 +234,11 @@ def _from_pretrained(
     base, saved = load_model(model_url(config.pretrained), device)  # its config once
     check_pretrained(config, saved)
     layer = config.from_proj_layer
-    model = SimCLRv2(base.backbone, saved["head_layers"], saved["proj_dim"], num_classes, layer)
+    with torch.device(device):  # the new classifier is made where the loaded network is
+        model = SimCLRv2(base.backbone, saved["head_layers"], saved["proj_dim"], num_classes, layer)
     model.head = base.head
     model.keep_head_layers(layer)
     model.zero_init_classifier()
-    model.to(device)
     described = model_config(
         saved["preset"],
         num_classes,
