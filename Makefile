@@ -96,12 +96,18 @@ IMAGE ?= localhost/ssl-train:dev
 LOCAL_BASE := localhost/ssl-train-base:bookworm-python
 BASE_IMAGE ?= $(LOCAL_BASE)
 WHEELHOUSE := build/wheelhouse
+# PyPI's torch 2.14.1 is built for CUDA 13.0 (NVIDIA driver 580.65.06 or newer). For a
+# cluster with an older driver, take the same torch built for another CUDA from
+# PyTorch's index, e.g. TORCH_INDEX=https://download.pytorch.org/whl/cu128 (driver
+# 525.60.13 or newer); its local version (+cu128) ranks above PyPI's.
+TORCH_INDEX ?=
 export CONTAINERS_CONF ?= $(CURDIR)/docker/containers.conf
 
 wheelhouse: $(STAMP)
 	rm -rf $(WHEELHOUSE)
 	$(PY) -m pip wheel --quiet --no-deps --wheel-dir $(WHEELHOUSE)/project .
-	$(PY) -m pip wheel --quiet --wheel-dir $(WHEELHOUSE)/deps $(TORCH) $(WHEELHOUSE)/project/*.whl
+	$(PY) -m pip wheel --quiet --wheel-dir $(WHEELHOUSE)/deps \
+		$(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX)) $(TORCH) $(WHEELHOUSE)/project/*.whl
 	rm -f $(WHEELHOUSE)/deps/ssl_train-*.whl
 
 image: wheelhouse

@@ -66,3 +66,25 @@ def test_no_credentials_are_baked_in() -> None:
     patterns = [line.strip() for line in ignore if line.strip() and not line.startswith("#")]
     # everything excluded, then only the wheelhouse let back in: no .env, keys or .git
     assert patterns[0] == "*" and all(p.startswith("!build/wheelhouse/") for p in patterns[1:])
+
+
+def test_the_wheelhouse_can_take_torch_built_for_another_cuda() -> None:
+    """PyPI's torch is the CUDA 13 build (driver 580 or newer); TORCH_INDEX points the
+    wheelhouse at PyTorch's index for another CUDA, and nothing else changes."""
+    import subprocess
+
+    repo = DOCKERFILE.parent.parent
+
+    def wheel_command(*variables: str) -> str:
+        dry = subprocess.run(
+            ["make", "-n", "wheelhouse", *variables], cwd=repo, capture_output=True, text=True
+        )
+        assert dry.returncode == 0, dry.stderr
+        joined = dry.stdout.replace("\\\n", " ")
+        (line,) = [x for x in joined.splitlines() if "--wheel-dir build/wheelhouse/deps" in x]
+        return line
+
+    index = "https://download.pytorch.org/whl/cu128"
+    assert f"--extra-index-url {index} torch==2.14.1" in wheel_command(f"TORCH_INDEX={index}")
+    assert "index-url" not in wheel_command()
+    assert "580.65.06" in DOCKERFILE.read_text()  # the driver floor, where the image is built
