@@ -4,15 +4,15 @@ LARS follows google-research/simclr ``tf2/lars_optimizer.py`` with classic momen
 weight decay is added to the gradient, the trust ratio ``eeta * ||w|| / ||g||`` scales
 the learning rate per tensor, and BN parameters and biases get neither weight decay nor
 trust scaling. The step runs as multi-tensor (``torch._foreach_*``) ops per group, device
-and dtype, with the trust ratios kept on the device (no host sync). The schedule is
-``WarmUpAndCosineDecay`` from ``tf2/model.py``: linear warmup from 0, then cosine decay
-to exactly 0, indexed by global step.
+and dtype (on the CPU in chunks of about 4 MiB), with the trust ratios kept on the device
+(no host sync). The schedule is ``WarmUpAndCosineDecay`` from ``tf2/model.py``: linear
+warmup from 0, then cosine decay to exactly 0, indexed by global step.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -104,7 +104,8 @@ class LARS(torch.optim.Optimizer):
         """One LARS update of every parameter that has a gradient.
 
         Runs as multi-tensor (``torch._foreach_*``) ops over the parameters of a group,
-        split by device and dtype as torch's own optimizers do, instead of a handful of
+        split by device and dtype as torch's own optimizers do (and on the CPU into
+        chunks of about 4 MiB, see ``_CPU_CHUNK_BYTES``), instead of a handful of
         kernels per tensor (R50 with its head has 167 parameter tensors). The trust
         ratios stay on the device (``torch.where`` over the stacked norms), so nothing
         waits for the GPU.
@@ -134,19 +135,49 @@ class LARS(torch.optim.Optimizer):
             if not params:
                 continue
             grouped = self._group_tensors_by_device_and_dtype([params, grads, buffers])
-            for (same_params, same_grads, same_buffers), _ in grouped.values():
-                _lars_foreach(
-                    same_params,  # type: ignore[arg-type]  # no None: only params with grads
-                    same_grads,  # type: ignore[arg-type]
-                    same_buffers,  # type: ignore[arg-type]
-                    lr=group["lr"],
-                    momentum=group["momentum"],
-                    weight_decay=group["weight_decay"],
-                    eeta=group["eeta"],
-                    nesterov=group["nesterov"],
-                    trust=not group["lars_exclude"],
-                )
+            for tensors, _ in grouped.values():
+                for chunk in _chunks(*tensors):  # type: ignore[arg-type]  # no None here
+                    _lars_foreach(
+                        *chunk,
+                        lr=group["lr"],
+                        momentum=group["momentum"],
+                        weight_decay=group["weight_decay"],
+                        eeta=group["eeta"],
+                        nesterov=group["nesterov"],
+                        trust=not group["lars_exclude"],
+                    )
         return loss
+
+
+# On the CPU a foreach op is a C++ loop over its tensors: run over a whole group, each op
+# streams all of it through memory (R50: 129 MB per list) and every temporary is alive
+# at once, which made the step cost more CPU time than the per-tensor loop it replaced.
+# In chunks of about this many bytes a chunk's data can stay in cache from op to op and
+# the temporaries stay small (bench/lars_step.py, BENCHMARKS.md). Other devices get one
+# chunk: a foreach kernel there already splits its work, and fewer launches is the point.
+_CPU_CHUNK_BYTES = 4 * 2**20
+
+
+def _chunks(
+    params: list[torch.Tensor], grads: list[torch.Tensor], buffers: list[torch.Tensor]
+) -> Iterator[tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]]:
+    """Split same-device lists into runs of about ``_CPU_CHUNK_BYTES`` of parameters on
+    the CPU (a larger tensor ends its run), or yield them whole on any other device.
+
+    Example:
+        >>> ps = [torch.zeros(2**20), torch.zeros(8), torch.zeros(2**19), torch.zeros(8)]
+        >>> [len(c[0]) for c in _chunks(ps, ps, ps)]  # 4 MiB, then the rest
+        [1, 3]
+    """
+    if params[0].device.type != "cpu":
+        yield params, grads, buffers
+        return
+    start, size = 0, 0
+    for i, param in enumerate(params):
+        size += param.numel() * param.element_size()
+        if size >= _CPU_CHUNK_BYTES or i == len(params) - 1:
+            yield params[start : i + 1], grads[start : i + 1], buffers[start : i + 1]
+            start, size = i + 1, 0
 
 
 def _lars_foreach(

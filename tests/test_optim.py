@@ -13,6 +13,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+from ssl_train import optim
 from ssl_train.dist import GlobalBatchNorm
 from ssl_train.models.resnet import resnet
 from ssl_train.models.simclr import SimCLRv2
@@ -614,6 +615,25 @@ def test_foreach_step_with_mixed_dtypes_in_a_group() -> None:
     assert all(not torch.equal(p, p0) for p, p0 in zip(params, fresh, strict=True))
 
 
+def test_cpu_chunks_cover_every_tensor_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    # On the CPU the step runs in chunks of about _CPU_CHUNK_BYTES; with a tiny budget
+    # every chunk boundary of the small SimCLRv2 is crossed, and the result is unchanged.
+    monkeypatch.setattr(optim, "_CPU_CHUNK_BYTES", 3000)
+    model, opt, ref_model, ref_opt = _twin_optimizers(torch.float32, True, 1e-4)
+    params = list(model.parameters())
+    chunks = list(optim._chunks(params, params, params))
+    assert len(chunks) > 20 and any(len(c[0]) > 1 for c in chunks)
+    assert [id(p) for c in chunks for p in c[0]] == [id(p) for p in params]
+    for step in range(3):
+        _random_grads(model, step)
+        _random_grads(ref_model, step)
+        opt.step()
+        _reference_step(ref_opt)
+    for (name, p), ref in zip(model.named_parameters(), ref_model.parameters(), strict=True):
+        assert torch.equal(p, ref), name
+        assert torch.equal(opt.state[p]["momentum_buffer"], ref_opt.state[ref]["momentum_buffer"])
+
+
 def _syncs_on_the_host(t: Tensor) -> Tensor:
     """What the step must never do: branch in Python on a value on the device."""
     norm = torch.linalg.vector_norm(t)
@@ -656,6 +676,9 @@ def test_step_makes_no_host_sync(nesterov: bool) -> None:
         opt = LARS(groups, lr=0.1, nesterov=nesterov)
         opt.step()
         opt.step()
+        # off the CPU a group is one chunk, whatever its size
+        big = [torch.empty(2**22, device="cuda") for _ in range(3)]
+        assert len(list(optim._chunks(big, big, big))) == 1
         for name, p in [*model.named_parameters(), ("extra", extra)]:
             assert isinstance(p, FakeTensor) and p.device.type == "cuda", name
             if p.grad is None:
