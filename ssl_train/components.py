@@ -6,9 +6,10 @@ GENERATED from the stage declarations (``ssl_train/stages/registry.py``) by
 Every component is TorchX's own ``dist.ddp`` (elastic torchrun, c10d rendezvous on the
 first replica) running ``python -m ssl_train.cli <stage>``, built and checked by
 ``ssl_train.jobs.stage_job``: every stage flag is an argument (unset ones take the
-stage's default, the same as on the command line), bad values and a global batch that
-does not divide over the elastic range are refused before anything is submitted, and
-each node checks the data, models and run dir once before torchrun starts. Plus what a
+stage's default, the same as on the command line), bad values and an elastic range with
+more processes than the global batch has samples (every smaller world size trains it
+exactly) are refused before anything is submitted, and each node checks the data,
+models and run dir once before torchrun starts. Plus what a
 preemptible cluster job needs: torchrun's in-place restarts (``max_restarts``), the
 scheduler's retries (``max_retries``), a container port named ``metrics`` that the
 PodMonitor in ``k8s/monitoring/`` scrapes, and a fresh rendezvous store per round.

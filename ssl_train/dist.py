@@ -17,6 +17,7 @@ single-process computation, bit for bit.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -29,6 +30,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 __all__ = [
     "GlobalBatchNorm",
     "convert_to_global_bn",
+    "gather_rows",
     "gather_with_grad",
     "rank",
     "world_size",
@@ -64,6 +66,23 @@ def rank(group: ProcessGroup | None = None) -> int:
 # --- all-gather with gradient --------------------------------------------------------------
 
 
+def _all_gather_rows(x: Tensor, sizes: Sequence[int], group: ProcessGroup | None) -> Tensor:
+    """Every rank's rows of ``x`` (rank r holds ``sizes[r]``), in rank order. Equal
+    sizes take one plain all-gather; unequal ones are padded to the largest, gathered,
+    and the padding dropped (the collective needs one size)."""
+    largest = max(sizes)
+    x = x.contiguous()
+    if x.shape[0] != largest:
+        x = torch.cat([x, x.new_zeros((largest - x.shape[0], *x.shape[1:]))])
+    out = x.new_empty((len(sizes) * largest, *x.shape[1:]))
+    # torch 2.14 renamed all_gather_into_tensor (now a deprecated alias)
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather(out, x, group=group)
+    if all(size == largest for size in sizes):
+        return out
+    return torch.cat([out[r * largest : r * largest + size] for r, size in enumerate(sizes)])
+
+
 class _GatherWithGrad(torch.autograd.Function):
     """All-gather forward; backward sums every rank's gradient and keeps our slice.
 
@@ -74,40 +93,60 @@ class _GatherWithGrad(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: FunctionCtx, x: Tensor, group: ProcessGroup | None) -> Tensor:
+    def forward(
+        ctx: FunctionCtx, x: Tensor, sizes: tuple[int, ...], group: ProcessGroup | None
+    ) -> Tensor:
         ctx.group = group
         ctx.local_rows = x.shape[0]
-        ctx.rank = rank(group)
-        x = x.contiguous()
-        out = x.new_empty((world_size(group) * x.shape[0], *x.shape[1:]))
-        # torch 2.14 renamed all_gather_into_tensor (now a deprecated alias)
-        gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-        gather(out, x, group=group)
-        return out
+        ctx.start = sum(sizes[: rank(group)])
+        return _all_gather_rows(x, sizes, group)
 
     @staticmethod
-    def backward(ctx: FunctionCtx, grad: Tensor) -> tuple[Tensor, None]:
+    def backward(ctx: FunctionCtx, grad: Tensor) -> tuple[Tensor, None, None]:
         grad = grad.contiguous().clone()  # all_reduce is in place; autograd owns `grad`
         dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
-        start = ctx.rank * ctx.local_rows
-        return grad[start : start + ctx.local_rows], None
+        return grad[ctx.start : ctx.start + ctx.local_rows], None, None
 
 
-def gather_with_grad(x: Tensor, group: ProcessGroup | None = None) -> Tensor:
+def gather_with_grad(
+    x: Tensor, sizes: Sequence[int] | None = None, group: ProcessGroup | None = None
+) -> Tensor:
     """Concatenate ``x`` from every rank along dim 0 (rank order), keeping the gradient.
 
-    Every rank must pass the same shape. With DDP averaging gradients over W ranks, a
-    loss computed on the gathered tensor and averaged per rank gives exactly the
-    gradient of one process on the whole global batch. Identity for one rank.
+    ``sizes`` are the rows each rank passes (``ssl_train.shares.Shares``: they may differ
+    by one); None means every rank passes as many as this one. With DDP averaging
+    gradients over W ranks, a loss computed on the gathered tensor and scaled by
+    ``Shares.mean_factor`` gives exactly the gradient of one process on the whole global
+    batch. Identity for one rank.
 
     Example:
         >>> x = torch.randn(4, 128, requires_grad=True)
-        >>> gather_with_grad(x).shape  # (world_size * 4, 128)
+        >>> gather_with_grad(x).shape  # (sum of every rank's rows, 128)
         torch.Size([4, 128])
+    """
+    world = world_size(group)
+    if world == 1:
+        return x
+    sizes = tuple(sizes) if sizes is not None else (x.shape[0],) * world
+    if len(sizes) != world or sizes[rank(group)] != x.shape[0]:
+        raise ValueError(
+            f"rank {rank(group)} passes {x.shape[0]} rows, but the sizes given are {sizes} "
+            f"for {world} ranks"
+        )
+    return _GatherWithGrad.apply(x, sizes, group)
+
+
+def gather_rows(x: Tensor, sizes: Sequence[int], group: ProcessGroup | None = None) -> Tensor:
+    """Every rank's rows of ``x`` in rank order, without gradient (``sizes`` as for
+    ``gather_with_grad``). Identity for one rank.
+
+    Example:
+        >>> gather_rows(torch.ones(3, 2), sizes=[3]).shape
+        torch.Size([3, 2])
     """
     if world_size(group) == 1:
         return x
-    return _GatherWithGrad.apply(x, group)
+    return _all_gather_rows(x, sizes, group)
 
 
 # --- global batch norm ---------------------------------------------------------------------

@@ -7,8 +7,10 @@ the job (before submitting it):
 
 - the stage's flags are parsed and validated by the stage's own command-line parser, so a
   bad value fails the same way as ``ssl-train STAGE`` would, as one line;
-- the global batch must divide over every world size of the elastic range (``-j
-  MIN:MAXxN``), and on GPUs the smallest one must hold it in memory.
+- every world size of the elastic range (``-j MIN:MAXxN``) must hold at least one sample
+  of the global batch (ranks take shares that differ by at most one, so any size up to
+  the global batch trains the same batches), and on GPUs the smallest one must hold its
+  largest share in memory.
 
 On every node the job first runs ``ssl-train STAGE --check-only`` (the data, the models
 it starts from, the run dir), then starts torchrun in its place (``exec``: signals reach
@@ -19,7 +21,6 @@ and which ``torchx status`` shows as the replica's error.
 
 from __future__ import annotations
 
-import math
 import shlex
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -115,44 +116,29 @@ def parse_stage(argv: Sequence[str]) -> Any:
 
 
 def check_world_sizes(stage: str, global_batch_size: int, j: str) -> None:
-    """Every world size the elastic range allows must divide the global batch, which stays
-    fixed as the job shrinks or grows.
+    """Every world size the elastic range allows must hold at least one sample of each
+    global batch (which stays fixed as the job shrinks or grows; ranks take shares that
+    differ by at most one sample, so any size up to the global batch trains it exactly).
 
     Example:
-        >>> check_world_sizes("pretrain", 63, "1x2")
+        >>> check_world_sizes("pretrain", 4096, "2:4x8")  # 16 to 32 processes: fine
+        >>> check_world_sizes("pretrain", 12, "1:2x8")
         Traceback (most recent call last):
         ...
-        ssl_train.jobs.JobRefused: --global_batch_size 63 does not divide over 2 processes, which -j 1x2 allows (the global batch stays fixed as the job shrinks or grows, so every size must divide it): use a global batch that is a multiple of 2
+        ssl_train.jobs.JobRefused: -j 1:2x8 allows up to 16 processes, more than the 12 samples of each global batch (--global_batch_size): every process needs at least one; use -j 1x8 or a global batch of at least 16
     """
     min_nodes, max_nodes, nproc, _ = parse_nnodes(j)
-    sizes = [nodes * nproc for nodes in range(min_nodes, max_nodes + 1)]
-    bad = [size for size in sizes if global_batch_size % size]
-    if bad:
-        fits = [n for n in range(min_nodes, max_nodes + 1) if global_batch_size % (n * nproc) == 0]
-        ranges = _runs(fits)
-        advice = f"a global batch that is a multiple of {math.lcm(*sizes)}"
-        if ranges:
-            choices = " or ".join(
-                f"-j {a}:{b}x{nproc}" if a != b else f"-j {a}x{nproc}" for a, b in ranges[:2]
-            )
-            advice = f"{choices}, or {advice}"
-        raise JobRefused(
-            f"--global_batch_size {global_batch_size} does not divide over "
-            f"{' or '.join(map(str, bad))} processes, which -j {j} allows (the global batch "
-            f"stays fixed as the job shrinks or grows, so every size must divide it): use "
-            f"{advice}"
-        )
-
-
-def _runs(values: list[int]) -> list[tuple[int, int]]:
-    """Contiguous runs of sorted integers as (first, last), longest first."""
-    runs: list[tuple[int, int]] = []
-    for value in values:
-        if runs and runs[-1][1] == value - 1:
-            runs[-1] = (runs[-1][0], value)
-        else:
-            runs.append((value, value))
-    return sorted(runs, key=lambda run: run[0] - run[1])
+    largest = max_nodes * nproc
+    if largest <= global_batch_size:
+        return
+    fits = global_batch_size // nproc
+    advice = f"-j {min_nodes}:{fits}x{nproc} or " if fits > min_nodes else ""
+    advice = f"-j {fits}x{nproc} or " if fits == min_nodes else advice
+    raise JobRefused(
+        f"-j {j} allows up to {largest} processes, more than the {global_batch_size} samples "
+        f"of each global batch (--global_batch_size): every process needs at least one; use "
+        f"{advice}a global batch of at least {largest}"
+    )
 
 
 def check_decode(config: Any, options: JobOptions) -> None:

@@ -36,12 +36,13 @@ from __future__ import annotations
 import copy
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ssl_train.dist import world_size
+from ssl_train.dist import gather_rows, world_size
+from ssl_train.losses import batch_shares
+from ssl_train.shares import Shares
 
 
 class ContrastiveMemory(nn.Module):
@@ -103,16 +104,19 @@ class ContrastiveMemory(nn.Module):
                 mine.copy_(theirs[name])
 
     @torch.no_grad()
-    def push(self, images: Tensor) -> None:
+    def push(self, images: Tensor, shares: Shares | None = None) -> None:
         """Project this rank's ``images`` ([view 1; view 2] of its samples) and put the
-        global batch's projections into the buffer in canonical order."""
+        global batch's projections into the buffer in canonical order (``shares``: how
+        the batch lies over the ranks, as for ``nt_xent``)."""
         projection = self.network(images).projection.to(self.buffer.dtype)  # bf16 -> fp32
         local = F.normalize(projection, dim=1, eps=1e-6)  # as nt_xent normalizes
         view1, view2 = local.chunk(2)
         if world_size() > 1:
-            parts = [torch.empty_like(local) for _ in range(world_size())]
-            dist.all_gather(parts, local)
-            halves = [part.chunk(2) for part in parts]  # rank order = sample order
+            sizes = batch_shares(view1.shape[0], shares).sizes
+            gathered = gather_rows(local, [2 * size for size in sizes]).split(
+                [2 * size for size in sizes]
+            )
+            halves = [part.chunk(2) for part in gathered]  # rank order = sample order
             view1 = torch.cat([first for first, _ in halves])
             view2 = torch.cat([second for _, second in halves])
         self._write(torch.cat([view1, view2]))

@@ -139,6 +139,26 @@ def test_the_job_spec_carries_the_device_and_windows_sized_for_the_checkpoint(
         assert container["resources"]["limits"]["nvidia.com/gpu"] == "8"
 
 
+def test_an_elastic_range_the_batch_does_not_divide_is_a_valid_job(tmp_path: Path) -> None:
+    """`-j 2:4x8` at the default global batch of 4096: 16, 24 or 32 GPUs (24 does not
+    divide 4096; ranks take shares of 171 or 170), one valid Volcano job whose torchrun
+    takes 2 to 4 nodes."""
+    import kubernetes_validate
+
+    base = COMPONENTS["ssl.pretrain"]
+    base = base[: base.index("--global_batch_size")]
+    _, job = dryrun("ssl.pretrain", [*base, "--global_batch_size", "4096", "--gpu", "8"], tmp_path)
+    jsonschema.validate(job, schema_of(CRD))
+    tasks = job["spec"]["tasks"]
+    assert len(tasks) == 4 and sum(task.get("minAvailable", 0) for task in tasks) == 2
+    for task in tasks:
+        pod = {"apiVersion": "v1", "kind": "Pod", **task["template"]}
+        kubernetes_validate.validate(pod, kubernetes_validate.latest_version(), strict=True)
+        command = " ".join(pod["spec"]["containers"][0]["command"])
+        assert "--nnodes 2:4" in command and "--nproc_per_node 8" in command
+        assert "--global-batch-size 4096" in command
+
+
 def test_a_cpu_job_keeps_the_device_choice_and_gloos_timeout(tmp_path: Path) -> None:
     _, job = dryrun("ssl.pretrain", COMPONENTS["ssl.pretrain"], tmp_path, cfg=CFG)
     container = job["spec"]["tasks"][0]["template"]["spec"]["containers"][0]

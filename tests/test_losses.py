@@ -8,6 +8,7 @@ give the single-process loss and gradient on the global batch.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 
 import ssl_train.losses as losses
 from ssl_train.losses import contrastive_accuracy, distillation_loss, nt_xent
+from ssl_train.shares import Shares
 
 from distributed import run_under_torchrun
 
@@ -214,7 +216,7 @@ def test_distillation_loss_refuses_alpha_without_labels() -> None:
 # --- across real ranks ------------------------------------------------------------------
 
 
-def _gather_without_grad(x: torch.Tensor) -> torch.Tensor:
+def _gather_without_grad(x: torch.Tensor, sizes=None, group=None) -> torch.Tensor:
     """The classic mistake: negatives from other ranks gathered as constants."""
     parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
     dist.all_gather(parts, x.detach())
@@ -222,33 +224,38 @@ def _gather_without_grad(x: torch.Tensor) -> torch.Tensor:
 
 
 def nt_xent_on_my_slice(cases: list[list]) -> list[dict]:
-    """Worker: for each (local batch, temperature, seed), loss and grads on this rank's slice."""
+    """Worker: for each (global batch, temperature, seed), loss and grads on this rank's
+    share (``Shares``: 16 over 3 ranks is 6, 5, 5)."""
     world, me = dist.get_world_size(), dist.get_rank()
     results = []
-    for local_batch, temperature, seed in cases:
-        z1, z2 = _pairs(local_batch * world, seed=seed)
-        rows = slice(me * local_batch, (me + 1) * local_batch)
+    for global_batch, temperature, seed in cases:
+        shares = Shares(global_batch, world)
+        z1, z2 = _pairs(global_batch, seed=seed)
+        rows = slice(*shares.bounds(me))
         out = {}
         original = losses.gather_with_grad
         for variant, gather in (("ours", original), ("detached", _gather_without_grad)):
             losses.gather_with_grad = gather
             try:
-                loss, g1, g2 = _value_and_grads(nt_xent, z1[rows], z2[rows], temperature)
+                loss_fn = functools.partial(nt_xent, shares=shares)
+                loss, g1, g2 = _value_and_grads(loss_fn, z1[rows], z2[rows], temperature)
             finally:
                 losses.gather_with_grad = original
             out[variant] = {"loss": loss.item(), "g1": g1.tolist(), "g2": g2.tolist()}
-        out["accuracy"] = contrastive_accuracy(z1[rows], z2[rows]).item()
+        out["accuracy"] = contrastive_accuracy(z1[rows], z2[rows], shares).item()
         results.append(out)
     return results
 
 
 @pytest.mark.slow
-def test_nt_xent_across_two_ranks_equals_one_process_on_the_global_batch() -> None:
-    cases = [[1, 0.5, 21], [8, 0.1, 22]]
-    per_rank = run_under_torchrun(nt_xent_on_my_slice, 2, cases)
+def test_nt_xent_across_ranks_equals_one_process_on_the_global_batch() -> None:
+    """3 ranks, global batches of 7 (3, 2, 2), 16 (6, 5, 5) and 6 (2 each): DDP's average
+    of the ranks' gradients, the mean of their losses and accuracies are one process's."""
+    cases = [[7, 0.5, 21], [16, 0.1, 22], [6, 0.2, 23]]
+    per_rank = run_under_torchrun(nt_xent_on_my_slice, 3, cases)
     world = len(per_rank)
-    for i, (local_batch, temperature, seed) in enumerate(cases):
-        z1, z2 = _pairs(local_batch * world, seed=seed)
+    for i, (global_batch, temperature, seed) in enumerate(cases):
+        z1, z2 = _pairs(global_batch, seed=seed)
         loss, g1, g2 = _value_and_grads(nt_xent, z1, z2, temperature)
         official, official_acc = official_nt_xent(z1, z2, temperature)
         torch.testing.assert_close(loss, official.detach(), rtol=1e-12, atol=0)

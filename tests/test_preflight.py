@@ -99,15 +99,18 @@ def test_a_deterministic_error_ends_a_torchx_job_after_one_attempt(
     assert not (tmp_path / "run").exists()
 
 
-def test_a_job_whose_batch_cannot_split_is_refused_before_submission(tmp_path: Path) -> None:
-    """`-j 1x2 --global_batch_size 63`: refused when `torchx run` builds the job."""
+def test_a_job_with_more_processes_than_samples_is_refused_before_submission(
+    tmp_path: Path,
+) -> None:
+    """`-j 1x4 --global_batch_size 3`: refused when `torchx run` builds the job (any world
+    size up to the global batch trains it, with shares that differ by one)."""
     result = run_cli(
-        "run", "-s", "local_cwd", "ssl.pretrain", "-j", "1x2", "--data", tmp_path,
-        "--run_dir", tmp_path / "run", "--global_batch_size", "63",
+        "run", "-s", "local_cwd", "ssl.pretrain", "-j", "1x4", "--data", tmp_path,
+        "--run_dir", tmp_path / "run", "--global_batch_size", "3",
         tool="torchx",
     )  # fmt: skip
     assert result.returncode == 1
-    assert "--global_batch_size 63 does not divide over 2 processes" in result.stderr
+    assert "-j 1x4 allows up to 4 processes, more than the 3 samples" in result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "run").exists()
 
 

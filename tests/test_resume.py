@@ -170,7 +170,50 @@ def memory_state(run_dir: Path) -> dict:
     return state
 
 
-@pytest.mark.parametrize("memory", [False, True], ids=["", "with-memory"])
+def test_sigterm_at_three_ranks_then_two_then_three_matches_the_one_rank_run(
+    tiny_shards: TinyShards, baseline_one_rank: Path, tmp_path: Path
+) -> None:
+    """World sizes that do not divide the global batch of 16 (shares 6, 5, 5 at three
+    ranks): preempted at 3 mid-epoch, resumed at 2 across an epoch boundary, finished at
+    3. Every sample once per epoch, and the weights as near the one-rank run as an
+    uninterrupted three-rank run's are (the two world sizes round differently; the bound
+    is measured, as in the two-ranks-then-one test below)."""
+    from ssl_train.checkpoint import CheckpointStore
+
+    uninterrupted = tmp_path / "three-ranks"
+    run(command("pretrain", *pretrain_args(tiny_shards.train, uninterrupted, *CALM), nprocs=3),
+        tmp_path / "log")  # fmt: skip
+    spread = largest_difference(final_weights(uninterrupted), final_weights(baseline_one_rank))
+    bound = 2 * spread + 1e-5
+
+    run_dir, trace_file = tmp_path / "run", tmp_path / "trace"
+    args = pretrain_args(tiny_shards.train, run_dir, "--trace-samples", str(trace_file), *CALM)
+    job = start(command("pretrain", *args, "--checkpoint-every-steps", "100", nprocs=3),
+                tmp_path / "log-3")  # fmt: skip
+    wait_for_step(trace_file, 3, job)
+    job.proc.send_signal(signal.SIGTERM)
+    assert job.wait(timeout=60) != 0
+    first = CheckpointStore(str(run_dir)).latest()
+    # the step reached (mid-epoch unless the machine is very fast)
+    assert first is not None and 3 < first < STEPS - 4, job.output()[-2000:]
+    second = max(first + 2, STEPS_PER_EPOCH + 3)  # past the epoch boundary
+    out = run(command("pretrain", *args, "--stop-at-step", str(second), nprocs=2),
+              tmp_path / "log-2")  # fmt: skip
+    assert f"resumed from step {first} (saved on 3 ranks)" in out
+    half_way = CheckpointStore(str(run_dir)).load(second)["model"]
+    out = run(command("pretrain", *args, nprocs=3), tmp_path / "log-3b")
+    assert f"resumed from step {second} (saved on 2 ranks)" in out
+    assert "(6 or 5 each)" in out
+    final = final_weights(run_dir)
+    assert largest_difference(final, final_weights(baseline_one_rank)) <= bound, spread
+    moved = max((final[k] - half_way[k]).abs().max().item() for k in final if "running" not in k)
+    assert moved > 10 * bound, (moved, bound)
+    lines = trace(trace_file)
+    assert {line["world_size"] for line in lines} == {2, 3}
+    assert_exactly_once(lines, tiny_shards.keys, STEPS_PER_EPOCH)
+
+
+@pytest.mark.parametrize("memory", [True], ids=["with-memory"])
 def test_two_ranks_then_one_rank_matches_the_one_rank_run(
     tiny_shards: TinyShards, memory: bool, request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:

@@ -80,9 +80,10 @@ def test_epochs_roll_over_and_use_every_sample_once(mnist_on_s3: str) -> None:
     assert len(keys) == len(set(keys)) == 1000  # 1000 = 25 x 40: nothing dropped here
 
 
-def test_a_batch_the_world_size_does_not_divide_is_refused(mnist_on_s3: str) -> None:
-    with pytest.raises(ValueError, match="multiple of the world size 3"):
-        TrainStream(StreamConfig(mnist_on_s3, 40, 16), 0, 3, StreamState())
+def test_more_ranks_than_samples_per_batch_are_refused(mnist_on_s3: str) -> None:
+    TrainStream(StreamConfig(mnist_on_s3, 40, 16), 0, 3, StreamState())  # 14, 13, 13
+    with pytest.raises(ValueError, match="over 41 processes: every process needs at least one"):
+        TrainStream(StreamConfig(mnist_on_s3, 40, 16), 0, 41, StreamState())
     with pytest.raises(ValueError, match="mode"):
         StreamConfig(mnist_on_s3, 40, 16, mode="distil")
 

@@ -15,13 +15,14 @@ How an epoch is laid out:
    global batch mixes P far-apart regions of the data, while each partition is still
    read sequentially.
 3. The canonical global batch is the partitions' chunks in partition order, each in
-   storage order; rank r of W takes positions ``[r*G/W, (r+1)*G/W)``: a contiguous part
-   of one chunk, or whole chunks and the edges of its neighbours'. Either way a rank
-   reads exactly its own samples and the global batch is identical for every world size
-   that divides G, so all of those are exact and every sample's bytes are read once per
-   epoch, however many ranks share a partition. P is part of the run's config, never
-   derived from the world size: it sets the batch's make-up, and samples per request
-   are ``G / max(P, W)``.
+   storage order; rank r of W takes its share, a contiguous range of positions
+   (``ssl_train.shares``: sizes differ by at most one, the first G mod W ranks take one
+   more): a contiguous part of one chunk, or whole chunks and the edges of its
+   neighbours'. Either way a rank reads exactly its own samples and the global batch is
+   identical for every world size from 1 to G, so all of those are exact and every
+   sample's bytes are read once per epoch, however many ranks share a partition. P is
+   part of the run's config, never derived from the world size: it sets the batch's
+   make-up, and samples per request are about ``G / max(P, W)``.
 
 Shards made by ``shards create`` are already globally shuffled, so shuffling the shard
 order each epoch gives batches that look uniformly random while every read stays a
@@ -37,6 +38,7 @@ from functools import cached_property
 import numpy as np
 
 from ssl_train.errors import UserError
+from ssl_train.shares import Shares
 
 DEFAULT_PARTITIONS = 32
 
@@ -143,13 +145,15 @@ class EpochPlan:
         return self.local_batch(step, rank=0, world_size=1)
 
     def local_batch(self, step: int, rank: int, world_size: int) -> list[SampleRef]:
-        """This rank's share of the global batch: positions ``[r*G/W, (r+1)*G/W)``.
+        """This rank's share of the global batch (``Shares(G, W).bounds(rank)``).
 
         Example:
             >>> plan = EpochPlan((7, 9), seed=1, epoch=0, global_batch_size=6, partitions=2)
             >>> a = plan.local_batch(1, 0, 3) + plan.local_batch(1, 1, 3) + plan.local_batch(1, 2, 3)
             >>> a == plan.global_batch(1)
             True
+            >>> [len(plan.local_batch(1, r, 4)) for r in range(4)]  # 6 over 4 ranks
+            [2, 2, 1, 1]
         """
         return [
             SampleRef(r.shard, index)
@@ -190,12 +194,4 @@ class EpochPlan:
     def _positions(self, step: int, rank: int, world_size: int) -> tuple[int, int]:
         if not 0 <= step < self.steps:
             raise IndexError(f"step {step} outside this epoch's {self.steps} steps")
-        if world_size < 1 or self.global_batch_size % world_size:
-            raise ValueError(
-                f"the global batch size {self.global_batch_size} must be a multiple of the "
-                f"world size {world_size}"
-            )
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} outside world size {world_size}")
-        local = self.global_batch_size // world_size
-        return rank * local, (rank + 1) * local
+        return Shares(self.global_batch_size, world_size).bounds(rank)

@@ -34,6 +34,7 @@ from shards.sources import read_subset
 from ssl_train.data import decode
 from ssl_train.data.plan import DEFAULT_PARTITIONS, EpochPlan, ReadRange, SampleRef
 from ssl_train.errors import UserError
+from ssl_train.shares import Shares
 
 MODES = ("pretrain", "finetune")
 log = logging.getLogger(__name__)
@@ -190,11 +191,7 @@ class TrainStream(IterableDataset):
         shard_set: ShardSet | None = None,
     ) -> None:
         super().__init__()
-        if config.global_batch_size % world_size:
-            raise UserError(
-                f"global batch size {config.global_batch_size} is not a multiple of the world size "
-                f"{world_size}; choose a batch size that every process count you use divides"
-            )
+        Shares(config.global_batch_size, world_size)  # refuses more ranks than samples
         self.config, self.rank, self.world_size, self.state = config, rank, world_size, state
         # opened once per rank (by the trainer, or here on first use) and handed to the
         # DataLoader's workers with the stream: the manifest is read once per rank

@@ -166,16 +166,14 @@ def smallest_world_size(
     teacher: str | None = None,
     memory_size: int = 0,
 ) -> int | None:
-    """The fewest GPUs (dividing the global batch) whose share fits ``gpu_memory_bytes``;
-    None if even one image per GPU does not fit.
+    """The fewest GPUs whose largest share of the global batch fits
+    ``gpu_memory_bytes``; None if even one image per GPU does not fit.
 
     Example:
-        >>> smallest_world_size("pretrain", "r50_1x_sk0", 224, 4096, 80 * 2**30)
-        8
+        >>> smallest_world_size("pretrain", "r50_1x_sk0", 224, 4096, 80 * 2**30)  # 820 samples each
+        5
     """
     for gpus in range(1, global_batch_size + 1):
-        if global_batch_size % gpus:
-            continue
         need = per_gpu(
             stage, preset, image_size, global_batch_size, gpus, precision, teacher, memory_size
         )
@@ -201,7 +199,7 @@ def check_fits(
         >>> check_fits("pretrain", "r50_1x_sk0", 224, 4096, 2, 80)
         Traceback (most recent call last):
         ...
-        ssl_train.errors.UserError: pretrain of r50_1x_sk0 at 224 px, global batch 4096: on 2 GPUs each holds 4096 images and needs about 187 GiB, more than 80 GiB; the elastic minimum must be at least 8 GPUs (raise MIN in -j MIN:MAXxGPUS, or lower --global_batch_size)
+        ssl_train.errors.UserError: pretrain of r50_1x_sk0 at 224 px, global batch 4096: on 2 GPUs each holds 4096 images and needs about 187 GiB, more than 80 GiB; the elastic minimum must be at least 5 GPUs (raise MIN in -j MIN:MAXxGPUS, or lower --global_batch_size)
     """
     get_preset(preset)  # an unknown name is its own error
     budget = int(gpu_memory_gb * 2**30)

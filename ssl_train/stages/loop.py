@@ -40,6 +40,7 @@ from ssl_train.export import final_url, save_model
 from ssl_train.lease import LeaseHeld, LeaseLost, RunDirLease
 from ssl_train.metrics import METRICS_NOW, run_label
 from ssl_train.optim import WarmupCosineSchedule, scale_learning_rate
+from ssl_train.shares import Shares
 from ssl_train.stages import progress, registry, trace
 from ssl_train.stages import runtime as rt
 from ssl_train.stages.config import StageConfig, config_changes
@@ -145,14 +146,10 @@ def check_memory_size(config: StageConfig, samples_per_epoch: int) -> None:
         )
 
 
-def check_world_size(config: StageConfig, world_size: int) -> None:
-    """Before any work: the global batch must split evenly over the ranks."""
-    if config.global_batch_size % world_size:
-        raise UserError(
-            f"--global-batch-size {config.global_batch_size} does not divide over {world_size} "
-            f"processes; use a multiple of {world_size} (the global batch stays what you ask for, "
-            "whatever the world size, so it must split evenly)"
-        )
+def check_world_size(config: StageConfig, world_size: int) -> Shares:
+    """Before any work: how the global batch lies over the ranks (any world size up to
+    the global batch; shares differ by at most one sample)."""
+    return Shares(config.global_batch_size, world_size)
 
 
 # Global batch norm computes its statistics over every rank itself and all ranks start
@@ -236,7 +233,7 @@ class Trainer:
     """Runs one stage from its newest checkpoint (or the start) to the end."""
 
     def __init__(self, config: StageConfig, runtime: rt.Runtime) -> None:
-        check_world_size(config, runtime.world_size)
+        self.shares = check_world_size(config, runtime.world_size)
         config = config.on_device(runtime.device.type)  # what checkpoints record
         self.config, self.runtime = config, runtime
         shard_set = ShardSet(config.data)
@@ -314,7 +311,8 @@ class Trainer:
         images = torch.rand(shape, generator=generator).to(device)
         labels = torch.zeros(2, dtype=torch.long, device=device)
         task.train_mode()
-        loss, _ = self._loss(ddp, images, labels)
+        world = self.runtime.world_size
+        loss, _ = self._loss(ddp, images, labels, Shares(2 * world, world))  # 2 each
         loss.backward()
         task.optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():
@@ -416,7 +414,7 @@ class Trainer:
             f"({position.total_steps / position.steps_per_epoch:g} epochs of "
             f"{position.steps_per_epoch}) from step {self.step}; global batch "
             f"{config.global_batch_size} on {runtime.world_size} rank{'s' if runtime.world_size > 1 else ''} "
-            f"({config.global_batch_size // runtime.world_size} each); "
+            f"({self.shares.describe()}); "
             f"{runtime.device} {config.precision}; run dir {storage.redact(config.run_dir)}",
         )
 
@@ -579,14 +577,18 @@ class Trainer:
         if self.config.channels_last:  # once: the loss and the task's after_step share it
             images = images.contiguous(memory_format=torch.channels_last)
         self.lr = self.schedule.step_to(self.step)
-        metrics = train_step(self.task, self.forward_model, self.trained, images, labels)
+        metrics = train_step(
+            self.task, self.forward_model, self.trained, images, labels, self.shares
+        )
         self.step += 1
         return metrics
 
-    def _loss(self, model: Any, images: torch.Tensor, labels: torch.Tensor) -> tuple[Any, dict]:
+    def _loss(
+        self, model: Any, images: torch.Tensor, labels: torch.Tensor, shares: Shares
+    ) -> tuple[Any, dict]:
         """The task's loss in the run's memory format and precision."""
         with run_format(images, self.config) as formatted:
-            return self.task.loss(model, formatted, labels)
+            return self.task.loss(model, formatted, labels, shares)
 
     def _save(self, checkpointer: AsyncCheckpointer, wait: bool) -> None:
         """Rank 0 writes (every rank holds the same weights); ``wait`` also blocks the
@@ -681,13 +683,19 @@ def run_format(images: torch.Tensor, config: StageConfig) -> Iterator[torch.Tens
 
 
 def train_step(
-    task: Task, model: Any, trained: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor
+    task: Task,
+    model: Any,
+    trained: torch.nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    shares: Shares | None = None,
 ) -> dict[str, torch.Tensor]:
-    """One optimizer step of ``task`` on a batch already on its device: loss (through
-    ``model``, DDP-wrapped or compiled), backward, update, then the task's after-step
-    (given the unwrapped ``trained``). Returns the loss and the task's metrics as
-    detached device tensors: reading them would wait for the device, so the loop does
-    that once per logging interval, not here.
+    """One optimizer step of ``task`` on this rank's share of a batch, already on its
+    device: loss (through ``model``, DDP-wrapped or compiled), backward, update, then the
+    task's after-step (given the unwrapped ``trained``). ``shares``: how the global batch
+    lies over the ranks (None: every rank holds as many samples as this one). Returns the
+    loss and the task's metrics as detached device tensors: reading them would wait for
+    the device, so the loop does that once per logging interval, not here.
 
     Example:
         >>> config = StageConfig.for_stage("pretrain", data="d", run_dir="/r", preset="tiny", precision="fp32")
@@ -697,12 +705,12 @@ def train_step(
         ['contrastive_top1', 'loss']
     """
     with run_format(images, task.config) as formatted:
-        loss, extra = task.loss(model, formatted, labels)
+        loss, extra = task.loss(model, formatted, labels, shares)
     task.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     task.optimizer.step()
     with run_format(images, task.config) as formatted:
-        task.after_step(trained, formatted)
+        task.after_step(trained, formatted, shares)
     return {"loss": loss.detach(), **{k: v.detach() for k, v in extra.items()}}
 
 

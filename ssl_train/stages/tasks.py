@@ -25,10 +25,11 @@ from shards import storage
 from ssl_train.data.augment import SimCLRAugment, apply_view_params, flip_params
 from ssl_train.errors import UserError
 from ssl_train.export import load_model, model_config, model_url, read_config
-from ssl_train.losses import contrastive_accuracy, distillation_loss, nt_xent
+from ssl_train.losses import batch_mean, contrastive_accuracy, distillation_loss, nt_xent
 from ssl_train.memory import ContrastiveMemory
 from ssl_train.models import SimCLRv2, build_model
 from ssl_train.optim import LARS, lars_param_groups
+from ssl_train.shares import Shares
 from ssl_train.stages import registry
 from ssl_train.stages.config import StageConfig
 from ssl_train.stages.evaluate import first_difference
@@ -64,43 +65,56 @@ class Task:
             return torch.cat([first, second])
         return apply_view_params(views[0], flip_params(keys, seed, epoch, view=0))
 
-    def loss(self, model: nn.Module, images: Tensor, labels: Tensor) -> tuple[Tensor, dict]:
+    def loss(
+        self, model: nn.Module, images: Tensor, labels: Tensor, shares: Shares | None = None
+    ) -> tuple[Tensor, dict]:
+        """The loss and metrics of this rank's share of the global batch, each this
+        rank's part of the global mean (``shares``: how the batch lies over the ranks;
+        None: every rank holds as many samples as this one)."""
         raise NotImplementedError
 
-    def after_step(self, online: nn.Module, images: Tensor) -> None:
+    def after_step(self, online: nn.Module, images: Tensor, shares: Shares | None = None) -> None:
         """What follows each optimizer step, given the updated (unwrapped) network and the
         step's network input; nothing for most stages."""
 
 
 class PretrainTask(Task):
-    def loss(self, model: nn.Module, images: Tensor, labels: Tensor) -> tuple[Tensor, dict]:
+    def loss(
+        self, model: nn.Module, images: Tensor, labels: Tensor, shares: Shares | None = None
+    ) -> tuple[Tensor, dict]:
         z1, z2 = model(images).projection.chunk(2)
         negatives = self.memory.negatives() if self.memory is not None else None
-        loss = nt_xent(z1, z2, self.config.temperature, negatives)
-        return loss, {"contrastive_top1": contrastive_accuracy(z1.detach(), z2.detach())}
+        loss = nt_xent(z1, z2, self.config.temperature, negatives, shares)
+        accuracy = contrastive_accuracy(z1.detach(), z2.detach(), shares)
+        return loss, {"contrastive_top1": accuracy}
 
-    def after_step(self, online: nn.Module, images: Tensor) -> None:
+    def after_step(self, online: nn.Module, images: Tensor, shares: Shares | None = None) -> None:
         """SimCLRv2's memory: average the updated weights in, then buffer this step's
         projections by the memory network (``ssl_train.memory``)."""
         if self.memory is not None:
             self.memory.update(online)
-            self.memory.push(images)
+            self.memory.push(images, shares)
 
 
-def _classification(logits: Tensor, labels: Tensor) -> tuple[Tensor, dict]:
-    loss = F.cross_entropy(logits.float(), labels)
-    return loss, {"top1": (logits.detach().argmax(1) == labels).float().mean()}
+def _classification(logits: Tensor, labels: Tensor, shares: Shares | None) -> tuple[Tensor, dict]:
+    losses = F.cross_entropy(logits.float(), labels, reduction="none")
+    hits = (logits.detach().argmax(1) == labels).float()
+    return batch_mean(losses, shares), {"top1": batch_mean(hits, shares)}
 
 
 class FinetuneTask(Task):
-    def loss(self, model: nn.Module, images: Tensor, labels: Tensor) -> tuple[Tensor, dict]:
-        return _classification(model(images).logits, labels)
+    def loss(
+        self, model: nn.Module, images: Tensor, labels: Tensor, shares: Shares | None = None
+    ) -> tuple[Tensor, dict]:
+        return _classification(model(images).logits, labels, shares)
 
 
 class DistillTask(Task):
     teacher: SimCLRv2
 
-    def loss(self, model: nn.Module, images: Tensor, labels: Tensor) -> tuple[Tensor, dict]:
+    def loss(
+        self, model: nn.Module, images: Tensor, labels: Tensor, shares: Shares | None = None
+    ) -> tuple[Tensor, dict]:
         with torch.no_grad():
             teacher_logits = self.teacher(images).logits
         student_logits = model(images).logits
@@ -111,9 +125,10 @@ class DistillTask(Task):
             config.temperature,
             labels if config.labeled_weight > 0 else None,
             config.labeled_weight,
+            shares,
         )
-        agreement = (student_logits.detach().argmax(1) == teacher_logits.argmax(1)).float().mean()
-        return loss, {"teacher_agreement": agreement}
+        agreement = (student_logits.detach().argmax(1) == teacher_logits.argmax(1)).float()
+        return loss, {"teacher_agreement": batch_mean(agreement, shares)}
 
 
 def _lars(model: nn.Module, config: StageConfig) -> LARS:
