@@ -218,9 +218,9 @@ def test_distillation_loss_refuses_alpha_without_labels() -> None:
 
 def _gather_without_grad(x: torch.Tensor, sizes=None, group=None) -> torch.Tensor:
     """The classic mistake: negatives from other ranks gathered as constants."""
-    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, x.detach())
-    return torch.cat(parts)
+    from ssl_train.dist import gather_rows
+
+    return gather_rows(x.detach(), sizes)
 
 
 def nt_xent_on_my_slice(cases: list[list]) -> list[dict]:
@@ -271,4 +271,5 @@ def test_nt_xent_across_ranks_equals_one_process_on_the_global_batch() -> None:
                 relative = ((averaged(variant, key) - full).norm() / full.norm()).item()
                 assert (relative <= 1e-6) is tolerance_met, (variant, key, relative)
         accuracy = sum(r[i]["accuracy"] for r in per_rank) / world
-        assert accuracy == pytest.approx(official_acc.item(), abs=1e-12)
+        # float32 hits divided by G / W (16 / 3 is not exact): within float32 rounding
+        assert accuracy == pytest.approx(official_acc.item(), abs=1e-6)

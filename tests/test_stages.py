@@ -247,9 +247,9 @@ def test_more_processes_than_samples_per_batch_fail_before_any_work(
     tiny_shards: TinyShards, tmp_path: Path
 ) -> None:
     args = ["--data", str(tiny_shards.train), "--run-dir", str(tmp_path / "run"), *TINY]
-    job = start(command("pretrain", *args, "--global-batch-size", "1", nprocs=2), tmp_path / "log")
+    job = start(command("pretrain", *args, "--global-batch-size", "2", nprocs=3), tmp_path / "log")
     assert job.wait(timeout=120) != 0
-    assert "--global-batch-size 1 over 2 processes: every process needs" in job.output()
+    assert "--global-batch-size 2 over 3 processes: every process needs" in job.output()
     assert not (tmp_path / "run").exists()
 
 
