@@ -115,8 +115,8 @@ def gather_with_grad(
 
     ``sizes`` are the rows each rank passes (``ssl_train.shares.Shares``: they may differ
     by one); None means every rank passes as many as this one. With DDP averaging
-    gradients over W ranks, a loss computed on the gathered tensor and scaled by
-    ``Shares.mean_factor`` gives exactly the gradient of one process on the whole global
+    gradients over W ranks, a loss computed on the gathered tensor and divided by
+    ``Shares.mean_divisor`` gives exactly the gradient of one process on the whole global
     batch. Identity for one rank.
 
     Example:

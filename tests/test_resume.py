@@ -199,10 +199,10 @@ def test_sigterm_at_three_ranks_then_two_then_three_matches_the_one_rank_run(
     second = max(first + 2, STEPS_PER_EPOCH + 3)  # past the epoch boundary
     out = run(command("pretrain", *args, "--stop-at-step", str(second), nprocs=2),
               tmp_path / "log-2")  # fmt: skip
-    assert f"resumed from step {first} (saved on 3 ranks)" in out
+    assert f"resumed from step {first} (saved on 3 ranks;" in out
     half_way = CheckpointStore(str(run_dir)).load(second)["model"]
     out = run(command("pretrain", *args, nprocs=3), tmp_path / "log-3b")
-    assert f"resumed from step {second} (saved on 2 ranks)" in out
+    assert f"resumed from step {second} (saved on 2 ranks;" in out
     assert "(6 or 5 each)" in out
     final = final_weights(run_dir)
     assert largest_difference(final, final_weights(baseline_one_rank)) <= bound, spread
@@ -239,7 +239,7 @@ def test_two_ranks_then_one_rank_matches_the_one_rank_run(
     run(command("pretrain", *args, "--stop-at-step", str(STEPS // 2), nprocs=2), tmp_path / "log")
     half_way = CheckpointStore(str(run_dir)).load(STEPS // 2)["model"]
     out = run(command("pretrain", *args), tmp_path / "log")
-    assert f"resumed from step {STEPS // 2} (saved on 2 ranks)" in out
+    assert f"resumed from step {STEPS // 2} (saved on 2 ranks;" in out
     final = final_weights(run_dir)
     assert largest_difference(final, final_weights(baseline_one_rank)) <= bound, spread
     if memory:

@@ -340,6 +340,7 @@ class Trainer:
     def resume(self) -> None:
         """Load the newest complete checkpoint, if any, refusing another experiment's.
         Rank 0 reads it from storage and sends it to the other ranks."""
+        began = time.monotonic()
         loaded = load_latest_once(self.store, transfer_device(self.runtime.device))
         if loaded is None:
             return
@@ -355,7 +356,8 @@ class Trainer:
         if self.runtime.is_main:
             progress.say(
                 self.config.stage,
-                f"resumed from step {self.step} (saved on {state.get('world_size')} ranks)",
+                f"resumed from step {self.step} (saved on {state.get('world_size')} ranks; "
+                f"read and sent to every rank in {time.monotonic() - began:.1f} s)",
             )
         METRICS_NOW.inc("resumes_total")
         METRICS_NOW.set("global_step", self.step)

@@ -82,6 +82,9 @@ def start(device: str | None = None, checkpoint_bytes: int | None = None) -> Run
         )
         if backend != "gloo":
             control = dist.new_group(backend="gloo", timeout=timeout)
+        # a marker for the time a restart costs (bench/node_loss.py): imports and
+        # rendezvous are behind this rank now, its model and checkpoint ahead
+        log.info("rank %d of %d joined the process group (%s, %s)", rank, world, backend, chosen)
     return Runtime(rank, world, local_rank, chosen, control)
 
 
