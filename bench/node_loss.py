@@ -25,6 +25,8 @@ they say where the time goes, not what a cluster node takes (``bench/scale.py`` 
 1,024 GPUs from them).
 
     .venv/bin/python bench/node_loss.py --repeats 3
+    .venv/bin/python bench/node_loss.py --repeats 3 \
+        --rdzv-conf last_call_timeout=2,join_timeout=120,keep_alive_interval=1,keep_alive_max_attempt=3
 """
 
 from __future__ import annotations
@@ -57,11 +59,11 @@ RDZV_CONF = "last_call_timeout=2,join_timeout=120"
 class Node:
     """One torchrun agent whose output lines are kept with the time each was read."""
 
-    def __init__(self, index: int, port: int, args: list[str]) -> None:
+    def __init__(self, index: int, port: int, args: list[str], rdzv_conf: str = RDZV_CONF) -> None:
         cmd = [
             sys.executable, "-m", "torch.distributed.run", "--nnodes=2:3",
             "--nproc-per-node=1", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
-            "--rdzv-id=node-loss", f"--rdzv-conf=is_host={int(index == 0)},{RDZV_CONF}",
+            "--rdzv-id=node-loss", f"--rdzv-conf=is_host={int(index == 0)},{rdzv_conf}",
             "--max-restarts=3", "--monitor-interval=0.5",
             "-m", "ssl_train.cli", "pretrain", *args,
         ]  # fmt: skip
@@ -160,7 +162,7 @@ def one_loss(data: Path, args: argparse.Namespace) -> dict:
             str(args.checkpoint_every), "--metrics-port", "0",
         ]  # fmt: skip
         port = free_port()
-        nodes = [Node(index, port, argv) for index in range(3)]
+        nodes = [Node(index, port, argv, args.rdzv_conf) for index in range(3)]
         survivors = nodes[:2]
         try:
             _wait_for(nodes, r"on 3 ranks", time.monotonic())
@@ -206,6 +208,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--kill-at", type=int, default=11, help="lose the node after this step")
     parser.add_argument("--checkpoint-every", type=int, default=4)
+    parser.add_argument("--rdzv-conf", default=RDZV_CONF, help="torchrun's --rdzv-conf")
     args = parser.parse_args()
     data = shard_set()
     runs = []
