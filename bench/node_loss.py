@@ -24,9 +24,8 @@ figures are wall seconds on a shared 2-core machine whose three workers share tw
 they say where the time goes, not what a cluster node takes (``bench/scale.py`` models
 1,024 GPUs from them).
 
-    .venv/bin/python bench/node_loss.py --repeats 3
-    .venv/bin/python bench/node_loss.py --repeats 3 \
-        --rdzv-conf last_call_timeout=2,join_timeout=120,keep_alive_interval=1,keep_alive_max_attempt=3
+    .venv/bin/python bench/node_loss.py --repeats 3  # the components' rendezvous settings
+    .venv/bin/python bench/node_loss.py --repeats 3 --rdzv-conf last_call_timeout=2,join_timeout=120
 """
 
 from __future__ import annotations
@@ -50,10 +49,12 @@ from machine import machine_info
 from metrics_overhead import shard_set
 
 from shards.local_s3 import free_port
+from ssl_train import jobs
 
 PHASES = ("detection", "rendezvous", "worker start", "build", "checkpoint", "first step")
-# what the TorchX components give torchrun (ssl_train/jobs.py and TorchX's dist.ddp)
-RDZV_CONF = "last_call_timeout=2,join_timeout=120"
+# what the TorchX components give torchrun (ssl_train/jobs.py), with a join timeout
+# that ends a broken run in 2 minutes instead of 10
+RDZV_CONF = f"{jobs.RDZV_CONF},join_timeout=120"
 
 
 class Node:

@@ -38,7 +38,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -78,6 +80,7 @@ from ssl_train.models.memory import (
     smallest_world_size,
 )
 from ssl_train.models.presets import build_model
+from ssl_train.shares import Shares
 
 GPUS_PER_NODE = 8
 WORKERS_PER_RANK = 8
@@ -345,7 +348,17 @@ def simulate(dataset: Dataset, batch: int, world: int, nodes_simulated: int) -> 
                         first_batch_bytes = METER.total_bytes() - before
     cpu_s = time.process_time() - began
     scale = nodes / len(chosen)
+    # at a world size that does not divide the batch the simulated ranks' shares differ
+    # from the mean share (the first G mod W ranks take one more): the samples they own
+    # are the denominator, and data bytes scale by the samples owned, not by nodes
+    shares = Shares(batch, world)
+    owned = steps * sum(
+        shares.size(node * GPUS_PER_NODE + local)
+        for node in chosen
+        for local in range(GPUS_PER_NODE)
+    )
     totals = {k: METER.bytes[k] * scale for k in KINDS}
+    totals["data"] = METER.bytes["data"] * steps * batch / owned
     requests = {k: METER.requests[k] * scale for k in KINDS}
     sizes = tuple(dataset.shard_samples(s) for s in range(dataset.shards))
     ranks = [0, world // 2, world - 1]
@@ -356,7 +369,7 @@ def simulate(dataset: Dataset, batch: int, world: int, nodes_simulated: int) -> 
         "world_size": world,
         "nodes_simulated": len(chosen),
         "steps": steps,
-        "samples_read_per_sample_used": METER.samples * scale / (steps * batch),
+        "samples_read_per_sample_used": METER.samples / owned,
         "data_bytes_ratio": totals["data"] / shards.data_bytes,
         "index_bytes_ratio": totals["index"] / shards.data_bytes,
         "manifest_bytes_ratio": totals["manifest"] / shards.data_bytes,
@@ -395,7 +408,7 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-PARTS = ("memory", "checkpoint", "data")
+PARTS = ("memory", "checkpoint", "data", "restart")
 MEMORY_PRESETS = ("r50_1x_sk0", "r50_2x_sk1", "r101_2x_sk1", "r152_2x_sk1", "r152_3x_sk1")
 
 
@@ -498,6 +511,153 @@ def checkpoint_row(parameters: int, repeats: int) -> dict:
     }
 
 
+# What the lost-node model states rather than measures (a cluster's figures; each is
+# named beside the total it feeds, in the report and in BENCHMARKS.md).
+STATED_S3_READ_BYTES_PER_S = 100e6  # one stream; the figure the grace period assumes
+STATED_S3_FIRST_BYTE_S = 0.05
+STATED_BROADCAST_BYTES_PER_S = 10e9  # NCCL broadcast bus bandwidth: below one 100 Gb/s link
+STATED_DEVICE_TO_HOST_BYTES_PER_S = 10e9  # a checkpoint's snapshot, pinned or not
+STATED_NCCL_INIT_S = 10.0  # communicator set-up at 1,024 GPUs: an allowance, not measured
+STATED_STEP_S = 1.0  # the data table's modelled step
+# The node-loss phases bench/node_loss.py measured with the components' settings
+# (BENCHMARKS.md, "the time a lost node costs"): what a survivor's rank takes to see its
+# peer's sockets close, and a restarted rank's interpreter and imports.
+MEASURED_DETECTION_S = 1.39
+NODE_MTBF_H = (24, 168)  # one preemption per node and day, and per node and week
+
+
+def import_seconds(repeats: int = 3) -> float:
+    """Wall seconds a fresh interpreter takes to import what a training rank imports."""
+    code = "import torch, torchvision, ssl_train.cli, ssl_train.stages.loop, ssl_train.stages.tasks"
+    times = []
+    for _ in range(repeats):
+        began = time.perf_counter()
+        subprocess.run([sys.executable, "-c", code], check=True)
+        times.append(time.perf_counter() - began)
+    return statistics.median(times)
+
+
+def build_seconds(preset: str = "r50_1x_sk0") -> float:
+    """Wall seconds to build the preset's SimCLRv2 network on the CPU (a GPU rank builds
+    it the same way, then moves it)."""
+    began = time.perf_counter()
+    build_model(preset, num_classes=1000)
+    return time.perf_counter() - began
+
+
+def sha256_bytes_per_s(size: int = 256 * 2**20) -> float:
+    """The checkpoint's integrity check on this CPU (rank 0 hashes what it read)."""
+    data = np.random.default_rng(0).bytes(size)
+    began = time.perf_counter()
+    sha256_hex(data)
+    return size / (time.perf_counter() - began)
+
+
+def restart_report(gpus: int, preset: str, first_batch_bytes: int) -> dict:
+    """The seconds from a node's loss to training again at ``gpus`` GPUs (8 per node),
+    phase by phase: the rendezvous of its agents measured with the components' settings
+    (``bench/rendezvous.py``, every agent a real c10d handler on one store), imports,
+    build and hashing measured here, the rest from the stated figures above; and the
+    checkpoint cadence that bounds the steps redone."""
+    import rendezvous  # bench/rendezvous.py
+
+    from ssl_train.jobs import RDZV_CONF
+    from ssl_train.stages.config import StageConfig
+    from ssl_train.stages.sizing import stage_checkpoint_bytes
+
+    nodes = gpus // GPUS_PER_NODE
+    settings = argparse.Namespace(
+        agents=nodes, min_nodes=nodes // 2, rdzv_conf=RDZV_CONF, steady_s=5.0, detect_spread=1.0
+    )
+    measured = rendezvous.repeat(settings)
+    gloo = [rendezvous.gloo_group(ranks, lazy) for ranks in (16, 32) for lazy in (False, True)]
+    config = StageConfig.for_stage("pretrain", data="d", run_dir="r", preset=preset)
+    checkpoint = stage_checkpoint_bytes(config) or 0
+    hashing = sha256_bytes_per_s()
+    phases = {
+        "detection (measured locally: the survivors' sockets close)": MEASURED_DETECTION_S,
+        f"rendezvous of {nodes - 1} agents (measured, {RDZV_CONF})": measured["lost_node_last_s"],
+        "worker start: imports (measured)": import_seconds(),
+        "worker start: NCCL communicator (stated allowance)": STATED_NCCL_INIT_S,
+        "build: model (measured, CPU)": build_seconds(preset),
+        "checkpoint: read on rank 0 (stated S3 stream)": STATED_S3_FIRST_BYTE_S
+        + checkpoint / STATED_S3_READ_BYTES_PER_S,
+        "checkpoint: sha256 (measured)": checkpoint / hashing,
+        "checkpoint: broadcast (stated NCCL bandwidth)": checkpoint / STATED_BROADCAST_BYTES_PER_S,
+        "first step: first batch (stated S3) and one step (stated)": STATED_S3_FIRST_BYTE_S
+        + first_batch_bytes / STATED_S3_READ_BYTES_PER_S
+        + STATED_STEP_S,
+    }
+    total = sum(phases.values())
+    # Young's interval (the checkpoint cost C, the job's mean time between lost nodes M):
+    # sqrt(2 C M) minimises saving time plus redone time; no shorter than one background
+    # write, since a save waits for the one before it
+    blocking = checkpoint / STATED_DEVICE_TO_HOST_BYTES_PER_S
+    write = checkpoint / STATED_S3_READ_BYTES_PER_S
+    cadence = []
+    for mtbf_h in NODE_MTBF_H:
+        between_losses = mtbf_h * 3600 / nodes
+
+        def lost(interval: float, between_losses: float = between_losses) -> float:
+            """Share of the job's time spent saving, redoing steps (half an interval on
+            average) and restarting."""
+            return round(blocking / interval + (interval / 2 + total) / between_losses, 4)
+
+        youngs = max(math.sqrt(2 * blocking * between_losses), write)
+        cadence.append(
+            {
+                "node_mtbf_h": mtbf_h,
+                "job_s_between_lost_nodes": round(between_losses),
+                "youngs_interval_s": round(youngs, 1),
+                "fraction_lost_at_youngs": lost(youngs),
+                "fraction_lost_every_minute": lost(60),
+                "fraction_lost_every_10_minutes": lost(600),  # the stages' default
+                "gb_written_per_hour_every_minute": round(checkpoint * 60 / 1e9, 1),
+            }
+        )
+    return {
+        "gpus": gpus,
+        "nodes": nodes,
+        "preset": preset,
+        "checkpoint_bytes": checkpoint,
+        "phases_s": {name: round(value, 2) for name, value in phases.items()},
+        "total_s": round(total, 1),
+        "rendezvous_measured": measured,
+        "gloo_store_traffic": gloo,
+        "gloo_at_1024_ranks_eager": gloo_projection(gloo, 1024),
+        "sha256_mb_per_s": round(hashing / 1e6),
+        "save_blocks_s": round(blocking, 3),
+        "background_write_s": round(write, 1),
+        "cadence": cadence,
+    }
+
+
+def gloo_projection(rows: list[dict], ranks: int) -> dict:
+    """Eager gloo's store traffic at ``ranks``: requests grow as W^2, bytes as W^2 and
+    W^3 (every rank reads every peer's list of W addresses), fitted to the measured
+    sizes."""
+    eager = [row for row in rows if not row["lazy"]]
+    sizes = np.array([row["ranks"] for row in eager], dtype=float)
+    requests = np.linalg.lstsq(
+        np.stack([sizes, sizes**2], 1), np.array([r["make_requests"] for r in eager]), rcond=None
+    )[0]
+    nbytes = np.linalg.lstsq(
+        np.stack([sizes**2, sizes**3], 1), np.array([r["make_bytes"] for r in eager]), rcond=None
+    )[0]
+    return {
+        "ranks": ranks,
+        "requests": int(requests @ [ranks, ranks**2]),
+        "bytes": int(nbytes @ [ranks**2, ranks**3]),
+    }
+
+
+def restart_table(report: dict) -> str:
+    lines = ["| phase | seconds |", "|---|---:|"]
+    lines += [f"| {name} | {value:.2f} |" for name, value in report["phases_s"].items()]
+    lines.append(f"| **total** | **{report['total_s']:.1f}** |")
+    return "\n".join(lines)
+
+
 def memory_table(rows: list[dict], world_sizes: list[int]) -> str:
     """Per-GPU GiB of pretraining at global batch 4096, 224 px, bf16, by world size."""
     head = (
@@ -556,7 +716,15 @@ def main() -> None:
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     report["data"] = rows
-    print(table(rows))
+    if rows:
+        print(table(rows))
+    if "restart" in args.parts:
+        first_batch = next(
+            (row["bytes_before_first_batch"] for row in rows if row["world_size"] == 1024), 2**20
+        )
+        report["restart"] = restart_report(1024, "r50_1x_sk0", first_batch)
+        print(json.dumps(report["restart"]), flush=True)
+        print(restart_table(report["restart"]), flush=True)
     if args.out:
         args.out.write_text(json.dumps(report, indent=1) + "\n")
     print(json.dumps(report))

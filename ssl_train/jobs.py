@@ -48,6 +48,16 @@ CLI_MODULE = "ssl_train.cli"
 PRESET_METADATA = "ssl_train.preset"  # the network the job trains
 CHECKPOINT_BYTES_METADATA = "ssl_train.checkpoint_bytes"  # what the grace period must fit
 CHECK_FAILED_EXIT_CODE = 2  # `ssl-train` on a user error: the job ends, no retry
+# torchrun's c10d rendezvous (its --rdzv-conf, which torchrun reads from PET_RDZV_CONF;
+# TorchX's dist.ddp passes none). A lost node is dropped after 3 missed heartbeats 2 s
+# apart instead of 5 s apart, and a round that has its minimum of nodes waits 10 s for
+# more instead of 30. With 128 agents on one store (1,024 GPUs) that takes the
+# rendezvous after a lost node from about 45 s to about 18 s, with all 127 survivors in
+# one round even on 2 shared cores; heartbeats 1 s apart or a 5 s last call left some
+# survivors out of it there, to be fetched by another restart (bench/rendezvous.py;
+# BENCHMARKS.md). A node taken for dead by a late heartbeat keeps training: the round in
+# progress does not change, the node is only left out of the next one if it stays silent.
+RDZV_CONF = "keep_alive_interval=2,keep_alive_max_attempt=3,last_call_timeout=10"
 
 
 class JobRefused(ComponentValidationException, UserError):
@@ -231,14 +241,22 @@ def _torchrun_app(
     checkpoint_bytes: int | None = None,
 ) -> specs.AppDef:
     """TorchX's ``dist.ddp`` running ``python -m ssl_train.cli ARGV``, with a fresh
-    rendezvous store per round, torchrun's restarts, and the check before torchrun; the
-    shutdown window and the collectives' timeout are sized for a checkpoint of
-    ``checkpoint_bytes`` (the ``kubernetes`` scheduler sets the pod's grace period to
-    match, and a ``-cfg grace_period_s`` there overrides the window)."""
+    rendezvous store per round, the rendezvous settings of ``RDZV_CONF``, torchrun's
+    restarts, and the check before torchrun; the shutdown window and the collectives'
+    timeout are sized for a checkpoint of ``checkpoint_bytes`` (the ``kubernetes``
+    scheduler sets the pod's grace period to match, and a ``-cfg grace_period_s`` there
+    overrides the window).
+
+    An elastic range (``-j MIN:MAXxN``) replaces only a failed node's pod and leaves the
+    others training (TorchX's ``REPLICA`` retry policy): torchrun's rendezvous carries
+    the job on the nodes left. TorchX's default, kept for a fixed size, restarts every
+    pod of the job when one fails (Volcano's ``RestartJob``), which at 1,024 GPUs would
+    turn one lost node into a new job."""
     backend_floor = TORCH_COLLECTIVE_TIMEOUT_S if _gpus(options) > 0 else GLOO_TIMEOUT_S
     job_env = {
         "PET_MAX_RESTARTS": str(options.max_restarts),  # torchrun reads its flags from PET_*
         "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",  # a fresh store per rendezvous round
+        "PET_RDZV_CONF": RDZV_CONF,
         "LOGLEVEL": "INFO",
         SHUTDOWN_TIMEOUT_ENV: str(shutdown_timeout_s(grace_period_s(checkpoint_bytes))),
         COLLECTIVE_TIMEOUT_ENV: str(collective_timeout_s(checkpoint_bytes, backend_floor)),
@@ -260,6 +278,9 @@ def _torchrun_app(
     )
     role = app.roles[0]
     role.name = argv[0].replace("-", "_")
+    min_nodes, max_nodes, _, _ = parse_nnodes(options.j)
+    if min_nodes < max_nodes:
+        role.retry_policy = specs.RetryPolicy.REPLICA
     if check:
         command = shlex.join(["ssl-train", *argv, "--check-only"])
         role.args = ["-c", f"{command} && exec {role.args[1]}"]

@@ -2,7 +2,7 @@
 divide its global batch.
 
 Three torchrun agents on this machine stand in for three nodes (one process each, c10d
-rendezvous, ``--nnodes 2:3``), training a global batch of 16: shares of 6, 5 and 5 at
+rendezvous with the TorchX components' settings, ``--nnodes 2:3``), training a global batch of 16: shares of 6, 5 and 5 at
 three nodes, 8 each at two. One agent is SIGKILLed mid-run: the other two restart their
 workers, meet again at world size 2 and go on from the last checkpoint; then a new agent
 joins, the two stop their workers (SIGTERM: they save the step reached) and all three
@@ -22,6 +22,7 @@ import pytest
 from stage_runs import TINY, Run, assert_exactly_once, descendants, start, trace
 
 from shards.local_s3 import free_port
+from ssl_train.jobs import RDZV_CONF
 
 from conftest import TinyShards
 
@@ -35,11 +36,12 @@ def _agent(node: int, port: int, args: list[str], log: Path) -> Run:
     launcher = [
         sys.executable, "-m", "torch.distributed.run", "--nnodes=2:3", "--nproc-per-node=1",
         "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=elastic",
-        f"--rdzv-conf=is_host={int(node == 0)},last_call_timeout=2,join_timeout=120",
+        f"--rdzv-conf=is_host={int(node == 0)},join_timeout=120,{RDZV_CONF}",
         "--max-restarts=5", "--monitor-interval=0.5",
         "-m", "ssl_train.cli", "pretrain", *args,
     ]  # fmt: skip
-    # what the TorchX components set: a fresh rendezvous store per round
+    # what the TorchX components set: their rendezvous settings (above), a fresh
+    # rendezvous store per round
     env = {**os.environ, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
     return start(launcher, log.with_suffix(f".node{node}"), env)
 

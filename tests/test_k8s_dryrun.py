@@ -40,7 +40,11 @@ CFG = "queue=ssl-train,namespace=ml,secret=s3-credentials"
 
 
 def dryrun(
-    component: str, args: list[str], tmp_path: Path, cfg: str = f"{CFG},grace_period_s=180"
+    component: str,
+    args: list[str],
+    tmp_path: Path,
+    cfg: str = f"{CFG},grace_period_s=180",
+    common: list[str] = COMMON,
 ) -> tuple[str, dict]:
     env = {
         **os.environ,
@@ -51,7 +55,7 @@ def dryrun(
     cmd = [
         str(BIN / "torchx"), "run", "--workspace", "", "--dryrun", "-s", "kubernetes",
         "-cfg", cfg,
-        component, *COMMON, *args,
+        component, *common, *args,
     ]  # fmt: skip
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -76,7 +80,8 @@ def test_dryrun_job_is_valid_and_carries_no_credentials(component: str, tmp_path
         assert task["maxRetry"] == 3  # the scheduler's retries of the job (max_retries)
         # the check before torchrun failed: Volcano ends the job instead of retrying it
         assert task["policies"][0] == {"exitCode": 2, "action": "TerminateJob"}
-        assert {"event": "PodFailed", "action": "RestartJob"} in task["policies"]
+        # an elastic range: a failed pod is replaced, the others go on (no RestartJob)
+        assert [p.get("action") for p in task["policies"]] == ["TerminateJob"]
         pod = {"apiVersion": "v1", "kind": "Pod", **task["template"]}
         kubernetes_validate.validate(pod, kubernetes_validate.latest_version(), strict=True)
         spec = pod["spec"]
@@ -96,6 +101,10 @@ def test_dryrun_job_is_valid_and_carries_no_credentials(component: str, tmp_path
         assert launch.startswith("torchrun ") and f"-m ssl_train.cli {stage}" in launch
         env = {item["name"]: item.get("value") for item in container["env"]}
         assert env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] == "1" and env["PET_MAX_RESTARTS"] == "3"
+        # torchrun's --rdzv-conf: a lost node is dropped after 6 s, a round waits 10 s
+        assert env["PET_RDZV_CONF"] == (
+            "keep_alive_interval=2,keep_alive_max_attempt=3,last_call_timeout=10"
+        )
         # torchrun gives its workers the grace period, less 15 s for its own exit
         assert env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] == "165"
         shm = [v for v in spec["volumes"] if v.get("emptyDir", {}).get("medium") == "Memory"]
@@ -157,6 +166,17 @@ def test_an_elastic_range_the_batch_does_not_divide_is_a_valid_job(tmp_path: Pat
         command = " ".join(pod["spec"]["containers"][0]["command"])
         assert "--nnodes 2:4" in command and "--nproc_per_node 8" in command
         assert "--global-batch-size 4096" in command
+
+
+def test_a_fixed_size_job_restarts_as_a_whole(tmp_path: Path) -> None:
+    """-j 4x8 cannot go on without the lost node: Volcano restarts the job (TorchX's
+    default), where an elastic range only replaces the failed pod."""
+    base = COMPONENTS["ssl.pretrain"]
+    _, job = dryrun("ssl.pretrain", base, tmp_path, common=[*COMMON[:-1], "4x8"])
+    for task in job["spec"]["tasks"]:
+        assert task["minAvailable"] == 1
+        assert {"event": "PodFailed", "action": "RestartJob"} in task["policies"]
+        assert {"event": "PodEvicted", "action": "RestartJob"} in task["policies"]
 
 
 def test_a_cpu_job_keeps_the_device_choice_and_gloos_timeout(tmp_path: Path) -> None:

@@ -51,6 +51,9 @@ class Runtime:
         return self.world_size > 1
 
 
+GLOO_LAZY_INIT_ENV = "TORCH_GLOO_LAZY_INIT"  # torch's switch; a user's 0 is kept
+
+
 def start(device: str | None = None, checkpoint_bytes: int | None = None) -> Runtime:
     """Join torchrun's process group when launched by it; pick this rank's device. The
     group's collectives wait as long as rank 0 may need for a checkpoint of
@@ -67,6 +70,11 @@ def start(device: str | None = None, checkpoint_bytes: int | None = None) -> Run
     chosen = pick_device(device, local_rank)
     control = None
     if world > 1 and not dist.is_initialized():
+        # gloo connects every pair of ranks when a group is made unless a pair is to
+        # connect on its first use: at 1,024 ranks that is about 2M requests and 8 GB
+        # through rank 0's store on every restart, for groups whose ring collectives
+        # talk to two neighbours (bench/rendezvous.py --gloo-ranks; BENCHMARKS.md)
+        os.environ.setdefault(GLOO_LAZY_INIT_ENV, "1")
         backend = "nccl" if chosen.type == "cuda" else "gloo"
         floor = default_pg_nccl_timeout if backend == "nccl" else default_pg_timeout
         seconds = collective_timeout_s(checkpoint_bytes, int(floor.total_seconds()))
