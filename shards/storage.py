@@ -151,6 +151,13 @@ def explain(exc: BaseException, url: str) -> ShardsError:
     if "nosuchbucket" in lowered or "bucket does not exist" in lowered:
         bucket = urlsplit(url).netloc
         return ShardsError(f"{where}: bucket '{bucket}' does not exist; create it or fix the URL")
+    names = {type(item).__name__ for item in _chain(exc)}
+    if "NoCredentialsError" in names or "unable to locate credentials" in lowered:
+        return ShardsError(
+            f"{where}: no storage credentials found; set AWS_ACCESS_KEY_ID and "
+            "AWS_SECRET_ACCESS_KEY (and AWS_ENDPOINT_URL for a store other than AWS), or "
+            "AWS_PROFILE with ~/.aws/credentials, or run where an IAM role provides them"
+        )
     if isinstance(exc, PermissionError) or any(
         code in lowered
         for code in ("invalidaccesskeyid", "signaturedoesnotmatch", "accessdenied", "forbidden")
@@ -205,6 +212,7 @@ _PERMANENT_WORDS = (
     "accessdenied",
     "forbidden",
     "expiredtoken",
+    "unable to locate credentials",
 )
 # Exception class names (aiohttp, botocore, urllib3, fsspec) of a dropped connection or
 # a response cut short: matched by name so this module needs none of those packages.
@@ -522,6 +530,17 @@ def size_or_none(url: str) -> int | None:
         if isinstance(exc.__cause__, FileNotFoundError):
             return None
         raise
+
+
+def holds_anything(url: str) -> bool:
+    """Whether anything lies at ``url``: a file, or a folder or prefix with objects in it.
+
+    Example:
+        >>> holds_anything("/nonexistent/run"), holds_anything("/tmp")
+        (False, True)
+    """
+    fs, path = filesystem(url)
+    return bool(with_retries(lambda: fs.exists(path), url))
 
 
 def read_range(url: str, start: int, end: int) -> bytes:

@@ -316,7 +316,7 @@ def main(argv: list[str] | None = None) -> None:
         >>> main(["demo", "--out", "demo-out"])  # doctest: +SKIP
     """
     from ssl_train.errors import USER_ERRORS
-    from ssl_train.stages.loop import PREEMPTED_EXIT_CODE, Preempted
+    from ssl_train.stages.loop import Preempted
     from ssl_train.stages.registry import STAGES
 
     args = build_parser().parse_args(argv)
@@ -366,7 +366,7 @@ def main(argv: list[str] | None = None) -> None:
             data_bench(args)
     except Preempted as exc:
         print(f"ssl-train: {exc}; the checkpoint is saved, run again to resume", file=sys.stderr)
-        sys.exit(PREEMPTED_EXIT_CODE)
+        sys.exit(exc.exit_code)
     except USER_ERRORS as exc:  # anything else is a bug: its traceback stays
         print(f"ssl-train: error: {exc}", file=sys.stderr)
         record_error(str(exc))

@@ -66,6 +66,24 @@ def test_the_models_a_stage_starts_from_are_checked(
     assert f"--pretrained {resumable}/final holds no finished model" in result.stderr
 
 
+@pytest.mark.parametrize("flag", ["--pretrained", "--teacher"])
+def test_a_mistyped_model_path_is_named_as_missing(
+    tiny_shards: TinyShards, flag: str, tmp_path: Path
+) -> None:
+    """`--pretrained runs/pretrian` names the flag and says nothing is there, instead of
+    calling it a run that has not finished yet."""
+    stage = "finetune" if flag == "--pretrained" else "distill"
+    typo = tmp_path / "runs" / "pretrian"
+    result = run_cli(
+        stage, "--data", tiny_shards.train, "--run-dir", tmp_path / "out", flag, typo,
+        "--image-size", "16", "--global-batch-size", "16", "--check-only",
+        tool="ssl-train",
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert f"{flag} {typo}: nothing is there; check the path" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_a_subset_that_names_nothing_is_refused(tiny_shards: TinyShards, tmp_path: Path) -> None:
     names = tmp_path / "labels.txt"
     names.write_text("n99999999_1.JPEG\n")

@@ -161,6 +161,24 @@ def test_sigterm_saves_the_current_step_and_resume_starts_there(
     assert_exactly_once(trace(trace_file), tiny_shards.keys, STEPS_PER_EPOCH)
 
 
+def test_ctrl_c_saves_the_step_reached_and_exits_130(
+    tiny_shards: TinyShards, tmp_path: Path
+) -> None:
+    """Ctrl-C (SIGINT) stops a run as SIGTERM does, with the status a shell gives SIGINT
+    (128 + 2), not SIGTERM's 143."""
+    from ssl_train.checkpoint import CheckpointStore
+
+    run_dir, trace_file = tmp_path / "run", tmp_path / "trace"
+    args = pretrain_args(tiny_shards.train, run_dir, "--trace-samples", str(trace_file))
+    job = start(command("pretrain", *args), tmp_path / "log")
+    wait_for_step(trace_file, 2, job)
+    job.proc.send_signal(signal.SIGINT)  # what Ctrl-C sends the foreground process
+    assert job.wait(timeout=60) == 130, job.output()[-2000:]
+    assert "stopped by SIGINT" in job.output()
+    done = max(line["global_step"] for line in trace(trace_file)) + 1
+    assert CheckpointStore(str(run_dir)).latest() == done
+
+
 def memory_state(run_dir: Path) -> dict:
     """The memory network and buffer of the run's last checkpoint."""
     from ssl_train.checkpoint import CheckpointStore

@@ -77,6 +77,26 @@ def test_eval_against_an_unreachable_endpoint(finished_run: Path) -> None:
     assert "not-logged" not in result.stderr + result.stdout, line
 
 
+def test_missing_storage_credentials_say_what_to_set() -> None:
+    """No keys in the environment, no credentials file, no instance role: the line
+    names the variables to set instead of botocore's "Unable to locate credentials"."""
+    env = {
+        key: value for key, value in __import__("os").environ.items()
+        if not key.startswith("AWS_")
+    }  # fmt: skip
+    env.update(
+        AWS_ENDPOINT_URL=f"http://127.0.0.1:{free_port()}",
+        AWS_SHARED_CREDENTIALS_FILE="/nonexistent/credentials",
+        AWS_CONFIG_FILE="/nonexistent/config",
+        AWS_EC2_METADATA_DISABLED="true",  # no instance role to ask on this machine
+    )
+    result = run_cli(
+        "pretrain", "--data", "s3://bucket/train", "--run-dir", "s3://bucket/run",
+        "--check-only", env=env, tool="ssl-train",
+    )  # fmt: skip
+    one_line_error(result, "s3://bucket/", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+
+
 @pytest.mark.parametrize("device", ["tpu", "cuda:x", "cuda"])
 def test_a_device_that_cannot_work(
     finished_run: Path, tiny_shards: TinyShards, device: str

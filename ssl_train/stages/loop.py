@@ -16,6 +16,7 @@ import inspect
 import json
 import logging
 import os
+import signal
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -57,7 +58,20 @@ PREEMPTED_EXIT_CODE = 143  # what a process killed by SIGTERM reports: scheduler
 
 
 class Preempted(Exception):
-    """Raised after the checkpoint of a stop request is safely written."""
+    """Raised after the checkpoint of a stop request is safely written; ``exit_code`` is
+    the shell's for the signal that asked (130 for Ctrl-C's SIGINT, 143 for SIGTERM and
+    for a rank stopped because another rank was asked).
+
+    Example:
+        >>> Preempted("stopped", "SIGINT").exit_code, Preempted("stopped").exit_code
+        (130, 143)
+    """
+
+    def __init__(self, message: str, signal_name: str | None = None) -> None:
+        super().__init__(message)
+        self.exit_code = (
+            128 + signal.Signals[signal_name].value if signal_name else PREEMPTED_EXIT_CODE
+        )
 
 
 class ConfigMismatch(UserError):
@@ -484,7 +498,8 @@ class Trainer:
                     _report_preemption_save(self.step, time.monotonic() - began)
                     self._record_checkpoint(checkpointer)
                 raise Preempted(
-                    f"stopped by {stop_request.signal_name or 'another rank'} at step {self.step}"
+                    f"stopped by {stop_request.signal_name or 'another rank'} at step {self.step}",
+                    stop_request.signal_name,
                 )
             if self.decoder is not None:  # in the step's time, as the GPU spends it
                 batch = self.decoder(batch)

@@ -145,7 +145,7 @@ def check_sources(config: StageConfig, classes: list[str]) -> None:
         >>> check_sources(config, ["cat", "dog"])
         Traceback (most recent call last):
         ...
-        ssl_train.export.ExportError: --pretrained /nope/final holds no finished model (config.json missing): let the stage that writes it finish, or point at another run
+        ssl_train.export.ExportError: --pretrained /nope: nothing is there; check the path (the run dir of the stage that trained the model)
     """
     if config.pretrained:
         check_pretrained(config, _model_config("--pretrained", config.pretrained))
@@ -197,6 +197,11 @@ def _model_config(flag: str, run_dir: str) -> dict[str, Any]:
     try:
         return read_config(model_url(run_dir))
     except UserError as exc:
+        if not storage.holds_anything(run_dir):  # a typo, not a run still training
+            raise type(exc)(
+                f"{flag} {storage.redact(run_dir)}: nothing is there; check the path (the "
+                "run dir of the stage that trained the model)"
+            ) from None
         raise type(exc)(f"{flag} {exc}") from None
 
 
