@@ -2,8 +2,8 @@
 divide its global batch.
 
 Three torchrun agents on this machine stand in for three nodes (one process each, c10d
-rendezvous with the TorchX components' settings, ``--nnodes 2:3``), training a global batch of 16: shares of 6, 5 and 5 at
-three nodes, 8 each at two. One agent is SIGKILLed mid-run: the other two restart their
+rendezvous with the TorchX components' settings, ``--nnodes 2:3``), training a global
+batch of 16: shares of 6, 5 and 5 at three nodes, 8 each at two. One agent is SIGKILLed mid-run: the other two restart their
 workers, meet again at world size 2 and go on from the last checkpoint; then a new agent
 joins, the two stop their workers (SIGTERM: they save the step reached) and all three
 go on at world size 3 to the end. Every sample is trained exactly once per epoch.
