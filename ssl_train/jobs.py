@@ -52,7 +52,7 @@ CHECK_FAILED_EXIT_CODE = 2  # `ssl-train` on a user error: the job ends, no retr
 # TorchX's dist.ddp passes none). A lost node is dropped after 3 missed heartbeats 2 s
 # apart instead of 5 s apart, and a round that has its minimum of nodes waits 10 s for
 # more instead of 30. With 128 agents on one store (1,024 GPUs) that takes the
-# rendezvous after a lost node from about 45 s to about 18 s, with all 127 survivors in
+# rendezvous after a lost node from about 44 s to about 19 s, with all 127 survivors in
 # one round even on 2 shared cores; heartbeats 1 s apart or a 5 s last call left some
 # survivors out of it there, to be fetched by another restart (bench/rendezvous.py;
 # BENCHMARKS.md). A node taken for dead by a late heartbeat keeps training: the round in

@@ -19,7 +19,7 @@ import pytest
 from shards.local_s3 import free_port
 
 JOIN = """
-import json, os, torch, torch.distributed as dist
+import json, os, time, torch, torch.distributed as dist
 from ssl_train.stages import runtime
 
 def sockets():
@@ -29,6 +29,12 @@ def sockets():
 
 state = runtime.start("cpu")
 before = sockets()
+# neither rank's all-reduce may start before both counted: a peer's first use connects
+# the pair from its side too (through the store, which adds no socket)
+store = dist.distributed_c10d._get_default_store()
+store.add("counted", 1)
+while store.add("counted", 0) < 2:
+    time.sleep(0.01)
 total = torch.tensor([float(state.rank + 1)])
 dist.all_reduce(total)
 print(json.dumps({"lazy": os.environ.get("TORCH_GLOO_LAZY_INIT"), "before": before,
