@@ -3,8 +3,9 @@
 
 Run from the repository root:
 
-    .venv/bin/python bench/scale.py [--datasets imagenet-1k imagenet-21k]
-        [--world-sizes 8 64 128 512 1024] [--batches 4096 65536] [--nodes 2] [--out FILE]
+    .venv/bin/python bench/scale.py [--parts memory checkpoint data restart]
+        [--datasets imagenet-1k imagenet-21k] [--world-sizes 8 64 128 512 1024]
+        [--batches 4096 65536] [--nodes 2] [--out FILE]
 
 For each dataset, global batch and world size (8 GPUs per node, 8 DataLoader workers per
 rank), one epoch is driven through the project's real code: ``TrainStream.steps`` and
@@ -30,6 +31,14 @@ memory of pretraining at global batch 4096 against the world size, with the fewe
 40 GiB GPUs that hold it (``ssl_train.models.memory``, what the components check); and an
 R152 3x+SK-sized state (weights and LARS momentum) through the real ``AsyncCheckpointer``:
 how long a save blocks the step, the background write's MB/s, one rank's load time.
+
+``--parts restart`` models a lost node at 1,024 GPUs (128 nodes of 8), phase by phase:
+the rendezvous of the 127 nodes left measured with 128 real c10d rendezvous agents and
+the components' settings (``bench/rendezvous.py``), gloo's store traffic eager against
+lazy, imports, the model's build and the checkpoint's hashing measured here, and the
+rest (S3 reads, NCCL's broadcast and set-up, the first step) from stated figures named
+beside each; then the checkpoint cadence (Young's interval) that bounds the steps
+redone, by node MTBF.
 
 The last line is one JSON object with everything.
 """
