@@ -68,7 +68,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from machine import machine_info  # bench/machine.py (scripts run from bench/)
+from machine import machine_info, process_cpu_seconds  # bench/machine.py (scripts run from bench/)
 from shards_create import Machine
 
 SHARDS = str(Path(sys.executable).with_name("shards"))
@@ -170,9 +170,7 @@ def server_cpu(machine: Machine | None) -> float:
     """CPU seconds the local S3 server has used so far (0 without one)."""
     if machine is None or not machine.server_pid:
         return 0.0
-    with open(f"/proc/{machine.server_pid}/stat") as f:
-        stat = f.read().rsplit(")", 1)[1].split()
-    return (int(stat[11]) + int(stat[12])) / machine.tick
+    return process_cpu_seconds(machine.server_pid)
 
 
 def run_pretrain(

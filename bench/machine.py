@@ -29,6 +29,22 @@ def machine_info() -> dict[str, Any]:
     }
 
 
+def process_cpu_seconds(pid: int) -> float:
+    """CPU-seconds (user + system, all its threads) a running process has used so far;
+    0.0 once it is gone.
+
+    Example:
+        >>> process_cpu_seconds(os.getpid()) > 0
+        True
+    """
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def child_cpu_seconds(cmd: list[str], env: dict[str, str] | None = None) -> float:
     """CPU-seconds (user + system) of a command and the children it waited for: what the
     work cost, whatever the shared machine's neighbours do to its wall time.

@@ -65,10 +65,9 @@ from datetime import timedelta
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import machine_info
+from machine import machine_info, process_cpu_seconds
 
 AGENTS_PER_PROCESS = 16
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def parse_conf(text: str) -> dict[str, str]:
@@ -178,11 +177,7 @@ class Group:
 
     def cpu_s(self) -> float:
         """CPU seconds this process used so far (user and system, its threads')."""
-        try:
-            fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            return 0.0
-        return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+        return process_cpu_seconds(self.process.pid)
 
     def stop(self) -> None:
         self.send("quit")

@@ -89,6 +89,7 @@ from ssl_train.models.memory import (
     smallest_world_size,
 )
 from ssl_train.models.presets import build_model
+from ssl_train.preemption import STATED_WRITE_BYTES_PER_S
 from ssl_train.shares import Shares
 
 GPUS_PER_NODE = 8
@@ -522,7 +523,7 @@ def checkpoint_row(parameters: int, repeats: int) -> dict:
 
 # What the lost-node model states rather than measures (a cluster's figures; each is
 # named beside the total it feeds, in the report and in BENCHMARKS.md).
-STATED_S3_READ_BYTES_PER_S = 100e6  # one stream; the figure the grace period assumes
+STATED_S3_READ_BYTES_PER_S = STATED_WRITE_BYTES_PER_S  # one stream, as the grace period assumes
 STATED_S3_FIRST_BYTE_S = 0.05
 STATED_BROADCAST_BYTES_PER_S = 10e9  # NCCL broadcast bus bandwidth: below one 100 Gb/s link
 STATED_DEVICE_TO_HOST_BYTES_PER_S = 10e9  # a checkpoint's snapshot, pinned or not
@@ -602,7 +603,7 @@ def restart_report(gpus: int, preset: str, first_batch_bytes: int) -> dict:
     # sqrt(2 C M) minimises saving time plus redone time; no shorter than one background
     # write, since a save waits for the one before it
     blocking = checkpoint / STATED_DEVICE_TO_HOST_BYTES_PER_S
-    write = checkpoint / STATED_S3_READ_BYTES_PER_S
+    write = checkpoint / STATED_WRITE_BYTES_PER_S
     cadence = []
     for mtbf_h in NODE_MTBF_H:
         between_losses = mtbf_h * 3600 / nodes
