@@ -44,27 +44,63 @@ MULTIPART_PART_BYTES = 32 * 1024**2
 # Commands, not storage: a manifest or argument naming one of these is refused.
 _REFUSED_SCHEMES = {"pipe", "exec", "shell", "cmd"}
 
-# fsspec's event loop at the moment of a fork (see _detach_inherited_loop).
+# fsspec's event loop and cached file systems at the moment of a fork (see
+# _detach_inherited_loop; fsspec empties its caches in the child before our hook runs).
 _loop_at_fork: list = [None]
+_filesystems_at_fork: list[AsyncFileSystem] = []
+
+# In a forked child: the parent's file systems (S3 clients), held so they are never
+# closed there (see _detach_inherited_loop).
+_inherited_filesystems: list[AsyncFileSystem] = []
 
 
 def _remember_loop() -> None:
     _loop_at_fork[0] = fsspec.asyn.loop[0]
+    _filesystems_at_fork[:] = _cached_async_filesystems()
+
+
+def _forget_loop() -> None:
+    _loop_at_fork[0] = None
+    _filesystems_at_fork.clear()
+
+
+def _cached_async_filesystems() -> list[AsyncFileSystem]:
+    """Every async file system fsspec holds in its instance caches (one per class)."""
+    found, classes = {}, [AsyncFileSystem]
+    while classes:
+        cls = classes.pop()
+        classes.extend(cls.__subclasses__())
+        found.update((id(fs), fs) for fs in list(getattr(cls, "_cache", {}).values()))
+    return list(found.values())
 
 
 def _detach_inherited_loop() -> None:
-    """In a forked child (a DataLoader worker): give the loop inherited from the parent
-    a selector of its own before anything in the child closes its connections.
+    """In a forked child (a DataLoader worker): cut the child off from the parent's event
+    loop and from the S3 clients that live on it, before anything in the child uses them.
 
-    The child's copy of the parent's epoll selector is the parent's epoll instance, not a
-    copy. fsspec starts a fresh loop in the child, and when the inherited S3 clients are
-    dropped there, their pooled keep-alive connections unregister from that shared
-    instance: the parent's idle connection to the store then never wakes its loop again,
-    and the parent's next request on it waits forever (found with SeaweedFS, which keeps
-    connections alive as S3 does; moto closed each one). Closing the child's handle on
-    the shared instance leaves the parent's registrations alone."""
+    Three things come across a fork that belong to the parent:
+
+    - The loop's epoll selector. The child's copy is the parent's epoll instance, not a
+      copy: when the inherited S3 clients are dropped in the child, their pooled
+      keep-alive connections unregister from that shared instance, the parent's idle
+      connection to the store never wakes its loop again, and its next request on it
+      waits forever (found with SeaweedFS, which keeps connections alive as S3 does).
+      The child closes its own handle on the instance and takes a fresh selector.
+    - The loop's "running" mark. Its thread did not come across, yet the copy says it
+      runs; s3fs's finaliser of an inherited client then schedules the client's close on
+      the child's own loop, where it fails ("Task exception was never retrieved ... got
+      Future attached to a different loop", two tracebacks per worker per client).
+    - The clients themselves. fsspec drops them from its cache at the child's first
+      open, and they would be garbage-collected, in whatever thread happens to collect:
+      closed on the wrong loop as above, or left open and reported by aiohttp
+      ("Unclosed client session"). They cannot be closed from the child (their loop has
+      no thread here) and need not be: the child keeps them until it ends (a DataLoader
+      worker ends with ``os._exit``, so nothing runs their finalisers), and opens
+      clients of its own on its own loop.
+    """
+    _inherited_filesystems.extend(_filesystems_at_fork)
     loop = _loop_at_fork[0]
-    _loop_at_fork[0] = None
+    _forget_loop()
     selector = getattr(loop, "_selector", None)
     if selector is None:
         return
@@ -73,10 +109,13 @@ def _detach_inherited_loop() -> None:
     with contextlib.suppress(OSError):
         selector.close()  # the child's file descriptor only; no epoll_ctl on the instance
     loop._selector = selectors.DefaultSelector()
+    loop._thread_id = None  # not running here: its thread stayed in the parent
 
 
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(before=_remember_loop, after_in_child=_detach_inherited_loop)
+    os.register_at_fork(
+        before=_remember_loop, after_in_parent=_forget_loop, after_in_child=_detach_inherited_loop
+    )
 
 
 def redact(url: str) -> str:

@@ -54,9 +54,29 @@ class Run:
         self.proc.wait(timeout=10)
 
     def check(self, timeout: float = 120) -> str:
+        """The output of a run that must succeed, and say nothing alarming doing it."""
         code = self.wait(timeout)
         assert code == 0, f"exit {code}:\n{self.output()[-4000:]}"
+        assert_clean(self.output())
         return self.output()
+
+
+# What a successful run must never print: a user reads each as something gone wrong.
+ALARMS = (
+    "Traceback (most recent call last)",
+    "Task exception was never retrieved",  # asyncio: an S3 client's task left to die
+    "Exception ignored in",  # an error raised in a finaliser, lost
+    "Grad strides do not match bucket view strides",  # DDP: images and model differ
+)
+
+
+def assert_clean(output: str) -> None:
+    """Fail with the first alarming line of a successful run's output, and its context."""
+    for alarm in ALARMS:
+        at = output.find(alarm)
+        assert at < 0, (
+            f"a successful run printed {alarm!r}:\n{output[max(0, at - 500) : at + 2500]}"
+        )
 
 
 def command(stage: str, *args: str, nprocs: int | None = None, max_restarts: int = 0) -> list[str]:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
-from stage_runs import alive, descendants
+from stage_runs import alive, assert_clean, descendants
 
 from shards.sources import mnist5k
 from ssl_train.demo import (
@@ -237,6 +237,7 @@ def test_demo_end_to_end_interrupted_then_resumed(tmp_path: Path) -> None:
     second = DemoProcess(cmd, tmp_path / "second.log", env, tmp_path)
     output = second.wait()
     assert second.process.returncode == 0, output[-4000:]
+    assert_clean(output)
     assert "pretrain: finished earlier" in output
     # the object store is kept under OUT/s3: the shards of the first run are not made again
     for split in ("train", "test"):
@@ -261,6 +262,7 @@ def test_demo_end_to_end_interrupted_then_resumed(tmp_path: Path) -> None:
     third = DemoProcess(cmd, tmp_path / "third.log", env, tmp_path)
     output = third.wait()
     assert third.process.returncode == 0, output[-4000:]
+    assert_clean(output)
     assert "(7 finished stages reused)" in output
     rerun = json.loads((out / "results.json").read_text())
     assert rerun["seconds"] == results["seconds"] and rerun["1%"] == results["1%"]

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from stage_runs import descendants
+from stage_runs import assert_clean, descendants
 
 from ssl_train.pipeline import PipelinePlan, Stage
 
@@ -59,6 +59,7 @@ def test_pipeline_runs_every_stage_and_a_rerun_skips_finished_ones(
 
     second = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert_clean(second.stdout + second.stderr)
     assert "pretrain: finished earlier" in second.stdout
     assert "finetune-eighth: submitted" in second.stdout and "torchx status" in second.stdout
     assert (pretrained.stat().st_mtime_ns, pretrained.read_bytes()) == before

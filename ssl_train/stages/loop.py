@@ -590,9 +590,8 @@ class Trainer:
         device = self.runtime.device
         views = batch.views.to(device, non_blocking=True)
         labels = batch.labels.to(device, non_blocking=True)
-        images = self.task.device_views(views, batch.keys, batch.epoch)
-        if self.config.channels_last:  # once: the loss and the task's after_step share it
-            images = images.contiguous(memory_format=torch.channels_last)
+        # once: the loss and the task's after_step share it
+        images = in_run_layout(self.task.device_views(views, batch.keys, batch.epoch), self.config)
         self.lr = self.schedule.step_to(self.step)
         metrics = train_step(
             self.task, self.forward_model, self.trained, images, labels, self.shares
@@ -688,11 +687,28 @@ class Trainer:
         return summary
 
 
+def in_run_layout(images: torch.Tensor, config: StageConfig) -> torch.Tensor:
+    """``images`` in the memory format the model's weights are in, either way.
+
+    The data stream hands over channels-last batches (its crops are made that way). A
+    model left contiguous (``--channels-last false``, the CPU default) fed channels-last
+    images gets channels-last gradients for its 1x1 convolutions, whose strides then
+    differ from DDP's contiguous bucket views: every rank warns ("Grad strides do not
+    match bucket view strides") and each step copies those gradients once more.
+
+        >>> config = StageConfig.for_stage("pretrain", data="d", run_dir="r", channels_last=False)
+        >>> x = torch.zeros(2, 3, 4, 4).contiguous(memory_format=torch.channels_last)
+        >>> in_run_layout(x, config).is_contiguous()
+        True
+    """
+    layout = torch.channels_last if config.channels_last else torch.contiguous_format
+    return images.contiguous(memory_format=layout)
+
+
 @contextlib.contextmanager
 def run_format(images: torch.Tensor, config: StageConfig) -> Iterator[torch.Tensor]:
     """``images`` in the run's memory format, under its precision's autocast."""
-    if config.channels_last:
-        images = images.contiguous(memory_format=torch.channels_last)
+    images = in_run_layout(images, config)
     with torch.autocast(
         images.device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16"
     ):
