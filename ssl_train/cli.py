@@ -87,7 +87,13 @@ def build_parser() -> argparse.ArgumentParser:
         "are ROOT/<stage>; finished stages are skipped, an unfinished one resumes.",
     )
     pipeline.add_argument("-s", "--scheduler", default="local_cwd", help="TorchX scheduler")
-    pipeline.add_argument("--cfg", default="", help="scheduler options, e.g. queue=ssl-train")
+    pipeline.add_argument(
+        "-cfg",
+        "--cfg",
+        dest="cfg",
+        default="",
+        help="scheduler options, as `torchx run -cfg` takes them, e.g. queue=ssl-train",
+    )
     pipeline.add_argument("--data", required=True, help="training shard set URL")
     pipeline.add_argument(
         "--eval-data", help="shard set the finetuned and distilled models are evaluated on"

@@ -103,7 +103,7 @@ def pretrain(
         channels_last: channels-last memory format (default: on for a GPU, off on CPUs)
         compile: torch.compile the model
         device: cpu, cuda or cuda:N (default: cuda when a GPU is visible)
-        workers: data-loading processes per rank (default 4) (in a job: 8)
+        workers: data-loading processes per rank (default 8)
         decode: where training JPEGs are decoded and cropped: cpu (the data workers) or gpu (nvJPEG on the training GPU, batched; the workers then only read and ship the bytes). gpu takes GPU time from the step: use it when the workers cannot keep up (default cpu)
         checkpoint_every_steps: also checkpoint every N steps
         checkpoint_every_minutes: checkpoint every M minutes (default 10)
@@ -207,7 +207,7 @@ def finetune(
         channels_last: channels-last memory format (default: on for a GPU, off on CPUs)
         compile: torch.compile the model
         device: cpu, cuda or cuda:N (default: cuda when a GPU is visible)
-        workers: data-loading processes per rank (default 4) (in a job: 8)
+        workers: data-loading processes per rank (default 8)
         decode: where training JPEGs are decoded and cropped: cpu (the data workers) or gpu (nvJPEG on the training GPU, batched; the workers then only read and ship the bytes). gpu takes GPU time from the step: use it when the workers cannot keep up (default cpu)
         checkpoint_every_steps: also checkpoint every N steps
         checkpoint_every_minutes: checkpoint every M minutes (default 10)
@@ -311,7 +311,7 @@ def supervised(
         channels_last: channels-last memory format (default: on for a GPU, off on CPUs)
         compile: torch.compile the model
         device: cpu, cuda or cuda:N (default: cuda when a GPU is visible)
-        workers: data-loading processes per rank (default 4) (in a job: 8)
+        workers: data-loading processes per rank (default 8)
         decode: where training JPEGs are decoded and cropped: cpu (the data workers) or gpu (nvJPEG on the training GPU, batched; the workers then only read and ship the bytes). gpu takes GPU time from the step: use it when the workers cannot keep up (default cpu)
         checkpoint_every_steps: also checkpoint every N steps
         checkpoint_every_minutes: checkpoint every M minutes (default 10)
@@ -417,7 +417,7 @@ def distill(
         channels_last: channels-last memory format (default: on for a GPU, off on CPUs)
         compile: torch.compile the model
         device: cpu, cuda or cuda:N (default: cuda when a GPU is visible)
-        workers: data-loading processes per rank (default 4) (in a job: 8)
+        workers: data-loading processes per rank (default 8)
         decode: where training JPEGs are decoded and cropped: cpu (the data workers) or gpu (nvJPEG on the training GPU, batched; the workers then only read and ship the bytes). gpu takes GPU time from the step: use it when the workers cannot keep up (default cpu)
         checkpoint_every_steps: also checkpoint every N steps
         checkpoint_every_minutes: checkpoint every M minutes (default 10)
@@ -521,7 +521,7 @@ def linear_eval(
         channels_last: channels-last memory format (default: on for a GPU, off on CPUs)
         compile: torch.compile the model
         device: cpu, cuda or cuda:N (default: cuda when a GPU is visible)
-        workers: data-loading processes per rank (default 4) (in a job: 8)
+        workers: data-loading processes per rank (default 8)
         decode: where training JPEGs are decoded and cropped: cpu (the data workers) or gpu (nvJPEG on the training GPU, batched; the workers then only read and ship the bytes). gpu takes GPU time from the step: use it when the workers cannot keep up (default cpu)
         checkpoint_every_steps: also checkpoint every N steps
         checkpoint_every_minutes: checkpoint every M minutes (default 10)

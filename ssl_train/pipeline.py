@@ -26,6 +26,14 @@ from ssl_train.stages.registry import STAGES
 
 PIPELINE_STAGES = ("pretrain", "finetune", "supervised", "distill")  # kinds it runs
 
+# Schedulers whose jobs live inside the process that submitted them (TorchX's local_cwd
+# keeps its jobs in memory): `torchx status` or `torchx log` in another shell answers
+# that the job does not exist, even while it runs. Their replicas' output is in files
+# under the scheduler's log_dir, which the pipeline therefore always names (TorchX's own
+# default is a temporary folder, deleted when the pipeline ends).
+IN_PROCESS_SCHEDULERS = frozenset({"local_cwd"})
+LOG_DIR_NAME = "logs"  # ROOT/logs for a local root; ./ssl-train-logs for a remote one
+
 
 class PipelineError(UserError):
     """A stage's job did not succeed; the message says how to look and to resume."""
@@ -177,6 +185,7 @@ def _run_stages(
     from torchx.specs import AppState
 
     started, ran = time.monotonic(), []
+    cfg = with_log_dir(scheduler, cfg, plan.root)
     with get_runner() as runner:
         for stage in plan.stages():
             run_dir = plan.run_dir(stage.name)
@@ -191,7 +200,8 @@ def _run_stages(
             handle = runner.run_component(f"ssl.{stage.component}", args, scheduler, cfg)
             print(f"[pipeline] {stage.name}: submitted {handle}", flush=True)
             print(
-                f"[pipeline]   follow it: torchx status {handle}; torchx log {handle}", flush=True
+                f"[pipeline]   follow it: {how_to_follow(handle, scheduler, cfg, stage)}",
+                flush=True,
             )
             if follow is not None:
                 _follow_log(runner, handle, stage, follow)
@@ -199,8 +209,8 @@ def _run_stages(
             state = status.state if status is not None else AppState.UNKNOWN
             if state != AppState.SUCCEEDED:
                 raise PipelineError(
-                    f"{stage.name} ended {state}: see `torchx log {handle}`; run the pipeline "
-                    "again to resume it"
+                    f"{stage.name} ended {state}: see {where_its_log_is(handle, scheduler, cfg, stage)}; "
+                    "run the pipeline again to resume it"
                 )
             print(
                 f"[pipeline] {stage.name}: done ({time.monotonic() - started:.0f} s so far)",
@@ -208,6 +218,66 @@ def _run_stages(
             )
             ran.append(stage.name)
     return ran
+
+
+def with_log_dir(scheduler: str, cfg: dict[str, str], root: str) -> dict[str, str]:
+    """``cfg`` with a kept log_dir for a scheduler whose jobs only this process knows.
+
+    Example:
+        >>> with_log_dir("local_cwd", {}, "/runs/r50")
+        {'log_dir': '/runs/r50/logs'}
+        >>> with_log_dir("kubernetes", {"queue": "q"}, "s3://b/runs")
+        {'queue': 'q'}
+    """
+    if scheduler not in IN_PROCESS_SCHEDULERS or cfg.get("log_dir"):
+        return cfg
+    if storage.is_local(root):
+        log_dir = os.path.join(os.path.abspath(root), LOG_DIR_NAME)
+    else:
+        log_dir = os.path.abspath(f"ssl-train-{LOG_DIR_NAME}")
+    return {**cfg, "log_dir": log_dir}
+
+
+def replica_log(handle: str, cfg: dict[str, str], stage: Stage, replica: int = 0) -> str:
+    """The file a local_cwd job's replica writes its output to (stdout and stderr).
+
+    TorchX's local scheduler lays a job's logs out as
+    ``LOG_DIR/SESSION/APP_ID/ROLE/REPLICA/combined.log``; the components name their role
+    after the stage's component, and replica 0 holds rank 0, which logs the progress.
+
+    Example:
+        >>> stage = Stage("finetune-1percent", "finetune", {})
+        >>> replica_log("local_cwd://torchx/ssl-finetune-x1", {"log_dir": "/r/logs"}, stage)
+        '/r/logs/torchx/ssl-finetune-x1/finetune/0/combined.log'
+    """
+    from torchx.specs import parse_app_handle
+
+    _, session, app_id = parse_app_handle(handle)
+    return os.path.join(
+        cfg["log_dir"], session, app_id, stage.component, str(replica), "combined.log"
+    )
+
+
+def how_to_follow(handle: str, scheduler: str, cfg: dict[str, str], stage: Stage) -> str:
+    """What to run in another shell to follow a stage's job, for the scheduler in use.
+
+    Example:
+        >>> how_to_follow("kubernetes://torchx/ns:ssl-pretrain-x1", "kubernetes", {}, Stage("pretrain", "pretrain", {}))
+        'torchx status kubernetes://torchx/ns:ssl-pretrain-x1; torchx log kubernetes://torchx/ns:ssl-pretrain-x1'
+    """
+    if scheduler in IN_PROCESS_SCHEDULERS:
+        return (
+            f"tail -f {replica_log(handle, cfg, stage)} (a {scheduler} job lives in this "
+            "process: `torchx status` in another shell cannot see it)"
+        )
+    return f"torchx status {handle}; torchx log {handle}"
+
+
+def where_its_log_is(handle: str, scheduler: str, cfg: dict[str, str], stage: Stage) -> str:
+    """Where a finished stage's output can be read, for the scheduler it ran on."""
+    if scheduler in IN_PROCESS_SCHEDULERS:
+        return replica_log(handle, cfg, stage)
+    return f"`torchx log {handle}`"
 
 
 def _follow_log(

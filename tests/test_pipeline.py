@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -16,7 +17,7 @@ from pathlib import Path
 import pytest
 from stage_runs import assert_clean, descendants
 
-from ssl_train.pipeline import PipelinePlan, Stage
+from ssl_train.pipeline import PipelinePlan, Stage, how_to_follow, where_its_log_is, with_log_dir
 
 from conftest import TinyShards
 
@@ -61,7 +62,18 @@ def test_pipeline_runs_every_stage_and_a_rerun_skips_finished_ones(
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert_clean(second.stdout + second.stderr)
     assert "pretrain: finished earlier" in second.stdout
-    assert "finetune-eighth: submitted" in second.stdout and "torchx status" in second.stdout
+    assert "finetune-eighth: submitted" in second.stdout
+    # the advice works for local_cwd: a file another shell can follow, kept after the job
+    first_log = (tmp_path / "first.log").read_text()
+    followed = re.findall(
+        r"follow it: tail -f (\S+) \(a local_cwd job lives in this process", first_log
+    )
+    assert followed and followed[0].startswith(str(root / "logs")), first_log[-3000:]
+    assert "[ssl-train pretrain] finished: 4 steps" in Path(followed[0]).read_text()
+    advised = re.findall(r"follow it: tail -f (\S+) ", second.stdout)
+    assert len(advised) == 2, second.stdout  # finetune and distill
+    assert "[ssl-train distill] finished: 4 steps" in Path(advised[-1]).read_text()
+    assert "torchx status" not in second.stdout
     assert (pretrained.stat().st_mtime_ns, pretrained.read_bytes()) == before
     for stage in ("pretrain", "finetune-eighth", "distill-eighth"):
         summary = json.loads((root / stage / "summary.json").read_text())
@@ -109,3 +121,33 @@ def test_plan_adds_the_supervised_baseline_and_passes_stage_flags_through() -> N
         PipelinePlan("d", "r", ["1percent"], per_stage={"finetune-2percent": {}}).stages()
     with pytest.raises(ValueError, match="--arg warmup: no stage of this plan takes it"):
         PipelinePlan("d", "r", ["1percent"], common={"warmup": "1"}).stages()
+
+
+def test_the_advice_to_follow_a_job_fits_its_scheduler(tmp_path: Path) -> None:
+    """local_cwd keeps its jobs in this process (another shell's `torchx status` answers
+    that they do not exist): the advice is the replica's log file, in a log dir that
+    stays; other schedulers' jobs are TorchX's to show."""
+    stage = Stage("finetune-1percent", "finetune", {})
+    cfg = with_log_dir("local_cwd", {}, str(tmp_path / "runs"))
+    assert cfg == {"log_dir": str(tmp_path / "runs" / "logs")}
+    assert with_log_dir("local_cwd", {"log_dir": "/mine"}, "/r") == {"log_dir": "/mine"}
+    remote = with_log_dir("local_cwd", {}, "s3://b/runs")["log_dir"]
+    assert remote == os.path.abspath("ssl-train-logs")
+    handle = "local_cwd://torchx/ssl-finetune-abc"
+    log = f"{tmp_path}/runs/logs/torchx/ssl-finetune-abc/finetune/0/combined.log"
+    assert how_to_follow(handle, "local_cwd", cfg, stage).startswith(f"tail -f {log} ")
+    assert where_its_log_is(handle, "local_cwd", cfg, stage) == log
+    handle = "kubernetes://torchx/default:ssl-finetune-abc"
+    assert how_to_follow(handle, "kubernetes", {}, stage) == (
+        f"torchx status {handle}; torchx log {handle}"
+    )
+    assert where_its_log_is(handle, "kubernetes", {}, stage) == f"`torchx log {handle}`"
+
+
+def test_scheduler_options_are_spelled_as_torchx_run_spells_them() -> None:
+    from ssl_train.cli import build_parser
+
+    base = ["pipeline", "--data", "d", "--root", "r"]
+    for spelling in ("-cfg", "--cfg"):
+        args = build_parser().parse_args([*base, spelling, "log_dir=/l,queue=q"])
+        assert args.cfg == "log_dir=/l,queue=q"

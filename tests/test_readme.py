@@ -60,3 +60,26 @@ def test_the_s3_path_under_torchrun_with_data_workers_prints_no_traceback(
         timeout=300,
     )
     assert f"finished: 3 steps; model in {run_dir}/final" in out
+
+
+def test_the_several_process_path_stops_a_mistake_in_one_line_before_torchrun(
+    tmp_path: Path,
+) -> None:
+    """README's torchrun command checks first: a missing shard set is one line, status 2,
+    and torchrun (whose own traceback wraps every rank's copy of it) never starts."""
+    text = README.read_text()
+    command_line = re.search(r"^ssl-train pretrain \$ARGS --check-only && torchrun .*$", text, re.M)
+    assert command_line, "README.md lost its check-then-torchrun command"
+    assert re.search(r'^ARGS="--data s3://\S+ --run-dir s3://\S+ ', text, re.M)
+    missing = tmp_path / "no-such-shards"
+    script = f'ARGS="--data {missing} --run-dir {tmp_path / "run"} --preset tiny"\n'
+    script += command_line.group(0) + "\n"
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    done = subprocess.run(
+        ["bash", "-c", script], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 2, done.stdout + done.stderr
+    errors = [line for line in (done.stdout + done.stderr).splitlines() if line.strip()]
+    assert len(errors) == 1 and errors[0].startswith("ssl-train: error: "), errors
+    assert str(missing) in errors[0]
+    assert not (tmp_path / "run").exists()

@@ -107,10 +107,11 @@ def _stage_component(spec: registry.StageSpec) -> str:
     params = ["    *extra_args: str,"]
     docs = [f"        extra_args: more `ssl-train {spec.name}` flags, after `--`"]
     for flag in ordered:
-        help_text = registry.help_text(spec, flag)
         job_default = registry.JOB_DEFAULTS.get(flag.argument)
-        if job_default is not None:
-            help_text += f" (in a job: {job_default})"
+        if job_default is None:
+            help_text = registry.help_text(spec, flag)
+        else:  # a job's own default, not the command line's
+            help_text = f"{flag.help} (default {job_default})"
         if flag.field in required:
             params.append(f"    {flag.argument}: str,")
         else:
