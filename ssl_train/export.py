@@ -10,6 +10,7 @@ by ``nn.Identity()``, or strict=False) after stripping the ``backbone.`` prefix.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from typing import Any
 
@@ -84,6 +85,16 @@ def build_from_config(config: dict[str, Any], device: torch.device | str | None 
     return model
 
 
+def weights_bytes(state: dict[str, torch.Tensor]) -> bytes:
+    """``state`` as the bytes of a ``model.safetensors`` (the same tensors, the same bytes).
+
+    Example:
+        >>> weights_bytes({"w": torch.zeros(2)}) == weights_bytes({"w": torch.zeros(2)})
+        True
+    """
+    return safetensors.torch.save({n: t.detach().to("cpu").contiguous() for n, t in state.items()})
+
+
 def save_model(state: dict[str, torch.Tensor], config: dict[str, Any], out_url: str) -> None:
     """Write ``model.safetensors`` then ``config.json`` (last: its presence means done).
 
@@ -93,31 +104,51 @@ def save_model(state: dict[str, torch.Tensor], config: dict[str, Any], out_url: 
         >>> sorted(__import__("os").listdir("/tmp/ssl-train-export"))
         ['config.json', 'model.safetensors']
     """
-    tensors = {name: t.detach().to("cpu").contiguous() for name, t in state.items()}
     config_url = storage.join(out_url, CONFIG_FILE)
     if storage.size_or_none(config_url) is not None:
         storage.filesystem(config_url)[0].rm(storage.filesystem(config_url)[1])
-    storage.write_bytes_atomic(storage.join(out_url, MODEL_FILE), safetensors.torch.save(tensors))
+    storage.write_bytes_atomic(storage.join(out_url, MODEL_FILE), weights_bytes(state))
     storage.write_bytes_atomic(config_url, json.dumps(config, indent=2).encode() + b"\n")
 
 
-def refuse_another_model(out_dir: str, config: dict[str, Any], force: bool) -> None:
-    """Stop before writing ``config``'s model to ``out_dir`` when that folder already
-    holds a different model, unless ``force`` (the same model again is no loss).
+def refuse_another_model(
+    out_dir: str, config: dict[str, Any], state: dict[str, torch.Tensor] | None, force: bool
+) -> None:
+    """Stop before writing the model (``config``, weights ``state``) to ``out_dir`` when
+    that folder already holds a different one, unless ``force``: the same model again is
+    no loss, but two runs of one configuration (another seed, another step count) differ
+    only in their weights, so those are compared too. ``state`` None compares the
+    configs alone: a cheap first look before the weights are built (an import).
 
     Example:
-        >>> refuse_another_model("/tmp/empty-model-dir", model_config("tiny", 10, 3, 128, 1, 1), False)
+        >>> refuse_another_model("/tmp/empty-model-dir", model_config("tiny", 10, 3, 128, 1, 1), {}, False)
     """
     if force or storage.size_or_none(storage.join(out_dir, CONFIG_FILE)) is None:
         return
     there = read_config(out_dir)
-    if there != json.loads(json.dumps(config)):
-        step = f", step {there['step']}" if "step" in there else ""
-        raise ExportError(
-            f"{storage.redact(out_dir)} already holds a model (a {there.get('stage')} "
-            f"{there.get('preset')}{step}): choose another OUT_DIR, or pass --force to "
-            "replace it"
-        )
+    same_config = there == json.loads(json.dumps(config))
+    if same_config and (
+        state is None or _same_bytes(storage.join(out_dir, MODEL_FILE), weights_bytes(state))
+    ):
+        return
+    step = f", step {there['step']}" if "step" in there else ""
+    raise ExportError(
+        f"{storage.redact(out_dir)} already holds a model (a {there.get('stage')} "
+        f"{there.get('preset')}{step}{', with other weights' if same_config else ''}): "
+        "choose another OUT_DIR, or pass --force to replace it"
+    )
+
+
+def _same_bytes(url: str, data: bytes, chunk: int = 64 << 20) -> bool:
+    """Whether the object at ``url`` holds exactly ``data``: the sizes first, then the
+    SHA-256 of its chunks (a few GB for the largest models: never held twice)."""
+    size = storage.size_or_none(url)
+    if size != len(data):
+        return False
+    digest = hashlib.sha256()
+    for start in range(0, size, chunk):
+        digest.update(storage.read_range(url, start, min(start + chunk, size)))
+    return digest.digest() == hashlib.sha256(data).digest()
 
 
 def read_config(url: str) -> dict[str, Any]:

@@ -165,3 +165,23 @@ def test_export_does_not_overwrite_another_model(resumable: Path, tmp_path: Path
     assert "--force" in refused.stderr and (out / "model.safetensors").read_bytes() == before
     assert run_cli("export", resumable, out, "--force", tool="ssl-train").returncode == 0
     assert json.loads((out / "config.json").read_text())["stage"] == "pretrain"
+
+
+def test_export_refuses_another_run_of_the_same_configuration(
+    tiny_shards: TinyShards, resumable: Path, tmp_path: Path
+) -> None:
+    """Two runs that differ only in their seed have the same config.json: the weights
+    decide. The second export used to replace the first model without a word."""
+    other_seed = tmp_path / "seed-1"
+    args = ["--data", str(tiny_shards.train), "--run-dir", str(other_seed), *TINY]
+    args += ["--global-batch-size", "16", "--stop-at-step", "2", "--workers", "0", "--seed", "1"]
+    run(command("pretrain", *args, "--metrics-port", "0"), tmp_path / "log")
+    out = tmp_path / "model"
+    assert run_cli("export", resumable, out, tool="ssl-train").returncode == 0
+    first = (out / "model.safetensors").read_bytes()
+    refused = run_cli("export", other_seed, out, tool="ssl-train")
+    assert refused.returncode == 2, refused.stderr
+    assert "already holds a model (a pretrain tiny, step 2, with other weights)" in refused.stderr
+    assert (out / "model.safetensors").read_bytes() == first
+    assert run_cli("export", other_seed, out, "--force", tool="ssl-train").returncode == 0
+    assert (out / "model.safetensors").read_bytes() != first

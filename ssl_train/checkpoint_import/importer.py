@@ -371,8 +371,10 @@ def import_checkpoint(
         checkpoint_format=named.style,
         **_known_classes(arch),
     )
-    refuse_another_model(out_dir, config, force)
-    save_model(build_imported(named, config, entries).state_dict(), config, out_dir)
+    refuse_another_model(out_dir, config, None, force)  # before reading any tensor
+    weights = build_imported(named, config, entries).state_dict()
+    refuse_another_model(out_dir, config, weights, force)
+    save_model(weights, config, out_dir)
     return config
 
 

@@ -60,7 +60,7 @@ def export_run(run_dir: str, out_dir: str, step: int | None = None, force: bool 
     config = state["config"]
     about = {"stage": config["stage"], "image_size": config["image_size"], "step": step}
     described = {**state["model_config"], **about}
-    refuse_another_model(out_dir, described, force)
+    refuse_another_model(out_dir, described, state["model"], force)
     save_model(state["model"], described, out_dir)
     print(f"exported step {step} of {storage.redact(run_dir)} to {storage.redact(out_dir)}")
     return step
