@@ -23,10 +23,10 @@ import pytest
 
 from shards import storage
 from ssl_train.checkpoint_import import TFCheckpoint, resolve_prefix
-from ssl_train.checkpoint_import.crc32c import crc32c, crc32c_reference, mask, unmask
 from ssl_train.checkpoint_import.read_plan import plan_reads
 from ssl_train.checkpoint_import.sstable import FOOTER_SIZE, _handle, block_entries, read_block
 from ssl_train.checkpoint_import.wire import BundleEntry, parse_fields
+from ssl_train.crc32c import crc32c, crc32c_reference, mask, unmask
 from ssl_train.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]

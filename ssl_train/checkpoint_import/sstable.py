@@ -24,7 +24,8 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterator
 
-from .crc32c import crc32c, unmask
+from ssl_train.crc32c import crc32c, unmask
+
 from .wire import WireError, read_varint
 
 MAGIC = 0xDB4775248B80FB57

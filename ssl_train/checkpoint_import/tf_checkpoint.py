@@ -5,7 +5,7 @@ table mapping each variable name to a ``BundleEntryProto`` (dtype, shape, data s
 byte offset, size, CRC-32C), and ``PREFIX.data-SSSSS-of-NNNNN``, the raw little-endian
 tensor bytes. Importing them should not need TensorFlow (a 1.5 GB install that pins its
 own numpy), so this module reads that format directly: :mod:`.sstable` parses the table,
-:mod:`.wire` the protobuf entries, :mod:`.crc32c` checks the bytes.
+:mod:`.wire` the protobuf entries, :mod:`ssl_train.crc32c` checks the bytes.
 
 Every file goes through ``shards.storage``, so local paths, ``s3://`` and ``https://``
 URLs (the public Google Cloud Storage bucket answers at
@@ -26,9 +26,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from shards import storage
+from ssl_train.crc32c import crc32c, mask, unmask
 from ssl_train.errors import UserError
 
-from .crc32c import crc32c, mask, unmask
 from .read_plan import plan_reads
 from .sstable import TableError, read_table
 from .wire import BundleEntry, BundleHeader, WireError, read_varint

@@ -19,47 +19,18 @@ import struct
 import time
 
 from shards import storage
+from ssl_train.crc32c import crc32c, mask
 
 EVENTS_DIR = "tensorboard"
-
-
-def _crc32c_table() -> list[int]:
-    table = []
-    for byte in range(256):
-        crc = byte
-        for _ in range(8):
-            crc = (crc >> 1) ^ 0x82F63B78 if crc & 1 else crc >> 1
-        table.append(crc)
-    return table
-
-
-_TABLE = _crc32c_table()
-
-
-def crc32c(data: bytes) -> int:
-    """CRC-32C (Castagnoli), the checksum TFRecord uses.
-
-    Example:
-        >>> hex(crc32c(b"123456789"))
-        '0xe3069283'
-    """
-    crc = 0xFFFFFFFF
-    for byte in data:
-        crc = _TABLE[(crc ^ byte) & 0xFF] ^ (crc >> 8)
-    return crc ^ 0xFFFFFFFF
-
-
-def _masked(crc: int) -> int:
-    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
 
 
 def _record(data: bytes) -> bytes:
     length = struct.pack("<Q", len(data))
     return (
         length
-        + struct.pack("<I", _masked(crc32c(length)))
+        + struct.pack("<I", mask(crc32c(length)))
         + data
-        + struct.pack("<I", _masked(crc32c(data)))
+        + struct.pack("<I", mask(crc32c(data)))
     )
 
 

@@ -1,7 +1,9 @@
-"""CRC-32C (Castagnoli), the checksum TensorFlow stores for every tensor and table block.
+"""CRC-32C (Castagnoli), the checksum of TensorFlow's files: the one home of it.
 
 TensorFlow checkpoints carry a masked CRC-32C of each tensor's bytes and of each block of
-their ``.index`` table. Nothing installed with ssl-train computes CRC-32C (``zlib.crc32``
+their ``.index`` table (read by ``ssl_train.checkpoint_import``); TFRecord files, such as
+the TensorBoard event files the stages write (``ssl_train.stages.scalars``), frame each
+record with two. Nothing installed with ssl-train computes CRC-32C (``zlib.crc32``
 is the other polynomial), and a byte-at-a-time loop in CPython checks 15 MB/s: minutes
 for the largest published SimCLRv2 checkpoints (R152 3x+SK holds 795M parameters, 3.2 GB
 in float32, more with optimizer slots). So this module splits the data into many equal
