@@ -41,6 +41,7 @@ from ssl_train import local_prometheus, machine
 from ssl_train.errors import UserError
 from ssl_train.pipeline import PipelinePlan, run_pipeline
 from ssl_train.stages import progress
+from ssl_train.stages.config import check_memory_size
 from ssl_train.stages.loop import read_summary
 
 DEMO_BUCKET = "ssl-train-demo"
@@ -125,13 +126,10 @@ def recipe_with_threads(threads: int, memory_size: int | None = None) -> dict[st
         raise UserError(f"--threads {threads}: give at least 1 thread per process")
     recipe = {name: dict(args) for name, args in RECIPE.items()}
     if memory_size is not None:
+        if memory_size < 0:
+            raise UserError(f"--memory-size {memory_size}: give 0 (no memory) or more")
         epoch = TRAIN_DIGITS // PRETRAIN_BATCH * PRETRAIN_BATCH  # the last partial batch is dropped
-        if not 0 <= memory_size < epoch:
-            raise UserError(
-                f"--memory-size {memory_size}: give 0 (no memory) up to {epoch - 1}: an "
-                f"epoch of pretraining has {epoch} digits, and a larger memory would hold "
-                "an anchor's own earlier projection as a negative"
-            )
+        check_memory_size(memory_size, epoch, "the demo's training digits")
         recipe["pretrain"]["memory_size"] = str(memory_size)
     for kind in ("pretrain", "finetune", "supervised", "distill"):
         processes = int(recipe[kind].get("j", COMMON_ARGS["j"]).split("x")[1])

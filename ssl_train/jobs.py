@@ -41,6 +41,7 @@ from ssl_train.preemption import (
     grace_period_s,
     shutdown_timeout_s,
 )
+from ssl_train.shares import Shares
 from ssl_train.stages import registry
 
 DEFAULT_IMAGE = "ssl-train:latest"
@@ -139,16 +140,17 @@ def check_world_sizes(stage: str, global_batch_size: int, j: str) -> None:
     """
     min_nodes, max_nodes, nproc, _ = parse_nnodes(j)
     largest = max_nodes * nproc
-    if largest <= global_batch_size:
-        return
-    fits = global_batch_size // nproc
-    advice = f"-j {min_nodes}:{fits}x{nproc} or " if fits > min_nodes else ""
-    advice = f"-j {fits}x{nproc} or " if fits == min_nodes else advice
-    raise JobRefused(
-        f"-j {j} allows up to {largest} processes, more than the {global_batch_size} samples "
-        f"of each global batch (--global_batch_size): every process needs at least one; use "
-        f"{advice}a global batch of at least {largest}"
-    )
+    try:
+        Shares(global_batch_size, largest)  # the rule the ranks apply
+    except UserError:  # said again in the job's terms: -j and the component's argument
+        fits = global_batch_size // nproc
+        advice = f"-j {min_nodes}:{fits}x{nproc} or " if fits > min_nodes else ""
+        advice = f"-j {fits}x{nproc} or " if fits == min_nodes else advice
+        raise JobRefused(
+            f"-j {j} allows up to {largest} processes, more than the {global_batch_size} "
+            "samples of each global batch (--global_batch_size): every process needs at "
+            f"least one; use {advice}a global batch of at least {largest}"
+        ) from None
 
 
 def check_decode(config: Any, options: JobOptions) -> None:

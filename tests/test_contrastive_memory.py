@@ -126,15 +126,14 @@ def test_the_memory_projects_with_batch_statistics_and_keeps_its_averaged_ones()
 
 def test_a_memory_as_large_as_an_epoch_is_refused_before_any_work() -> None:
     from ssl_train.errors import UserError
-    from ssl_train.stages.config import StageConfig
-    from ssl_train.stages.loop import check_memory_size
+    from ssl_train.stages.config import StageConfig, check_memory_size
 
     config = StageConfig.for_stage(
         "pretrain", data="d", run_dir="r", preset="tiny", memory_size=160
     )
     with pytest.raises(UserError, match="--memory-size 160: an epoch of d trains on 160"):
-        check_memory_size(config, 160)
-    check_memory_size(config, 161)
+        check_memory_size(config.memory_size, 160, config.data)
+    check_memory_size(config.memory_size, 161, config.data)
 
 
 def test_the_memory_defaults() -> None:

@@ -102,9 +102,13 @@ def test_the_demo_pretrains_with_the_memory_and_compares_without_it() -> None:
     assert recipe_with_threads(1)["pretrain"]["memory_size"] == pretrain["memory_size"]
     assert recipe_with_threads(1, memory_size=0)["pretrain"]["memory_size"] == "0"
     assert RECIPE["pretrain"]["memory_size"] == pretrain["memory_size"]  # left as it was
-    for size in (-1, 3840):
-        with pytest.raises(ValueError, match=f"--memory-size {size}: give 0 .* up to 3839"):
-            recipe_with_threads(1, memory_size=size)
+    with pytest.raises(ValueError, match=r"--memory-size -1: give 0 .*or more"):
+        recipe_with_threads(1, memory_size=-1)
+    # the rule the ranks apply (stages.config.check_memory_size), on the demo's epoch
+    refused = r"--memory-size 3840: an epoch of the demo's training digits trains on 3840 samples"
+    with pytest.raises(ValueError, match=refused + r".*use fewer than 3840"):
+        recipe_with_threads(1, memory_size=3840)
+    assert recipe_with_threads(1, memory_size=3839)["pretrain"]["memory_size"] == "3839"
 
 
 def test_a_demo_folder_refuses_another_recipe(tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ import math
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
+from shards import storage
 from ssl_train.errors import UserError
 from ssl_train.metrics import DEFAULT_PORT
 from ssl_train.preset_names import PRESET_NAMES, TABLE1_NAMES
@@ -296,3 +297,20 @@ def config_changes(saved: dict[str, Any], current: StageConfig) -> list[str]:
         for name in now
         if name not in OPERATIONAL and saved.get(name) != now[name]
     ]
+
+
+def check_memory_size(memory_size: int, samples_per_epoch: int, data: str) -> None:
+    """A memory that holds as many projections as an epoch has samples would show every
+    anchor its own earlier projection as a negative: refused before any work (by the
+    ranks, ``--check-only`` and the demo's ``--memory-size``).
+
+    Example:
+        >>> check_memory_size(65536, 1281167, "s3://b/imagenet/train")
+    """
+    if memory_size and memory_size >= samples_per_epoch:
+        raise UserError(
+            f"--memory-size {memory_size}: an epoch of {storage.redact(data)} trains on "
+            f"{samples_per_epoch} samples, so the memory would hold an anchor's own earlier "
+            f"projection as a negative; use fewer than {samples_per_epoch} (SimCLRv2 keeps "
+            "65,536 of ImageNet's 1.28M), or 0 to turn it off"
+        )

@@ -44,7 +44,7 @@ from ssl_train.optim import WarmupCosineSchedule, scale_learning_rate
 from ssl_train.shares import Shares
 from ssl_train.stages import progress, registry, trace
 from ssl_train.stages import runtime as rt
-from ssl_train.stages.config import StageConfig, config_changes
+from ssl_train.stages.config import StageConfig, check_memory_size, config_changes
 from ssl_train.stages.evaluate import check_eval_data, evaluate
 from ssl_train.stages.scalars import ScalarLog
 from ssl_train.stages.sizing import stage_checkpoint_bytes
@@ -148,24 +148,6 @@ def check_same_experiment(state: dict[str, Any], config: StageConfig, data: dict
         log.warning("continuing with changed configuration: %s", "; ".join(changes))
 
 
-def check_memory_size(config: StageConfig, samples_per_epoch: int) -> None:
-    """A memory that holds as many projections as an epoch has samples would show every
-    anchor its own earlier projection as a negative: refused before any work."""
-    if config.memory_size and config.memory_size >= samples_per_epoch:
-        raise UserError(
-            f"--memory-size {config.memory_size}: an epoch of {storage.redact(config.data)} "
-            f"trains on {samples_per_epoch} samples, so the memory would hold an anchor's "
-            f"own earlier projection as a negative; use fewer than {samples_per_epoch} "
-            "(SimCLRv2 keeps 65,536 of ImageNet's 1.28M), or 0 to turn it off"
-        )
-
-
-def check_world_size(config: StageConfig, world_size: int) -> Shares:
-    """Before any work: how the global batch lies over the ranks (any world size up to
-    the global batch; shares differ by at most one sample)."""
-    return Shares(config.global_batch_size, world_size)
-
-
 # Global batch norm computes its statistics over every rank itself and all ranks start
 # from the same buffers: DDP must not broadcast them at each forward. torch 2.14 renamed
 # the switch (the old one warns); with the new one DDP also copies them once at start,
@@ -247,7 +229,7 @@ class Trainer:
     """Runs one stage from its newest checkpoint (or the start) to the end."""
 
     def __init__(self, config: StageConfig, runtime: rt.Runtime) -> None:
-        self.shares = check_world_size(config, runtime.world_size)
+        self.shares = Shares(config.global_batch_size, runtime.world_size)
         config = config.on_device(runtime.device.type)  # what checkpoints record
         self.config, self.runtime = config, runtime
         shard_set = ShardSet(config.data)
@@ -268,7 +250,9 @@ class Trainer:
             self.decoder = BatchDecoder(runtime.device, config.image_size)
         self.data = data_fingerprint(shard_set, stream_config.subset)
         steps_per_epoch = self.stream.plan(0).steps
-        check_memory_size(config, steps_per_epoch * config.global_batch_size)
+        check_memory_size(
+            config.memory_size, steps_per_epoch * config.global_batch_size, config.data
+        )
         total = config.total_steps(steps_per_epoch)
         self.position = Position(steps_per_epoch, total)
         peak = scale_learning_rate(
@@ -755,7 +739,8 @@ def run_stage(config: StageConfig) -> dict[str, Any]:
         >>> run_stage(config)  # doctest: +SKIP
         {'finished': True, 'stage': 'pretrain', 'steps': 78000, ...}
     """
-    check_world_size(config, int(os.environ.get("WORLD_SIZE", "1")))
+    # before any work: a world size larger than the global batch is refused in one line
+    Shares(config.global_batch_size, int(os.environ.get("WORLD_SIZE", "1")))
     runtime = rt.start(config.device, stage_checkpoint_bytes(config))
     if config.metrics_port:
         start_metrics(config, runtime)

@@ -17,10 +17,9 @@ from shards import storage
 from shards.reader import ShardSet
 from ssl_train.checkpoint import CheckpointStore
 from ssl_train.data.stream import StreamState, TrainStream
-from ssl_train.stages.config import StageConfig
+from ssl_train.stages.config import StageConfig, check_memory_size
 from ssl_train.stages.evaluate import check_eval_data
 from ssl_train.stages.loop import (
-    check_memory_size,
     check_same_experiment,
     data_fingerprint,
     read_summary,
@@ -49,7 +48,7 @@ def check_stage(config: StageConfig) -> dict[str, Any]:
     stream_config = stream_config_of(config)
     stream = TrainStream(stream_config, 0, 1, StreamState(), shard_set)
     plan = stream.plan(0)  # a subset that names nothing, fewer samples than one batch
-    check_memory_size(config, plan.steps * config.global_batch_size)
+    check_memory_size(config.memory_size, plan.steps * config.global_batch_size, config.data)
     check_sources(config, classes)
     if config.eval_data:
         check_eval_data(config.eval_data, classes)
