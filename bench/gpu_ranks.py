@@ -18,7 +18,7 @@ on one device; gloo takes CUDA tensors), and checks on CUDA tensors:
           so the mean of the two ranks' losses is the one-process loss on the 2 x B
           pairs, and each rank's gradient divided by the world size (what DDP's average
           makes of it) is the one-process gradient of its rows.
-  memory  ``ssl_train.memory.ContrastiveMemory`` of ``build_model("tiny", None, 3, 8)``
+  memory  ``ssl_train.contrastive_memory.ContrastiveMemory`` of ``build_model("tiny", None, 3, 8)``
           on the device, its network converted with ``convert_to_global_bn`` (as the
           training loop does): after two ``push`` calls of each rank's share
           ([view 1; view 2] of its B samples, 32 px), the buffer (which wraps on the
@@ -154,7 +154,7 @@ def _nt_xent_case(device: Any, batch: int, with_memory: bool) -> dict[str, Any]:
 def _memory_case(device: Any, batch: int) -> dict[str, Any]:
     import torch
 
-    from ssl_train.memory import ContrastiveMemory
+    from ssl_train.contrastive_memory import ContrastiveMemory
     from ssl_train.models import build_model
 
     torch.manual_seed(4)
@@ -188,9 +188,9 @@ def rank_main(rank: int, device_name: str, batch: int, out: Path) -> None:
     import torch
     import torch.distributed as dist
 
+    from ssl_train.contrastive_memory import ContrastiveMemory
     from ssl_train.dist import GlobalBatchNorm, convert_to_global_bn, world_size
     from ssl_train.losses import nt_xent
-    from ssl_train.memory import ContrastiveMemory
 
     device = torch.device(device_name)
     if device.type == "cuda":

@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import report_ab
 
-from ssl_train.memory import ContrastiveMemory
+from ssl_train.contrastive_memory import ContrastiveMemory
 from ssl_train.models import build_model
 
 

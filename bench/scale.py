@@ -28,7 +28,7 @@ the plan and index state, bytes a rank reads before its first batch.
 Also, before the data: per preset, the activation bytes per image (meta-device forward,
 checked once against a real CPU forward and backward of R50 at 224 px) and the per-GPU
 memory of pretraining at global batch 4096 against the world size, with the fewest 80 and
-40 GiB GPUs that hold it (``ssl_train.models.memory``, what the components check); and an
+40 GiB GPUs that hold it (``ssl_train.models.gpu_memory``, what the components check); and an
 R152 3x+SK-sized state (weights and LARS momentum) through the real ``AsyncCheckpointer``:
 how long a save blocks the step, the background write's MB/s, one rank's load time.
 
@@ -82,7 +82,7 @@ from shards.reader import Sample, ShardSet
 from ssl_train.checkpoint import AsyncCheckpointer, CheckpointStore
 from ssl_train.data.plan import DEFAULT_PARTITIONS, EpochPlan
 from ssl_train.data.stream import StreamConfig, StreamState, TrainStream
-from ssl_train.models.memory import (
+from ssl_train.models.gpu_memory import (
     activation_bytes_per_image,
     parameter_count,
     per_gpu,

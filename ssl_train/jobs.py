@@ -180,7 +180,7 @@ def check_gpu_memory(config: Any, options: JobOptions) -> None:
         return  # a network built from another run's: sized by that run's job
     if _gpus(options) <= 0:
         return  # CPU processes: host memory, not a GPU's, is the limit
-    from ssl_train.models.memory import check_fits  # torch: only for GPU jobs
+    from ssl_train.models.gpu_memory import check_fits  # torch: only for GPU jobs
 
     min_nodes, _, nproc_per_node, _ = parse_nnodes(options.j)
     try:

@@ -107,7 +107,7 @@ def nt_xent(
     global batch, and so is the mean of the ranks' losses, at any world size.
 
     With ``memory`` (M unit-length projections of earlier batches by SimCLRv2's memory
-    network, ``ssl_train.memory``; no gradient flows into them), every anchor's
+    network, ``ssl_train.contrastive_memory``; no gradient flows into them), every anchor's
     denominator also holds them. For anchor i with normalized projection h_i, positive p
     and global batch projections h_k:
 

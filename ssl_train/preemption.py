@@ -48,7 +48,7 @@ def _transfer_s(checkpoint_bytes: int) -> float:
 def grace_period_s(checkpoint_bytes: int | None) -> int:
     """The default grace period for a checkpoint of ``checkpoint_bytes`` (None: not
     known at launch, as for finetuning, whose network comes from the pretrained run;
-    sizes from ``ssl_train.models.memory.checkpoint_bytes``).
+    sizes from ``ssl_train.models.gpu_memory.checkpoint_bytes``).
 
     Example:
         >>> grace_period_s(None), grace_period_s(400_000_000), grace_period_s(10_500_000_000)

@@ -1,4 +1,4 @@
-"""SimCLRv2's memory (``ssl_train.memory``): the loss with buffered negatives against an
+"""SimCLRv2's memory (``ssl_train.contrastive_memory``): the loss with buffered negatives against an
 independent transcription of its formula, the ring buffer's fill and wrap, the moving
 average, and the refusal of a memory the data cannot support."""
 
@@ -9,8 +9,8 @@ import math
 import pytest
 import torch
 
+from ssl_train.contrastive_memory import ContrastiveMemory
 from ssl_train.losses import nt_xent
-from ssl_train.memory import ContrastiveMemory
 from ssl_train.models import build_model
 
 
@@ -106,7 +106,7 @@ def test_the_memory_network_is_a_moving_average_of_weights_and_statistics() -> N
 def test_the_memory_projects_with_batch_statistics_and_keeps_its_averaged_ones() -> None:
     """What the online network computes in training, not in inference: with its running
     statistics a fresh network maps every image to nearly one direction, and a memory of
-    that one negative collapsed the demo's pretraining (ssl_train.memory)."""
+    that one negative collapsed the demo's pretraining (ssl_train.contrastive_memory)."""
     torch.manual_seed(0)
     online = build_model("tiny", None, 2, 16).double().train()
     memory = ContrastiveMemory(online, size=64, momentum=0.9, dim=16)

@@ -44,7 +44,7 @@ def _views() -> tuple[torch.Tensor, torch.Tensor]:
 
 def _memory(model: torch.nn.Module):
     """SimCLRv2's memory, partly filled: this step's 32 entries wrap its ring of 40."""
-    from ssl_train.memory import ContrastiveMemory
+    from ssl_train.contrastive_memory import ContrastiveMemory
 
     memory = ContrastiveMemory(model, size=MEMORY_SIZE, momentum=0.9, dim=16)
     rows = torch.randn(13, 16, generator=torch.Generator().manual_seed(7), dtype=torch.float64)

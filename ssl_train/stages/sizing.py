@@ -26,7 +26,7 @@ def stage_checkpoint_bytes(config: Any) -> int | None:
     field = registry.stage(config.stage).model_field
     if field is None:
         return None
-    from ssl_train.models.memory import checkpoint_bytes  # torch, on the meta device
+    from ssl_train.models.gpu_memory import checkpoint_bytes  # torch, on the meta device
 
     return checkpoint_bytes(
         getattr(config, field),

@@ -22,11 +22,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from shards import storage
+from ssl_train.contrastive_memory import ContrastiveMemory
 from ssl_train.data.augment import SimCLRAugment, apply_view_params, flip_params
 from ssl_train.errors import UserError
 from ssl_train.export import load_model, model_config, model_url, read_config
 from ssl_train.losses import batch_mean, contrastive_accuracy, distillation_loss, nt_xent
-from ssl_train.memory import ContrastiveMemory
 from ssl_train.models import SimCLRv2, build_model
 from ssl_train.optim import LARS, lars_param_groups
 from ssl_train.shares import Shares
@@ -90,7 +90,7 @@ class PretrainTask(Task):
 
     def after_step(self, online: nn.Module, images: Tensor, shares: Shares | None = None) -> None:
         """SimCLRv2's memory: average the updated weights in, then buffer this step's
-        projections by the memory network (``ssl_train.memory``)."""
+        projections by the memory network (``ssl_train.contrastive_memory``)."""
         if self.memory is not None:
             self.memory.update(online)
             self.memory.push(images, shares)

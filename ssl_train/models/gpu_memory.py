@@ -99,7 +99,7 @@ def checkpoint_bytes(
         >>> round(checkpoint_bytes("r50_1x_sk0") / 2**20), round(checkpoint_bytes("r50_1x_sk0", memory_size=65536) / 2**20)
         (246, 401)
     """
-    from ssl_train.memory import ContrastiveMemory  # the module checkpoints hold
+    from ssl_train.contrastive_memory import ContrastiveMemory  # the module checkpoints hold
 
     model = build_model(preset, num_classes, head_layers, proj_dim, device="meta")
     total = _state_bytes(model) + sum(p.numel() * p.element_size() for p in model.parameters())

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ssl_train.models.memory import (
+from ssl_train.models.gpu_memory import (
     activation_bytes_per_image,
     per_gpu,
     smallest_world_size,
