@@ -42,7 +42,7 @@ from ssl_train.errors import UserError
 from ssl_train.pipeline import PipelinePlan, run_pipeline
 from ssl_train.stages import progress
 from ssl_train.stages.config import check_memory_size
-from ssl_train.stages.loop import read_summary
+from ssl_train.stages.summary import read_summary
 
 DEMO_BUCKET = "ssl-train-demo"
 # label fraction -> (run dir label, labelled digits per class of the 4,000 training digits)

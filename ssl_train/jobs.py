@@ -115,13 +115,10 @@ def stage_argv(stage: str, values: Mapping[str, Any], extra_args: Sequence[str] 
 def parse_stage(argv: Sequence[str]) -> Any:
     """The ``StageConfig`` that ``ssl-train`` would run for ``argv``, validated; a user
     error as TorchX reports a component's (one message, nothing submitted)."""
-    from ssl_train.cli import build_parser
-    from ssl_train.stages.flags import config_from_args
+    from ssl_train.stages.flags import parse_stage_argv
 
-    parser = build_parser()
     try:
-        args = parser.parse_args(list(argv))
-        return config_from_args(argv[0], args)
+        return parse_stage_argv(list(argv))
     except UserError as exc:
         raise JobRefused(str(exc)) from None
 

@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 from shards import storage
 from ssl_train import components
 from ssl_train.errors import UserError
-from ssl_train.stages.loop import read_summary
 from ssl_train.stages.progress import PROGRESS_PATTERN
 from ssl_train.stages.registry import STAGES
+from ssl_train.stages.summary import read_summary
 
 PIPELINE_STAGES = ("pretrain", "finetune", "supervised", "distill")  # kinds it runs
 

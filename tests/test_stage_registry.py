@@ -11,7 +11,7 @@ import pytest
 
 from ssl_train import cli, jobs
 from ssl_train.stages import codegen, registry
-from ssl_train.stages.config import OPERATIONAL, StageConfig
+from ssl_train.stages.config import OPERATIONAL, StageConfig, stage_default
 
 
 def stage_parsers() -> dict[str, argparse.ArgumentParser]:
@@ -38,7 +38,7 @@ def test_help_shows_the_declarations_defaults(stage: str) -> None:
     spec = registry.stage(stage)
     actions = {a.dest: a for a in stage_parsers()[stage]._actions}
     for flag in spec.all_flags:
-        value = spec.default(flag.field)
+        value = stage_default(spec, flag.field)
         shown = actions[flag.field].help.replace("%%", "%")
         if flag.field in spec.default_notes:
             assert f"(default {spec.default_notes[flag.field]})" in shown

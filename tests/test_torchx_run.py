@@ -14,6 +14,7 @@ import pytest
 
 from ssl_train import components
 from ssl_train.stages import registry
+from ssl_train.stages.config import stage_default
 from ssl_train.torchx_run import ComponentUsage, check_component_args, component_help
 
 BIN = Path(sys.executable).parent
@@ -55,7 +56,7 @@ def test_the_help_shows_each_argument_once_with_its_default_and_flag(name: str) 
     for entry in entries:
         assert entry.count("(default") <= 1, entry
     for argument, flag in flags.items():
-        default = stage.default(flag.field)
+        default = stage_default(stage, flag.field)
         entry = next(e for e in entries if re.match(rf"(?:-\w, )?--{argument} ", e.strip()))
         entry = " ".join(entry.split())  # its wrapped lines as one
         assert f"[ssl-train {flag.flag}]" in entry, entry

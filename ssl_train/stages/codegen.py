@@ -19,6 +19,7 @@ from pathlib import Path
 
 from ssl_train.jobs import JobOptions
 from ssl_train.stages import registry
+from ssl_train.stages.config import flag_help
 
 COMPONENTS_FILE = Path(__file__).resolve().parent.parent / "components.py"
 
@@ -109,7 +110,7 @@ def _stage_component(spec: registry.StageSpec) -> str:
     for flag in ordered:
         job_default = registry.JOB_DEFAULTS.get(flag.argument)
         if job_default is None:
-            help_text = registry.help_text(spec, flag)
+            help_text = flag_help(spec, flag)
         else:  # a job's own default, not the command line's
             help_text = f"{flag.help} (default {job_default})"
         if flag.field in required:

@@ -9,7 +9,7 @@ operational fields (workers, checkpoint cadence, trace file, ...) may change fre
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import MISSING, asdict, dataclass, fields, replace
 from typing import Any
 
 from shards import storage
@@ -314,3 +314,32 @@ def check_memory_size(memory_size: int, samples_per_epoch: int, data: str) -> No
             f"projection as a negative; use fewer than {samples_per_epoch} (SimCLRv2 keeps "
             "65,536 of ImageNet's 1.28M), or 0 to turn it off"
         )
+
+
+def stage_default(spec: registry.StageSpec, field_name: str) -> Any:
+    """The value a field takes in stage ``spec`` when its flag is not given: the
+    stage's declared default, else the configuration's.
+
+    Example:
+        >>> stage_default(registry.stage("finetune"), "learning_rate"), stage_default(registry.stage("finetune"), "seed")
+        (0.005, 0)
+    """
+    if field_name in spec.defaults:
+        return spec.defaults[field_name]
+    return {f.name: f.default for f in fields(StageConfig)}[field_name]
+
+
+def flag_help(spec: registry.StageSpec, flag: registry.Flag) -> str:
+    """A flag's help, ending with the default the stage gives it (none for unset ones).
+
+    Example:
+        >>> flag_help(registry.stage("pretrain"), registry.stage("pretrain").flags[1])
+        'NT-Xent temperature (default 0.1)'
+    """
+    if flag.field in spec.default_notes:
+        return f"{flag.help} (default {spec.default_notes[flag.field]})"
+    value = stage_default(spec, flag.field)
+    if value is None or value is MISSING or flag.kind is bool:
+        return flag.help
+    shown = f"{value:g}" if isinstance(value, float) else str(value)
+    return f"{flag.help} (default {shown})"

@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 
 from ssl_train.stages import registry
-from ssl_train.stages.config import StageConfig
+from ssl_train.stages.config import StageConfig, flag_help
 
 
 def add_stage_parser(sub: argparse._SubParsersAction, stage: str) -> argparse.ArgumentParser:
@@ -24,7 +24,7 @@ def add_stage_parser(sub: argparse._SubParsersAction, stage: str) -> argparse.Ar
     parser = sub.add_parser(stage, help=spec.summary.replace("%", "%%"), description=spec.summary)
     required = spec.required | {"data", "run_dir"}
     for flag in spec.all_flags:
-        text = registry.help_text(spec, flag).replace("%", "%%")
+        text = flag_help(spec, flag).replace("%", "%%")
         if flag.kind is bool:
             parser.add_argument(
                 flag.flag, dest=flag.field, action=argparse.BooleanOptionalAction, help=text
@@ -57,3 +57,17 @@ def config_from_args(stage: str, args: argparse.Namespace) -> StageConfig:
     spec = registry.stage(stage)
     values = {flag.field: getattr(args, flag.field) for flag in spec.all_flags}
     return StageConfig.for_stage(stage, **values)
+
+
+def parse_stage_argv(argv: list[str]) -> StageConfig:
+    """``ssl-train STAGE FLAGS...`` as the configuration the command would run, parsed
+    by that stage's own parser (a job's arguments are checked this way before it is
+    submitted, without the rest of the CLI).
+
+    Example:
+        >>> parse_stage_argv(["pretrain", "--data", "d", "--run-dir", "r"]).temperature
+        0.1
+    """
+    parser = argparse.ArgumentParser(prog="ssl-train")
+    add_stage_parser(parser.add_subparsers(dest="command", required=True), argv[0])
+    return config_from_args(argv[0], parser.parse_args(argv))

@@ -48,11 +48,11 @@ from ssl_train.stages.config import StageConfig, check_memory_size, config_chang
 from ssl_train.stages.evaluate import check_eval_data, evaluate
 from ssl_train.stages.scalars import ScalarLog
 from ssl_train.stages.sizing import stage_checkpoint_bytes
+from ssl_train.stages.summary import read_summary, summary_url
 from ssl_train.stages.tasks import Task, build_task
 from ssl_train.state_broadcast import load_latest_once, transfer_device
 
 log = logging.getLogger(__name__)
-SUMMARY_FILE = "summary.json"
 CONFIG_FILE = "config.json"
 PREEMPTED_EXIT_CODE = 143  # what a process killed by SIGTERM reports: schedulers retry it
 
@@ -87,14 +87,6 @@ class Position:
 
     def stream_state(self, global_step: int) -> StreamState:
         return StreamState(global_step // self.steps_per_epoch, global_step % self.steps_per_epoch)
-
-
-def read_summary(run_dir: str) -> dict[str, Any] | None:
-    """The summary a finished run leaves, or None while it is unfinished."""
-    url = storage.join(run_dir, SUMMARY_FILE)
-    if storage.size_or_none(url) is None:
-        return None
-    return json.loads(storage.read_bytes(url))
 
 
 def data_fingerprint(shard_set: ShardSet, subset: str | None) -> dict[str, str]:
@@ -664,7 +656,7 @@ class Trainer:
                 final_url(config.run_dir),
             )
             storage.write_bytes_atomic(
-                storage.join(config.run_dir, SUMMARY_FILE),
+                summary_url(config.run_dir),
                 json.dumps(summary, indent=2).encode() + b"\n",
             )
         _barrier(runtime)

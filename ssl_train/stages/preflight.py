@@ -22,10 +22,10 @@ from ssl_train.stages.evaluate import check_eval_data
 from ssl_train.stages.loop import (
     check_same_experiment,
     data_fingerprint,
-    read_summary,
     stream_config_of,
 )
 from ssl_train.stages.runtime import pick_device
+from ssl_train.stages.summary import read_summary
 from ssl_train.stages.tasks import check_sources
 
 

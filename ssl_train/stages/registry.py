@@ -13,7 +13,6 @@ Torch-free: TorchX imports it (through the components) on the machine that submi
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -81,15 +80,6 @@ class StageSpec:
     def build_task(self) -> Callable[..., Any]:
         module, _, function = self.task.partition(":")
         return getattr(importlib.import_module(module), function)
-
-    def default(self, field_name: str) -> Any:
-        """The value a field takes when its flag is not given."""
-        if field_name in self.defaults:
-            return self.defaults[field_name]
-        from ssl_train.stages.config import StageConfig
-
-        spec = {f.name: f for f in dataclasses.fields(StageConfig)}[field_name]
-        return spec.default
 
 
 _SUBSET_HELP = "labelled subset: 1percent, 10percent or a list file (default: every label)"
@@ -331,19 +321,3 @@ def stage(name: str) -> StageSpec:
         return STAGES[name]
     except KeyError:
         raise UserError(f"unknown stage {name!r}; use one of {', '.join(STAGES)}") from None
-
-
-def help_text(spec: StageSpec, flag: Flag) -> str:
-    """A flag's help, ending with the default the stage gives it (none for unset ones).
-
-    Example:
-        >>> help_text(stage("pretrain"), stage("pretrain").flags[1])
-        'NT-Xent temperature (default 0.1)'
-    """
-    if flag.field in spec.default_notes:
-        return f"{flag.help} (default {spec.default_notes[flag.field]})"
-    value = spec.default(flag.field)
-    if value is None or value is dataclasses.MISSING or flag.kind is bool:
-        return flag.help
-    shown = f"{value:g}" if isinstance(value, float) else str(value)
-    return f"{flag.help} (default {shown})"
