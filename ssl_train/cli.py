@@ -13,6 +13,7 @@ import time
 
 from ssl_train import __version__
 from ssl_train.errors import UserError
+from ssl_train.stages.registry import DEFAULT_PRESET, pipeline_stages
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -106,12 +107,22 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         help="label subset (repeatable; default 1percent and 10percent)",
     )
-    pipeline.add_argument("--preset", default="r50_1x_sk0", help="model to pretrain and finetune")
-    pipeline.add_argument("--student", default="r50_1x_sk0", help="distillation student preset")
+    pipeline.add_argument("--preset", default=DEFAULT_PRESET, help="model to pretrain and finetune")
+    pipeline.add_argument("--student", default=DEFAULT_PRESET, help="distillation student preset")
     pipeline.add_argument(
         "--supervised-baseline",
         action="store_true",
-        help="also train the preset from random weights on each subset (the paper's baseline)",
+        help="also train the preset from random weights on each subset (the paper's baseline; "
+        "the same as --include supervised)",
+    )
+    pipeline.add_argument(
+        "--include",
+        action="append",
+        default=[],
+        metavar="STAGE",
+        choices=[s.name for s in pipeline_stages() if s.in_pipeline == "optional"],
+        help="also run this optional stage (repeatable): "
+        + ", ".join(s.name for s in pipeline_stages() if s.in_pipeline == "optional"),
     )
     pipeline.add_argument(
         "--follow",
@@ -218,6 +229,7 @@ def run_pipeline_command(args: argparse.Namespace) -> None:
         common=parse_assignments(args.arg, "--arg"),
         per_stage=per_stage,
         supervised_baseline=args.supervised_baseline,
+        optional=args.include,
     )
     cfg = parse_assignments([c for c in args.cfg.split(",") if c], "--cfg")
     started = time.monotonic()

@@ -42,6 +42,7 @@ from ssl_train.errors import UserError
 from ssl_train.pipeline import PipelinePlan, run_pipeline
 from ssl_train.stages import progress
 from ssl_train.stages.config import check_memory_size
+from ssl_train.stages.registry import pipeline_stages
 from ssl_train.stages.summary import read_summary
 
 DEMO_BUCKET = "ssl-train-demo"
@@ -131,7 +132,7 @@ def recipe_with_threads(threads: int, memory_size: int | None = None) -> dict[st
         epoch = TRAIN_DIGITS // PRETRAIN_BATCH * PRETRAIN_BATCH  # the last partial batch is dropped
         check_memory_size(memory_size, epoch, "the demo's training digits")
         recipe["pretrain"]["memory_size"] = str(memory_size)
-    for kind in ("pretrain", "finetune", "supervised", "distill"):
+    for kind in (spec.name for spec in pipeline_stages() if spec.name in recipe):
         processes = int(recipe[kind].get("j", COMMON_ARGS["j"]).split("x")[1])
         per_process = threads * 2 // processes
         recipe[kind]["env"] = f"OMP_NUM_THREADS={per_process},OMP_WAIT_POLICY=PASSIVE"

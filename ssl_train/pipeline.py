@@ -20,11 +20,9 @@ from dataclasses import dataclass, field
 from shards import storage
 from ssl_train import components
 from ssl_train.errors import UserError
+from ssl_train.stages import registry
 from ssl_train.stages.progress import PROGRESS_PATTERN
-from ssl_train.stages.registry import STAGES
 from ssl_train.stages.summary import read_summary
-
-PIPELINE_STAGES = ("pretrain", "finetune", "supervised", "distill")  # kinds it runs
 
 # Schedulers whose jobs live inside the process that submitted them (TorchX's local_cwd
 # keeps its jobs in memory): `torchx status` or `torchx log` in another shell answers
@@ -42,48 +40,77 @@ class PipelineError(UserError):
 @dataclass
 class Stage:
     name: str  # run dir name and what progress lines call it
-    component: str  # ssl.<function>
+    kind: str  # its declaration's name (``registry.STAGES``): pretrain, linear-eval, ...
     args: dict[str, str]  # component arguments (without the common ones)
+
+    @property
+    def component(self) -> str:
+        """Its TorchX component's function name: ``ssl.<component>``."""
+        return registry.stage(self.kind).component
 
 
 @dataclass
 class PipelinePlan:
-    """Which stages, where, and with what; ``stages()`` orders them."""
+    """Which stages, where, and with what; ``stages()`` orders them.
+
+    The stages come from their declarations (``registry.pipeline_stages``): those the
+    pipeline always runs, plus the optional ones named in ``optional``; a stage that runs
+    per label subset runs once per entry of ``subsets``, and one that starts from another
+    stage's run is given that run's dir.
+    """
 
     data: str
     root: str
     subsets: list[str]
     eval_data: str | None = None
-    preset: str = "r50_1x_sk0"
-    student: str = "r50_1x_sk0"
+    preset: str = registry.DEFAULT_PRESET
+    student: str = registry.DEFAULT_PRESET
     common: dict[str, str] = field(default_factory=dict)  # every component that takes them
     # by stage kind ("finetune") or stage name ("finetune-1percent"); a name wins over its kind
     per_stage: dict[str, dict[str, str]] = field(default_factory=dict)
     supervised_baseline: bool = False  # also train the preset from scratch on each subset
+    optional: list[str] = field(default_factory=list)  # optional stages to run as well
 
     def run_dir(self, name: str) -> str:
         return storage.join(self.root, name)
 
+    def chosen(self) -> list[registry.StageSpec]:
+        """The kinds of stage this plan runs, in the pipeline's order."""
+        asked = set(self.optional) | ({"supervised"} if self.supervised_baseline else set())
+        offered = registry.pipeline_stages()
+        optional = [s.name for s in offered if s.in_pipeline == "optional"]
+        unknown = sorted(asked - set(optional))
+        if unknown:
+            raise UserError(
+                f"--include {', '.join(unknown)}: not an optional stage of the pipeline; "
+                f"choose from {', '.join(optional)}"
+            )
+        return [s for s in offered if s.in_pipeline == "always" or s.name in asked]
+
+    def stage_name(self, spec: registry.StageSpec, subset: str | None) -> str:
+        return f"{spec.name}-{subset_label(subset)}" if spec.per_subset and subset else spec.name
+
     def stages(self) -> list[Stage]:
-        pretrain = self.run_dir("pretrain")
-        plan = [Stage("pretrain", "pretrain", {"preset": self.preset})]
-        for subset in self.subsets:
-            label = subset_label(subset)
-            teacher = self.run_dir(f"finetune-{label}")
-            plan.append(
-                Stage(f"finetune-{label}", "finetune", {"pretrained": pretrain, "subset": subset})
-            )
-            plan.append(
-                Stage(f"distill-{label}", "distill", {"teacher": teacher, "student": self.student})
-            )
-            if self.supervised_baseline:
-                plan.append(
-                    Stage(
-                        f"supervised-{label}",
-                        "supervised",
-                        {"preset": self.preset, "subset": subset},
-                    )
-                )
+        chosen = self.chosen()
+        kinds = {spec.name for spec in chosen}
+        models = {"preset": self.preset, "student": self.student}
+        plan = []
+        for spec in chosen:
+            for subset in self.subsets if spec.per_subset else [None]:
+                args = {}
+                if spec.model_argument() is not None:
+                    args[spec.model_argument()] = models[spec.model_argument()]
+                if spec.label_subset:
+                    args["subset"] = subset
+                if spec.starts_from is not None:
+                    field_name, source = spec.starts_from
+                    if source not in kinds:
+                        raise UserError(
+                            f"{spec.name} starts from a {source} run, which this plan lacks"
+                        )
+                    argument = next(f.argument for f in spec.all_flags if f.field == field_name)
+                    args[argument] = self.run_dir(self.stage_name(registry.stage(source), subset))
+                plan.append(Stage(self.stage_name(spec, subset), spec.name, args))
         taken = set().union(
             *(inspect.signature(getattr(components, s.component)).parameters for s in plan)
         )
@@ -93,13 +120,12 @@ class PipelinePlan:
                 f"--arg {', '.join(unknown)}: no stage of this plan takes it (see "
                 "`torchx run ssl.pretrain --help`)"
             )
-        # the declarations' order; stable: subsets keep their order
-        plan.sort(key=lambda s: STAGES[s.component].pipeline_order)
-        targets = set(PIPELINE_STAGES) | {s.name for s in plan}
+        kinds_offered = [s.name for s in registry.pipeline_stages()]
+        targets = set(kinds_offered) | {s.name for s in plan}
         for target in self.per_stage:
             if target not in targets:
                 raise UserError(
-                    f"stage argument for {target!r}: name a kind ({', '.join(PIPELINE_STAGES)}) "
+                    f"stage argument for {target!r}: name a kind ({', '.join(kinds_offered)}) "
                     f"or a stage of this plan ({', '.join(s.name for s in plan)})"
                 )
         return plan
@@ -109,10 +135,10 @@ class PipelinePlan:
         it accepts (every stage flag is one), and the per-stage overrides."""
         accepted = set(inspect.signature(getattr(components, stage.component)).parameters)
         values = {"data": self.data, "run_dir": self.run_dir(stage.name), **stage.args}
-        if self.eval_data and STAGES[stage.component].classifies:
+        if self.eval_data and registry.stage(stage.kind).classifies:
             values["eval_data"] = self.eval_data
         values.update({k: v for k, v in self.common.items() if k in accepted})
-        values.update(self.per_stage.get(stage.component, {}))
+        values.update(self.per_stage.get(stage.kind, {}))
         values.update(self.per_stage.get(stage.name, {}))
         unknown = sorted(set(values) - accepted)
         if unknown:

@@ -151,3 +151,33 @@ def test_scheduler_options_are_spelled_as_torchx_run_spells_them() -> None:
     for spelling in ("-cfg", "--cfg"):
         args = build_parser().parse_args([*base, spelling, "log_dir=/l,queue=q"])
         assert args.cfg == "log_dir=/l,queue=q"
+
+
+def test_linear_eval_joins_the_pipeline_through_its_declaration() -> None:
+    """An optional stage (registry: in_pipeline="optional", starts_from, per_subset) is
+    planned from its declaration alone: its run dirs, the run it starts from, its
+    component (ssl.linear_eval for linear-eval) and its evaluation."""
+    from ssl_train.cli import build_parser
+
+    args = build_parser().parse_args(
+        ["pipeline", "--data", "s3://b/t", "--root", "s3://b/r", "--include", "linear-eval"]
+    )
+    plan = PipelinePlan(
+        "s3://b/t", "s3://b/r", ["1percent", "10percent"], eval_data="s3://b/v",
+        optional=args.include,
+    )  # fmt: skip
+    stages = {s.name: s for s in plan.stages()}
+    assert list(stages)[-2:] == ["linear-eval-1percent", "linear-eval-10percent"]
+    probe = stages["linear-eval-10percent"]
+    assert probe.component == "linear_eval"
+    named = dict(zip(*[iter(plan.component_args(probe))] * 2, strict=True))
+    assert named["--pretrained"] == "s3://b/r/pretrain" and named["--subset"] == "10percent"
+    assert (
+        named["--eval_data"] == "s3://b/v"
+        and named["--run_dir"] == "s3://b/r/linear-eval-10percent"
+    )
+    assert "linear-eval-1percent" not in {
+        s.name for s in PipelinePlan("d", "r", ["1percent"]).stages()
+    }
+    with pytest.raises(ValueError, match="--include pretrain: not an optional stage"):
+        PipelinePlan("d", "r", ["1percent"], optional=["pretrain"]).stages()

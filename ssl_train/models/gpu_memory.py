@@ -26,6 +26,7 @@ import torch
 
 from ssl_train.errors import UserError
 from ssl_train.models.presets import build_model, get_preset
+from ssl_train.stages import registry
 
 # weights, gradients, momentum (fp32 each), and one copy more: DDP's buckets once held
 # a second copy of the gradients; they share it now (gradient_as_bucket_view), and the
@@ -36,7 +37,6 @@ MEMORY_NETWORK_BYTES_PER_PARAMETER = 4  # SimCLRv2's memory network: fp32 weight
 PROJECTION_BYTES = 128 * 4  # one buffered 128-d fp32 projection
 BACKWARD_MARGIN = 0.10
 RESERVED_BYTES = 3 * 2**30
-VIEWS = {"pretrain": 2}  # images per sample; every other stage sees one
 
 
 @lru_cache(maxsize=64)
@@ -144,7 +144,7 @@ def per_gpu(
         >>> m.images, round(m.total / 2**30)
         (1024, 49)
     """
-    images = VIEWS.get(stage, 1) * math.ceil(global_batch_size / gpus)
+    images = registry.stage(stage).views * math.ceil(global_batch_size / gpus)  # per sample
     state = STATE_BYTES_PER_PARAMETER * parameter_count(preset)
     if teacher:
         state += TEACHER_BYTES_PER_PARAMETER * parameter_count(teacher)

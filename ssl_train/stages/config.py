@@ -145,7 +145,7 @@ class StageConfig:
         merged = dict(registry.stage(stage).defaults)
         merged.update({k: v for k, v in values.items() if v is not None})
         config = cls(stage=stage, **merged)
-        if config.memory_size is None and registry.stage(stage).views == 2:
+        if config.memory_size is None and registry.stage(stage).uses_memory:
             # the paper's memory for Table 1's networks; the tiny presets choose per run
             config.memory_size = (
                 registry.DEFAULT_MEMORY_SIZE if config.preset in TABLE1_NAMES else 0
@@ -252,9 +252,7 @@ class StageConfig:
         """Epochs to train when --max-steps is not given."""
         if self.epochs is not None:
             return self.epochs
-        if self.stage == "finetune":
-            return 60.0 if self.subset == "1percent" else 30.0
-        return 100.0
+        return registry.stage(self.stage).default_epochs(self.subset)
 
     def total_steps(self, steps_per_epoch: int) -> int:
         """Training length: --max-steps, else whole epochs of the stream's steps."""

@@ -62,6 +62,15 @@ class StageSpec:
     model_field: str | None = None  # field naming the network it trains (GPU memory check)
     # defaults that are not one value, as --help words them
     default_notes: Mapping[str, str] = field(default_factory=dict)
+    # what it starts from: the field naming a finished run (``pretrained``, ``teacher``)
+    # and the stage that run is of; the pipeline fills the field with that stage's run dir
+    starts_from: tuple[str, str] | None = None
+    per_subset: bool = False  # in the pipeline: one run per label subset
+    uses_memory: bool = False  # SimCLRv2's memory of negatives (--memory-size)
+    in_pipeline: str = "no"  # "always", "optional" (asked for by name) or "no"
+    # training length when --epochs and --max-steps are unset: ``epochs`` by subset name
+    # (None: any other subset or none), for stages without an ``epochs`` default
+    epochs_by_subset: Mapping[str | None, float] = field(default_factory=lambda: {None: 100.0})
 
     @property
     def mode(self) -> str:
@@ -72,6 +81,22 @@ class StageSpec:
     def classifies(self) -> bool:
         """Whether its model ends in a classifier (what --eval-data evaluates)."""
         return self.views == 1
+
+    @property
+    def component(self) -> str:
+        """Its TorchX component's function name (``linear-eval`` is ``ssl.linear_eval``)."""
+        return self.name.replace("-", "_")
+
+    def model_argument(self) -> str | None:
+        """The component argument that names the network it trains (``preset``, or
+        distillation's ``student``), if it names one."""
+        if self.model_field is None:
+            return None
+        return next(f.argument for f in self.all_flags if f.field == self.model_field)
+
+    def default_epochs(self, subset: str | None) -> float:
+        """Training length in epochs when neither --epochs nor --max-steps is given."""
+        return self.epochs_by_subset.get(subset, self.epochs_by_subset[None])
 
     @property
     def all_flags(self) -> tuple[Flag, ...]:
@@ -195,6 +220,8 @@ STAGES: Mapping[str, StageSpec] = MappingProxyType(
                 task="ssl_train.stages.tasks:build_pretrain",
                 pipeline_order=0,
                 model_field="preset",
+                uses_memory=True,
+                in_pipeline="always",
                 default_notes={
                     "memory_size": f"{DEFAULT_MEMORY_SIZE} for the Table-1 presets, 0 for tiny"
                 },
@@ -217,6 +244,10 @@ STAGES: Mapping[str, StageSpec] = MappingProxyType(
                 task="ssl_train.stages.tasks:build_finetune",
                 pipeline_order=1,
                 default_notes={"epochs": "60 on the 1percent subset, 30 otherwise"},
+                starts_from=("pretrained", "pretrain"),
+                per_subset=True,
+                in_pipeline="always",
+                epochs_by_subset={"1percent": 60.0, None: 30.0},
             ),
             StageSpec(
                 name="supervised",
@@ -241,7 +272,9 @@ STAGES: Mapping[str, StageSpec] = MappingProxyType(
                 task="ssl_train.stages.tasks:build_supervised",
                 pipeline_order=2,
                 model_field="preset",
-                default_notes={"epochs": "100"},  # StageConfig.resolved_epochs
+                default_notes={"epochs": "100"},
+                per_subset=True,
+                in_pipeline="optional",  # the paper's baseline: --supervised-baseline
             ),
             StageSpec(
                 name="distill",
@@ -277,6 +310,9 @@ STAGES: Mapping[str, StageSpec] = MappingProxyType(
                 task="ssl_train.stages.tasks:build_distill",
                 pipeline_order=3,
                 model_field="preset",
+                starts_from=("teacher", "finetune"),
+                per_subset=True,  # one student per finetuned teacher
+                in_pipeline="always",
             ),
             StageSpec(
                 name="linear-eval",
@@ -296,6 +332,9 @@ STAGES: Mapping[str, StageSpec] = MappingProxyType(
                 label_subset=True,
                 task="ssl_train.stages.tasks:build_linear_eval",
                 pipeline_order=4,
+                starts_from=("pretrained", "pretrain"),
+                per_subset=True,
+                in_pipeline="optional",
             ),
         )
     }
@@ -321,3 +360,16 @@ def stage(name: str) -> StageSpec:
         return STAGES[name]
     except KeyError:
         raise UserError(f"unknown stage {name!r}; use one of {', '.join(STAGES)}") from None
+
+
+def pipeline_stages() -> list[StageSpec]:
+    """The stages ``ssl-train pipeline`` may run, in its order.
+
+    Example:
+        >>> [(s.name, s.in_pipeline) for s in pipeline_stages()][:2]
+        [('pretrain', 'always'), ('finetune', 'always')]
+    """
+    return sorted(
+        (spec for spec in STAGES.values() if spec.in_pipeline != "no"),
+        key=lambda spec: spec.pipeline_order,
+    )
