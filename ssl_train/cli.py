@@ -125,6 +125,12 @@ def build_parser() -> argparse.ArgumentParser:
         + ", ".join(s.name for s in pipeline_stages() if s.in_pipeline == "optional"),
     )
     pipeline.add_argument(
+        "--dryrun",
+        action="store_true",
+        help="build and check every stage's job and print its torchx run command; submit "
+        "nothing (finished stages are still reported as skipped)",
+    )
+    pipeline.add_argument(
         "--follow",
         action="store_true",
         help="echo each job's progress lines (steps, loss, throughput, final top-1)",
@@ -232,6 +238,11 @@ def run_pipeline_command(args: argparse.Namespace) -> None:
         optional=args.include,
     )
     cfg = parse_assignments([c for c in args.cfg.split(",") if c], "--cfg")
+    if args.dryrun:
+        from ssl_train.pipeline import dryrun_pipeline
+
+        dryrun_pipeline(plan, args.scheduler, cfg)
+        return
     started = time.monotonic()
     from ssl_train.stages.progress import text_of
 

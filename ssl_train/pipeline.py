@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import shlex
 import threading
 import time
 from collections.abc import Callable
@@ -244,6 +245,38 @@ def _run_stages(
             )
             ran.append(stage.name)
     return ran
+
+
+def dryrun_pipeline(plan: PipelinePlan, scheduler: str, cfg: dict[str, str]) -> list[str]:
+    """What ``run_pipeline`` would submit, checked as TorchX checks it before submitting
+    (every component built, every argument validated) and printed as the ``torchx run``
+    command of each unfinished stage; returns those stages' names. Nothing is submitted.
+
+    Example:
+        >>> plan = PipelinePlan("s3://b/train", "s3://b/runs/r50", ["1percent"])
+        >>> dryrun_pipeline(plan, "kubernetes", {})  # doctest: +SKIP
+        [pipeline] pretrain: torchx run -s kubernetes ssl.pretrain --data s3://b/train ...
+    """
+    from torchx.runner import get_runner
+
+    planned = []
+    cfg = with_log_dir(scheduler, cfg, plan.root)
+    with get_runner() as runner:
+        for stage in plan.stages():
+            summary = read_summary(plan.run_dir(stage.name))
+            if summary is not None and summary.get("finished"):
+                print(f"[pipeline] {stage.name}: finished earlier, would be skipped", flush=True)
+                continue
+            args = plan.component_args(stage)
+            runner.dryrun_component(f"ssl.{stage.component}", args, scheduler, cfg=cfg)
+            options = ",".join(f"{k}={v}" for k, v in cfg.items())
+            command = ["torchx", "run", "-s", scheduler, *(["-cfg", options] if options else [])]
+            print(
+                f"[pipeline] {stage.name}: {shlex.join([*command, f'ssl.{stage.component}', *args])}",
+                flush=True,
+            )
+            planned.append(stage.name)
+    return planned
 
 
 def with_log_dir(scheduler: str, cfg: dict[str, str], root: str) -> dict[str, str]:
