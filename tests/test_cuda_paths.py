@@ -37,8 +37,8 @@ def _off_the_gpu(task: Task) -> list[str]:
     )
     for index, state in enumerate(task.optimizer.state.values()):
         named.update({f"optimizer.{index}.{k}": v for k, v in state.items() if torch.is_tensor(v)})
-    if task.memory is not None:
-        named.update({f"memory.{k}": v for k, v in task.memory.state_dict().items()})
+    for part, state in task.extra_state().items():  # SimCLRv2's memory
+        named.update({f"{part}.{k}": v for k, v in state.items() if torch.is_tensor(v)})
     teacher = getattr(task, "teacher", None)
     if teacher is not None:
         named.update({f"teacher.{k}": v for k, v in teacher.state_dict().items()})

@@ -19,7 +19,7 @@ import os
 import signal
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -212,6 +212,17 @@ def _report_preemption_save(step: int, seconds: float) -> None:
     )
 
 
+@dataclass
+class _Clock:
+    """When this process's training began (for throughput and the ETA), at which step,
+    when the last checkpoint was started and when the current step began."""
+
+    started: float
+    started_step: int
+    last_save: float = field(default_factory=time.monotonic)
+    step_began: float = field(default_factory=time.monotonic)
+
+
 def _barrier(runtime: rt.Runtime) -> None:
     if runtime.distributed:
         dist.barrier()
@@ -258,18 +269,13 @@ class Trainer:
         self.saved_step: int | None = None
         self.recorded_checkpoint: int | None = None
         self.lease: RunDirLease | None = None  # rank 0's, while it runs
+        self.clock = _Clock(time.monotonic(), 0)  # set again when training starts
         self.scalars = ScalarLog(config.run_dir)  # written by rank 0
-        model = self.task.model
         if config.channels_last:
-            model.to(memory_format=torch.channels_last)
-            if self.task.memory is not None:
-                self.task.memory.to(memory_format=torch.channels_last)
+            self.task.to_memory_format(torch.channels_last)
         if runtime.distributed:
-            model = convert_to_global_bn(model)
-            self.task.model = model
-            if self.task.memory is not None:  # it normalises with batch statistics too
-                self.task.memory.network = convert_to_global_bn(self.task.memory.network)
-        self.trained = model  # unwrapped: what checkpoints hold
+            self.task.use_global_batch_norm(convert_to_global_bn)
+        model = self.trained = self.task.model  # unwrapped: what checkpoints hold
         if runtime.distributed:
             device_ids = [runtime.device] if runtime.device.type == "cuda" else None
             # gradients live in DDP's all-reduce buckets instead of beside them: one copy
@@ -295,7 +301,7 @@ class Trainer:
         task, config, device = self.task, self.config, self.runtime.device
         buffers = [buffer.clone() for buffer in self.trained.buffers()]
         rng = rng_state()
-        views = 2 if task.mode == "pretrain" else 1
+        views = task.views
         generator = torch.Generator().manual_seed(0)
         shape = (2 * views, 3, config.image_size, config.image_size)
         images = torch.rand(shape, generator=generator).to(device)
@@ -324,7 +330,7 @@ class Trainer:
             "data": self.data,
             "model_config": self.task.model_config,
             "world_size": self.runtime.world_size,
-            **({"memory": self.task.memory.state_dict()} if self.task.memory is not None else {}),
+            **self.task.extra_state(),
         }
 
     def resume(self) -> None:
@@ -337,8 +343,7 @@ class Trainer:
         _, state = loaded
         check_same_experiment(state, self.config, self.data)
         self.trained.load_state_dict(state["model"])
-        if self.task.memory is not None:
-            self.task.memory.load_state_dict(state["memory"])
+        self.task.load_extra_state(state)
         self.task.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
         set_rng_state(state["rng"])
@@ -429,102 +434,129 @@ class Trainer:
             raise LeaseHeld("rank 0 could not take the run dir's lease: its log says why")
 
     def _train(self, checkpointer: AsyncCheckpointer, stop_request: rt.StopRequest) -> None:
-        config, runtime, position = self.config, self.runtime, self.position
+        """Steps until ``--stop-at-step`` or the end: fetch a batch, agree with every rank
+        whether to stop (a signal, a lost lease) or checkpoint, take the step, then trace,
+        checkpoint and report it."""
+        config, position = self.config, self.position
         stop_at = config.stop_at_step if config.stop_at_step is not None else position.total_steps
         stop_at = min(stop_at, position.total_steps)
-        every_s = (
-            None
-            if config.checkpoint_every_minutes is None
-            else config.checkpoint_every_minutes * 60
-        )
-        last_save = time.monotonic()
-        # the stream ends where training does: nothing is fetched ahead for steps never run
-        self.stream.stop_after = stop_at - self.step
-        batches = (
-            iter(make_loader(self.stream, config.workers, runtime.device))
-            if self.step < stop_at
-            else None
-        )
-        started, started_step = time.monotonic(), self.step
+        batches = self._batches(stop_at)
+        self.clock = _Clock(time.monotonic(), self.step)
         self.task.train_mode()
-        step_began = time.monotonic()
         while self.step < stop_at:
-            try:
-                batch = next(batches)
-            except Exception:
-                if not stop_request.requested:  # data workers die with the preempted pod
-                    raise
-                batch = None
-            data_wait = time.monotonic() - step_began
-            time_due = (
-                runtime.is_main and every_s is not None and time.monotonic() - last_save >= every_s
-            )
-            lost = self.lease is not None and self.lease.is_lost()
-            stop, time_due, lost = _agree(
-                [stop_request.requested or batch is None, time_due, lost], runtime
-            )
-            if lost:  # another job writes this run dir now: stop without writing anything
-                if self.lease is not None:
-                    self.lease.check()
-                raise LeaseLost("rank 0 lost the run dir's lease: its log says to whom")
+            batch = self._fetch(batches, stop_request)
+            data_wait = time.monotonic() - self.clock.step_began
+            stop, time_due = self._agree(batch, stop_request)
             if stop:
-                began = time.monotonic()
-                self._save(checkpointer, wait=True)
-                if runtime.is_main:
-                    _report_preemption_save(self.step, time.monotonic() - began)
-                    self._record_checkpoint(checkpointer)
-                raise Preempted(
-                    f"stopped by {stop_request.signal_name or 'another rank'} at step {self.step}",
-                    stop_request.signal_name,
-                )
+                self._stop(checkpointer, stop_request)
             if self.decoder is not None:  # in the step's time, as the GPU spends it
                 batch = self.decoder(batch)
             metrics = self._step(batch)  # device tensors
-            self._record_step(batch, data_wait, time.monotonic() - step_began, checkpointer)
-            step_began = time.monotonic()
-            if config.trace_samples:
-                trace.append(
-                    config.trace_samples,
-                    self.step - 1,
-                    batch.epoch,
-                    batch.step,
-                    runtime.rank,
-                    runtime.world_size,
-                    batch.keys,
-                )
-            by_steps = (
-                config.checkpoint_every_steps and self.step % config.checkpoint_every_steps == 0
+            self._record_step(
+                batch, data_wait, time.monotonic() - self.clock.step_began, checkpointer
             )
-            if (by_steps or time_due) and self.step < stop_at:
-                self._save(checkpointer, wait=False)
-                last_save = time.monotonic()
+            self.clock.step_began = time.monotonic()
+            self._after_step(batch, checkpointer, time_due, stop_at)
             if self.step % config.log_every_steps == 0 or self.step == stop_at:
-                metrics = {**_mean_over_ranks(metrics, runtime), "lr": self.lr}
-                for name in ("loss", "contrastive_top1", "top1"):
-                    if name in metrics:
-                        METRICS_NOW.set("train_top1" if name == "top1" else name, metrics[name])
-                if runtime.is_main:
-                    elapsed = time.monotonic() - started
-                    done = self.step - started_step
-                    self.scalars.add(
-                        self.step,
-                        {
-                            **{f"train/{k}": v for k, v in metrics.items()},
-                            "train/samples_per_s": done * config.global_batch_size / elapsed,
-                        },
-                    )
-                    others = " ".join(
-                        f"{k} {v:.3f}" for k, v in metrics.items() if k not in ("loss", "lr")
-                    )
-                    progress.say(
-                        config.stage,
-                        f"step {self.step}/{position.total_steps} epoch {batch.epoch} "
-                        f"loss {metrics['loss']:.4f} {others} lr {metrics['lr']:.4g} "
-                        f"{done * config.global_batch_size / elapsed:.1f} samples/s "
-                        f"eta {progress.eta(position.total_steps - self.step, elapsed / done)}",
-                    )
+                self._report(metrics, batch)
         self._save(checkpointer, wait=True)
         self._record_checkpoint(checkpointer)
+
+    def _batches(self, stop_at: int) -> Iterator[Any] | None:
+        """The data loader's batches up to ``stop_at``: the stream ends where training
+        does, so nothing is fetched ahead for steps never run."""
+        self.stream.stop_after = stop_at - self.step
+        if self.step >= stop_at:
+            return None
+        return iter(make_loader(self.stream, self.config.workers, self.runtime.device))
+
+    def _fetch(self, batches: Iterator[Any] | None, stop_request: rt.StopRequest) -> Any:
+        """The next batch; None when a stop was asked for and the data workers are gone
+        (they die with a preempted pod)."""
+        try:
+            return next(batches)  # type: ignore[arg-type]
+        except Exception:
+            if not stop_request.requested:
+                raise
+            return None
+
+    def _agree(self, batch: Any, stop_request: rt.StopRequest) -> tuple[bool, bool]:
+        """Whether every rank stops now, and whether the checkpoint period is over, as
+        any rank sees it (one tiny all-reduce); a lost lease stops every rank at once."""
+        every_s = self.config.checkpoint_every_minutes
+        time_due = (
+            self.runtime.is_main
+            and every_s is not None
+            and time.monotonic() - self.clock.last_save >= every_s * 60
+        )
+        lost = self.lease is not None and self.lease.is_lost()
+        stop, time_due, lost = _agree(
+            [stop_request.requested or batch is None, time_due, lost], self.runtime
+        )
+        if lost:  # another job writes this run dir now: stop without writing anything
+            if self.lease is not None:
+                self.lease.check()
+            raise LeaseLost("rank 0 lost the run dir's lease: its log says to whom")
+        return stop, time_due
+
+    def _stop(self, checkpointer: AsyncCheckpointer, stop_request: rt.StopRequest) -> None:
+        """Save the step reached, then end with ``Preempted`` (the exit status says why)."""
+        began = time.monotonic()
+        self._save(checkpointer, wait=True)
+        if self.runtime.is_main:
+            _report_preemption_save(self.step, time.monotonic() - began)
+            self._record_checkpoint(checkpointer)
+        raise Preempted(
+            f"stopped by {stop_request.signal_name or 'another rank'} at step {self.step}",
+            stop_request.signal_name,
+        )
+
+    def _after_step(
+        self, batch: Any, checkpointer: AsyncCheckpointer, time_due: bool, stop_at: int
+    ) -> None:
+        """The step's sample keys to the trace, and a checkpoint when one is due (the
+        last step's is written after the loop, waited for)."""
+        config, runtime = self.config, self.runtime
+        if config.trace_samples:
+            trace.append(
+                config.trace_samples,
+                self.step - 1,
+                batch.epoch,
+                batch.step,
+                runtime.rank,
+                runtime.world_size,
+                batch.keys,
+            )
+        by_steps = config.checkpoint_every_steps and self.step % config.checkpoint_every_steps == 0
+        if (by_steps or time_due) and self.step < stop_at:
+            self._save(checkpointer, wait=False)
+            self.clock.last_save = time.monotonic()
+
+    def _report(self, metrics: dict[str, torch.Tensor], batch: Any) -> None:
+        """The metrics averaged over ranks: the task's gauges, and on rank 0 the curves and
+        the progress line with its ETA."""
+        config, position = self.config, self.position
+        means = {**_mean_over_ranks(metrics, self.runtime), "lr": self.lr}
+        for name, gauge in self.task.gauges.items():
+            if name in means:
+                METRICS_NOW.set(gauge, means[name])
+        if not self.runtime.is_main:
+            return
+        elapsed = time.monotonic() - self.clock.started
+        done = self.step - self.clock.started_step
+        samples_per_s = done * config.global_batch_size / elapsed
+        self.scalars.add(
+            self.step,
+            {**{f"train/{k}": v for k, v in means.items()}, "train/samples_per_s": samples_per_s},
+        )
+        others = " ".join(f"{k} {v:.3f}" for k, v in means.items() if k not in ("loss", "lr"))
+        progress.say(
+            config.stage,
+            f"step {self.step}/{position.total_steps} epoch {batch.epoch} "
+            f"loss {means['loss']:.4f} {others} lr {means['lr']:.4g} "
+            f"{samples_per_s:.1f} samples/s "
+            f"eta {progress.eta(position.total_steps - self.step, elapsed / done)}",
+        )
 
     def _record_step(
         self,

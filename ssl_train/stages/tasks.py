@@ -14,8 +14,9 @@ tracing) is the one training loop in ``ssl_train.stages.loop``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -41,15 +42,25 @@ def _is_classifier(name: str, param: nn.Parameter) -> bool:
 
 @dataclass
 class Task:
-    """One stage's model, optimiser and loss; ``loss`` gets the (DDP-wrapped) model."""
+    """One stage's model, optimiser and loss; ``loss`` gets the (DDP-wrapped) model.
+
+    The training loop knows no stage: what a stage keeps besides its model (SimCLRv2's
+    memory), how that follows the model's layout and batch norm, what it does after each
+    step and which of its metrics are gauges all come from here.
+    """
 
     config: StageConfig
     model: SimCLRv2
     optimizer: torch.optim.Optimizer
-    mode: str  # the stream's: "pretrain" (two crops) or "finetune" (one)
     model_config: dict[str, Any]
     frozen: list[nn.Module] = field(default_factory=list)  # stay in eval mode
-    memory: ContrastiveMemory | None = None  # pretraining with SimCLRv2's memory
+    # progress-line metric -> Prometheus gauge (ssl_train.metrics) it also sets
+    gauges: ClassVar[dict[str, str]] = {"loss": "loss"}
+
+    @property
+    def views(self) -> int:
+        """Augmented views per sample it trains on (its declaration's)."""
+        return registry.stage(self.config.stage).views
 
     def train_mode(self) -> None:
         self.model.train()
@@ -58,12 +69,28 @@ class Task:
 
     def device_views(self, views: Tensor, keys: list[str], epoch: int) -> Tensor:
         """The device stage of augmentation: uint8 crops in, float network input out.
-        Pretraining stacks view 0 of every sample, then view 1."""
+        Two views stack view 0 of every sample, then view 1."""
         seed = self.config.seed
-        if self.mode == "pretrain":
+        if self.views == 2:
             first, second = SimCLRAugment()(views[0], views[1], keys, seed, epoch)
             return torch.cat([first, second])
         return apply_view_params(views[0], flip_params(keys, seed, epoch, view=0))
+
+    def to_memory_format(self, memory_format: torch.memory_format) -> None:
+        """Lay out the model, and whatever trains with it, in ``memory_format``."""
+        self.model.to(memory_format=memory_format)
+
+    def use_global_batch_norm(self, convert: Callable[[nn.Module], nn.Module]) -> None:
+        """Batch norm over the global batch (``convert``: ``dist.convert_to_global_bn``)
+        for the model and every network that normalises with batch statistics."""
+        self.model = convert(self.model)  # type: ignore[assignment]
+
+    def extra_state(self) -> dict[str, Any]:
+        """What checkpoints keep besides the model and optimiser (names of its own)."""
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        """Take back what ``extra_state`` saved, from a checkpoint's ``state``."""
 
     def loss(
         self, model: nn.Module, images: Tensor, labels: Tensor, shares: Shares | None = None
@@ -78,7 +105,28 @@ class Task:
         step's network input; nothing for most stages."""
 
 
+@dataclass
 class PretrainTask(Task):
+    memory: ContrastiveMemory | None = None  # SimCLRv2's memory of negatives (--memory-size)
+    gauges: ClassVar[dict[str, str]] = {"loss": "loss", "contrastive_top1": "contrastive_top1"}
+
+    def to_memory_format(self, memory_format: torch.memory_format) -> None:
+        super().to_memory_format(memory_format)
+        if self.memory is not None:
+            self.memory.to(memory_format=memory_format)
+
+    def use_global_batch_norm(self, convert: Callable[[nn.Module], nn.Module]) -> None:
+        super().use_global_batch_norm(convert)
+        if self.memory is not None:  # it normalises with batch statistics too
+            self.memory.network = convert(self.memory.network)
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"memory": self.memory.state_dict()} if self.memory is not None else {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        if self.memory is not None:
+            self.memory.load_state_dict(state["memory"])
+
     def loss(
         self, model: nn.Module, images: Tensor, labels: Tensor, shares: Shares | None = None
     ) -> tuple[Tensor, dict]:
@@ -103,6 +151,8 @@ def _classification(logits: Tensor, labels: Tensor, shares: Shares | None) -> tu
 
 
 class FinetuneTask(Task):
+    gauges: ClassVar[dict[str, str]] = {"loss": "loss", "top1": "train_top1"}
+
     def loss(
         self, model: nn.Module, images: Tensor, labels: Tensor, shares: Shares | None = None
     ) -> tuple[Tensor, dict]:
@@ -212,8 +262,8 @@ def build_task(config: StageConfig, classes: list[str], device: torch.device) ->
     Example:
         >>> config = StageConfig.for_stage("pretrain", data="d", run_dir="/r", preset="tiny")
         >>> task = build_task(config, [str(i) for i in range(10)], torch.device("cpu"))
-        >>> task.mode, task.model.classifier is None
-        ('pretrain', True)
+        >>> task.views, task.model.classifier is None
+        (2, True)
     """
     return registry.stage(config.stage).build_task()(config, classes, device)
 
@@ -229,9 +279,7 @@ def build_pretrain(config: StageConfig, classes: list[str], device: torch.device
         memory = ContrastiveMemory(
             model, config.memory_size, config.memory_momentum, config.proj_dim
         )
-    task = PretrainTask(config, model, _lars(model, config), "pretrain", described)
-    task.memory = memory
-    return task
+    return PretrainTask(config, model, _lars(model, config), described, memory=memory)
 
 
 def build_supervised(config: StageConfig, classes: list[str], device: torch.device) -> Task:
@@ -244,7 +292,7 @@ def build_supervised(config: StageConfig, classes: list[str], device: torch.devi
     described = model_config(
         config.preset, num_classes, config.head_layers, config.proj_dim, layer, layer
     )
-    return FinetuneTask(config, model, _lars(model, config), "finetune", described)
+    return FinetuneTask(config, model, _lars(model, config), described)
 
 
 def _from_pretrained(
@@ -274,7 +322,7 @@ def _from_pretrained(
 def build_finetune(config: StageConfig, classes: list[str], device: torch.device) -> Task:
     """Every layer trained from the pretrained weights, under LARS."""
     model, described = _from_pretrained(config, len(classes), device)
-    return FinetuneTask(config, model, _lars(model, config), "finetune", described)
+    return FinetuneTask(config, model, _lars(model, config), described)
 
 
 def build_linear_eval(config: StageConfig, classes: list[str], device: torch.device) -> Task:
@@ -285,9 +333,7 @@ def build_linear_eval(config: StageConfig, classes: list[str], device: torch.dev
     optimizer = torch.optim.SGD(
         model.classifier.parameters(), lr=0.0, momentum=config.momentum, nesterov=True
     )
-    return FinetuneTask(
-        config, model, optimizer, "finetune", described, frozen=[model.backbone, model.head]
-    )
+    return FinetuneTask(config, model, optimizer, described, frozen=[model.backbone, model.head])
 
 
 def build_distill(config: StageConfig, classes: list[str], device: torch.device) -> Task:
@@ -299,6 +345,6 @@ def build_distill(config: StageConfig, classes: list[str], device: torch.device)
     model = build_model(config.preset, num_classes, config.head_layers, config.proj_dim, 0, device)
     model.keep_head_layers(0)
     described = model_config(config.preset, num_classes, config.head_layers, config.proj_dim, 0, 0)
-    task = DistillTask(config, model, _lars(model, config), "finetune", described)
+    task = DistillTask(config, model, _lars(model, config), described)
     task.teacher = teacher
     return task
