@@ -103,6 +103,90 @@ def test_no_module_imports_itself_back() -> None:
     )
 
 
+# README's "Layout": the rooms of the house, in order; a module imports only modules of
+# its own room or of rooms before it. The longest prefix that matches places a module.
+ROOMS: list[tuple[str, tuple[str, ...]]] = [
+    ("shards", ("shards",)),
+    (
+        "foundations",
+        (
+            "ssl_train.errors",
+            "ssl_train.shares",
+            "ssl_train.crc32c",
+            "ssl_train.preset_names",
+            "ssl_train.metrics",
+            "ssl_train.preemption",
+            "ssl_train.machine",
+        ),
+    ),
+    ("declarations", ("ssl_train.stages.registry",)),
+    (
+        "configuration",
+        (
+            "ssl_train.stages.config",
+            "ssl_train.stages.flags",
+            "ssl_train.stages.summary",
+            "ssl_train.stages.progress",
+        ),
+    ),
+    (
+        "training parts",
+        (
+            "ssl_train.models",
+            "ssl_train.losses",
+            "ssl_train.optim",
+            "ssl_train.dist",
+            "ssl_train.contrastive_memory",
+            "ssl_train.data",
+            "ssl_train.checkpoint",
+            "ssl_train.lease",
+            "ssl_train.export",
+            "ssl_train.state_broadcast",
+            "ssl_train.checkpoint_import",
+        ),
+    ),
+    ("stages", ("ssl_train.stages",)),
+    (
+        "jobs",
+        (
+            "ssl_train.jobs",
+            "ssl_train.components",
+            "ssl_train.torchx_run",
+            "ssl_train.k8s_scheduler",
+            "ssl_train.docker_scheduler",
+            "ssl_train.stages.codegen",
+        ),
+    ),
+    ("drivers", ("ssl_train.pipeline", "ssl_train.demo", "ssl_train.local_prometheus")),
+    ("cli", ("ssl_train.cli",)),
+]
+
+
+def room_of(module: str) -> int:
+    if module == "ssl_train":  # the package itself: its version
+        return 1
+    matches = [
+        (len(prefix), number)
+        for number, (_, prefixes) in enumerate(ROOMS)
+        for prefix in prefixes
+        if module == prefix or module.startswith(prefix + ".")
+    ]
+    if not matches:
+        raise AssertionError(f"{module} is in no room: add it to ROOMS and to README's Layout")
+    return max(matches)[1]  # the most specific prefix
+
+
+def test_every_import_goes_down_the_house() -> None:
+    graph = import_graph()
+    upward = [
+        f"{module} ({ROOMS[room_of(module)][0]}) imports {target} ({ROOMS[room_of(target)][0]})"
+        for module, targets in sorted(graph.items())
+        for target in sorted(targets)
+        if room_of(target) > room_of(module)
+    ]
+    assert not upward, "imports against README's Layout:\n" + "\n".join(upward)
+
+
 def test_the_check_finds_a_circle() -> None:
     graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
     assert circles(graph) == [["a", "b", "c"]]
