@@ -50,7 +50,7 @@ def test_torchx_local_cwd_pretrain_two_replicas_survives_a_killed_worker(
         ]  # fmt: skip
         assert len(workers) == 2, descendants(job.proc.pid)
         os.kill(workers[-1], signal.SIGKILL)
-        out = job.check(timeout=240)
+        out = job.check(timeout=240, survived_a_kill=True)
     finally:
         if job.proc.poll() is None:
             job.kill()

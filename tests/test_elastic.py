@@ -101,7 +101,7 @@ def test_a_node_lost_then_one_gained_trains_every_sample_once(
         everyone = [*survivors, agents[-1]]
         _until(lambda: _last_world(trace_file)[0] == 3, everyone, "a step at world size 3 again")
         for agent in everyone:
-            agent.check(timeout=240)
+            agent.check(timeout=240, survived_a_kill=True)
     finally:
         for agent in agents:
             if agent.proc.poll() is None:
