@@ -43,6 +43,7 @@ from ssl_train.preemption import (
 )
 from ssl_train.shares import Shares
 from ssl_train.stages import registry
+from ssl_train.stages.config import field_kind
 
 DEFAULT_IMAGE = "ssl-train:latest"
 CLI_MODULE = "ssl_train.cli"
@@ -104,7 +105,7 @@ def stage_argv(stage: str, values: Mapping[str, Any], extra_args: Sequence[str] 
     argv = [stage]
     for argument, value in given.items():
         flag = by_argument[argument]
-        if flag.kind is bool:
+        if field_kind(flag.field) is bool:
             on = value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes")
             argv.append(flag.flag if on else "--no-" + flag.flag[2:])
         else:

@@ -11,7 +11,7 @@ import pytest
 
 from ssl_train import cli, jobs
 from ssl_train.stages import codegen, registry
-from ssl_train.stages.config import OPERATIONAL, StageConfig, stage_default
+from ssl_train.stages.config import OPERATIONAL, StageConfig, field_kind, stage_default
 
 
 def stage_parsers() -> dict[str, argparse.ArgumentParser]:
@@ -33,6 +33,29 @@ def test_every_configuration_field_is_a_flag_of_some_stage() -> None:
     assert fields >= OPERATIONAL
 
 
+def test_a_field_is_declared_once_with_its_help_check_and_resume_rule() -> None:
+    """The field's declaration (stages.config.setting) is where its help, its check and
+    whether a resume may change it live: the flag, the component and validate read it."""
+    from ssl_train.errors import UserError
+
+    declared = {f.name: f for f in dataclasses.fields(StageConfig)}
+    for name, field in declared.items():
+        if name != "stage":
+            assert field.metadata["help"], f"{name} has no help"
+    assert {n for n, f in declared.items() if f.metadata.get("operational")} == OPERATIONAL
+    checked = [n for n, f in declared.items() if f.metadata.get("check")]
+    assert len(checked) >= 20
+    for name in checked:  # each check refuses a bad value with a message naming the flag
+        bad = {"preset": "r9000", "lr_scaling": "cube", "precision": "fp8", "decode": "tpu"}
+        value = bad.get(name, -1)
+        try:
+            StageConfig.for_stage("pretrain", data="d", run_dir="r", **{name: value})
+        except UserError as refused:
+            assert name.replace("_", "-") in str(refused) or name == "preset", str(refused)
+        else:
+            raise AssertionError(f"--{name} {value} was accepted")
+
+
 @pytest.mark.parametrize("stage", list(registry.STAGES))
 def test_help_shows_the_declarations_defaults(stage: str) -> None:
     spec = registry.stage(stage)
@@ -42,7 +65,11 @@ def test_help_shows_the_declarations_defaults(stage: str) -> None:
         shown = actions[flag.field].help.replace("%%", "%")
         if flag.field in spec.default_notes:
             assert f"(default {spec.default_notes[flag.field]})" in shown
-        elif value is not None and value is not dataclasses.MISSING and flag.kind is not bool:
+        elif (
+            value is not None
+            and value is not dataclasses.MISSING
+            and field_kind(flag.field) is not bool
+        ):
             text = f"{value:g}" if isinstance(value, float) else str(value)
             assert shown.endswith(f"(default {text})"), (flag.flag, shown)
 

@@ -14,7 +14,7 @@ import pytest
 
 from ssl_train import components
 from ssl_train.stages import registry
-from ssl_train.stages.config import stage_default
+from ssl_train.stages.config import field_kind, stage_default
 from ssl_train.torchx_run import ComponentUsage, check_component_args, component_help
 
 BIN = Path(sys.executable).parent
@@ -60,7 +60,7 @@ def test_the_help_shows_each_argument_once_with_its_default_and_flag(name: str) 
         entry = next(e for e in entries if re.match(rf"(?:-\w, )?--{argument} ", e.strip()))
         entry = " ".join(entry.split())  # its wrapped lines as one
         assert f"[ssl-train {flag.flag}]" in entry, entry
-        if default in (None, False, dataclasses.MISSING) or flag.kind is bool:
+        if default in (None, False, dataclasses.MISSING) or field_kind(flag.field) is bool:
             continue
         if flag.field not in stage.default_notes and argument not in registry.JOB_DEFAULTS:
             shown = f"{default:g}" if isinstance(default, float) else str(default)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from ssl_train.jobs import JobOptions
 from ssl_train.stages import registry
-from ssl_train.stages.config import flag_help
+from ssl_train.stages.config import field_kind, flag_help, flag_text
 
 COMPONENTS_FILE = Path(__file__).resolve().parent.parent / "components.py"
 
@@ -112,11 +112,13 @@ def _stage_component(spec: registry.StageSpec) -> str:
         if job_default is None:
             help_text = flag_help(spec, flag)
         else:  # a job's own default, not the command line's
-            help_text = f"{flag.help} (default {job_default})"
+            help_text = f"{flag_text(flag)} (default {job_default})"
         if flag.field in required:
             params.append(f"    {flag.argument}: str,")
         else:
-            params.append(f"    {flag.argument}: Optional[{flag.kind.__name__}] = None,")
+            params.append(
+                f"    {flag.argument}: Optional[{field_kind(flag.field).__name__}] = None,"
+            )
         docs.append(f"        {flag.argument}: {help_text}")
     params.append(f'    name: str = "ssl-{spec.name}",')
     docs.append("        name: job name")

@@ -9,8 +9,9 @@ operational fields (workers, checkpoint cadence, trace file, ...) may change fre
 from __future__ import annotations
 
 import math
-from dataclasses import MISSING, asdict, dataclass, fields, replace
-from typing import Any
+from collections.abc import Callable
+from dataclasses import MISSING, Field, asdict, dataclass, field, fields, replace
+from typing import Any, get_args, get_type_hints
 
 from shards import storage
 from ssl_train.errors import UserError
@@ -63,27 +64,34 @@ def check_device_flag(device: str | None) -> None:
         )
 
 
-# Fields a resumed run may change without --allow-config-change.
-OPERATIONAL = frozenset(
-    {
-        "run_dir",
-        "workers",
-        "checkpoint_every_steps",
-        "checkpoint_every_minutes",
-        "keep_checkpoints",
-        "trace_samples",
-        "stop_at_step",
-        "allow_config_change",
-        "compile",
-        "channels_last",
-        "device",
-        "decode",  # the same crops either way (pixels within a stated tolerance)
-        "eval_data",
-        "eval_batch_size",
-        "log_every_steps",
-        "metrics_port",
-    }
-)
+def setting(
+    default: Any = MISSING,
+    help: str = "",
+    *,
+    check: tuple[Callable[[Any], bool], str] | None = None,
+    operational: bool = False,
+) -> Any:
+    """A configuration field, declared once: its default, its help (what ``--help`` and
+    the TorchX components say, unless a stage words it its own way), a check of its value
+    alone (a predicate and the message naming the flag, ``{value}`` filled in; an unset
+    None is never checked), and whether a resumed run may change it freely
+    (``operational``: workers, cadence, logging; anything that shapes the training
+    trajectory may not, without --allow-config-change).
+
+    Example:
+        >>> fields_by_name()["workers"].metadata["operational"]
+        True
+    """
+    metadata = {"help": help, "check": check, "operational": operational}
+    return field(default=default, metadata=metadata)
+
+
+def _at_least(low: float) -> Callable[[Any], bool]:
+    return lambda value: value >= low
+
+
+def _positive(value: Any) -> bool:
+    return value > 0
 
 
 @dataclass
@@ -97,46 +105,199 @@ class StageConfig:
     """
 
     stage: str
-    data: str
-    run_dir: str
-    preset: str | None = None
-    global_batch_size: int = 4096
-    epochs: float | None = None
-    max_steps: int | None = None
-    image_size: int = 224
-    seed: int = 0
-    learning_rate: float = 0.075
-    lr_scaling: str = "sqrt"
-    warmup_epochs: float = 0.0
-    weight_decay: float = 0.0
-    momentum: float = 0.9
-    temperature: float = 0.1
-    head_layers: int = 3
-    proj_dim: int = 128
-    from_proj_layer: int = 1
-    partitions: int | None = None
-    subset: str | None = None
-    pretrained: str | None = None
-    teacher: str | None = None
-    labeled_weight: float = 0.0
-    precision: str | None = None  # None: bf16 on a GPU, fp32 on CPUs (on_device)
-    channels_last: bool | None = None  # None: on for a GPU, off on CPUs (on_device)
-    compile: bool = False
-    device: str | None = None
-    workers: int = 4
-    decode: str = "cpu"  # "gpu": the workers ship JPEG bytes, nvJPEG decodes (data.device_decode)
-    checkpoint_every_steps: int | None = None
-    checkpoint_every_minutes: float | None = 10.0
-    keep_checkpoints: int = 3
-    trace_samples: str | None = None
-    stop_at_step: int | None = None
-    allow_config_change: bool = False
-    eval_data: str | None = None
-    eval_batch_size: int = 256
-    log_every_steps: int = 10
-    metrics_port: int = DEFAULT_PORT  # 0 = no metrics
-    memory_size: int | None = None  # pretrain: SimCLRv2's memory (None: by preset; 0 = off)
-    memory_momentum: float = registry.DEFAULT_MEMORY_MOMENTUM
+    data: str = setting(help="training shard set: a local path or s3://bucket/prefix")
+    run_dir: str = setting(
+        help="where checkpoints and the final model go (local or s3://); running the same "
+        "command again resumes from it",
+        operational=True,
+    )
+    preset: str | None = setting(
+        None,
+        "model preset (see `ssl-train models`)",
+        check=(
+            lambda value: value in PRESET_NAMES,
+            "unknown preset {value!r}; choose one of "
+            + ", ".join(PRESET_NAMES)
+            + " (`ssl-train models` describes them)",
+        ),
+    )
+    global_batch_size: int = setting(
+        4096,
+        "samples per step over all processes",
+        check=(_at_least(1), "--global-batch-size must be at least 1"),
+    )
+    epochs: float | None = setting(
+        None, "training length in epochs", check=(_positive, "--epochs must be positive")
+    )
+    max_steps: int | None = setting(
+        None,
+        "training length in steps (overrides --epochs)",
+        check=(_at_least(1), "--max-steps must be at least 1"),
+    )
+    image_size: int = setting(
+        224,
+        "side of the training crops in pixels",
+        check=(_at_least(8), "--image-size must be at least 8"),
+    )
+    seed: int = setting(0, "fixes the initial weights, data order and augmentation")
+    learning_rate: float = setting(
+        0.075,
+        "base learning rate, scaled by --lr-scaling",
+        check=(_at_least(0), "--learning-rate must be 0 or more"),
+    )
+    lr_scaling: str = setting(
+        "sqrt",
+        "sqrt: lr*sqrt(B); linear: lr*B/256",
+        check=(lambda value: value in ("sqrt", "linear"), "--lr-scaling must be sqrt or linear"),
+    )
+    warmup_epochs: float = setting(
+        0.0,
+        "linear warmup, then cosine decay",
+        check=(_at_least(0), "--warmup-epochs must be 0 or more"),
+    )
+    weight_decay: float = setting(
+        0.0,
+        "L2 weight decay (not on BN or biases)",
+        check=(_at_least(0), "--weight-decay must be 0 or more"),
+    )
+    momentum: float = setting(
+        0.9,
+        "optimizer momentum",
+        check=(lambda value: 0 <= value < 1, "--momentum must be at least 0 and below 1"),
+    )
+    temperature: float = setting(
+        0.1, "NT-Xent temperature", check=(_positive, "--temperature must be positive")
+    )
+    head_layers: int = setting(
+        3, "projection head depth", check=(_at_least(1), "--head-layers must be at least 1")
+    )
+    proj_dim: int = setting(
+        128, "projection output width", check=(_at_least(1), "--proj-dim must be at least 1")
+    )
+    from_proj_layer: int = setting(1, "head layer the classifier reads")
+    partitions: int | None = setting(
+        None,
+        "data-plan partitions, part of the run's configuration like the seed (default 32, or "
+        "the global batch when 32 does not divide it)",
+        check=(_at_least(1), "--partitions must be at least 1"),
+    )
+    subset: str | None = setting(
+        None, "labelled subset: 1percent, 10percent or a list file (default: every label)"
+    )
+    pretrained: str | None = setting(None, "run dir of a finished pretrain run")
+    teacher: str | None = setting(None, "run dir of a finished finetune run")
+    labeled_weight: float = setting(
+        0.0,
+        "weight of a cross-entropy term on the true labels (0 = unlabelled only)",
+        check=(lambda value: 0.0 <= value <= 1.0, "--labeled-weight must be between 0 and 1"),
+    )
+    # None: bf16 on a GPU, fp32 on CPUs (on_device)
+    precision: str | None = setting(
+        None,
+        "fp32, or bf16 autocast (default: bf16 on a GPU, fp32 on CPUs)",
+        check=(
+            lambda value: value in PRECISIONS,
+            "--precision must be one of " + ", ".join(PRECISIONS),
+        ),
+    )
+    # None: on for a GPU, off on CPUs (on_device)
+    channels_last: bool | None = setting(
+        None, "channels-last memory format (default: on for a GPU, off on CPUs)", operational=True
+    )
+    compile: bool = setting(False, "torch.compile the model", operational=True)
+    device: str | None = setting(
+        None, "cpu, cuda or cuda:N (default: cuda when a GPU is visible)", operational=True
+    )
+    workers: int = setting(
+        4,
+        "data-loading processes per rank",
+        check=(_at_least(0), "--workers must be 0 or more"),
+        operational=True,
+    )
+    # "gpu": the workers ship JPEG bytes, nvJPEG decodes (data.device_decode); the same
+    # crops either way (pixels within a stated tolerance), so a resume may switch
+    decode: str = setting(
+        "cpu",
+        "where training JPEGs are decoded and cropped: cpu (the data workers) or gpu (nvJPEG "
+        "on the training GPU, batched; the workers then only read and ship the bytes). gpu "
+        "takes GPU time from the step: use it when the workers cannot keep up",
+        check=(
+            lambda value: value in DECODES,
+            "--decode {value}: use cpu (decode in the data workers) or gpu (nvJPEG on the "
+            "training GPU)",
+        ),
+        operational=True,
+    )
+    checkpoint_every_steps: int | None = setting(
+        None,
+        "also checkpoint every N steps",
+        check=(_at_least(1), "--checkpoint-every-steps must be at least 1"),
+        operational=True,
+    )
+    checkpoint_every_minutes: float | None = setting(
+        10.0,
+        "checkpoint every M minutes",
+        check=(_positive, "--checkpoint-every-minutes must be positive"),
+        operational=True,
+    )
+    keep_checkpoints: int = setting(
+        3,
+        "how many recent checkpoints to keep",
+        check=(_at_least(1), "--keep-checkpoints must be at least 1"),
+        operational=True,
+    )
+    trace_samples: str | None = setting(
+        None, "append one JSON line per rank and step with the sample keys", operational=True
+    )
+    stop_at_step: int | None = setting(
+        None,
+        "checkpoint and stop at this global step (run again to continue)",
+        operational=True,
+    )
+    allow_config_change: bool = setting(
+        False, "resume even if training settings differ from the checkpoint's", operational=True
+    )
+    eval_data: str | None = setting(
+        None,
+        "shard set to report top-1/top-5 on at the end (checked at the start)",
+        operational=True,
+    )
+    eval_batch_size: int = setting(
+        256,
+        "evaluation batch per process",
+        check=(_at_least(1), "--eval-batch-size must be at least 1"),
+        operational=True,
+    )
+    log_every_steps: int = setting(
+        10,
+        "progress line every N steps",
+        check=(_at_least(1), "--log-every-steps must be at least 1"),
+        operational=True,
+    )
+    metrics_port: int = setting(
+        DEFAULT_PORT,
+        "serve Prometheus /metrics for this node on PORT + node rank (0 = off)",
+        check=(
+            lambda value: 0 <= value <= 65535,
+            "--metrics-port must be 0 (off) or a TCP port",
+        ),
+        operational=True,
+    )
+    # pretrain: SimCLRv2's memory (None: by preset; 0 = off)
+    memory_size: int | None = setting(
+        None,
+        "negatives kept from earlier steps by SimCLRv2's memory (the paper's 64K, MoCo's "
+        "queue of 65,536); 0 turns the memory off",
+        check=(_at_least(0), "--memory-size must be 0 (off) or more"),
+    )
+    memory_momentum: float = setting(
+        registry.DEFAULT_MEMORY_MOMENTUM,
+        "moving-average coefficient of the memory network (SimCLRv2 and MoCo: 0.999)",
+        check=(
+            lambda value: 0 <= value < 1,
+            "--memory-momentum must be at least 0 and below 1",
+        ),
+    )
 
     @classmethod
     def for_stage(cls, stage: str, **values: Any) -> StageConfig:
@@ -154,64 +315,23 @@ class StageConfig:
         return config
 
     def validate(self) -> None:
-        """Refuse values that would fail later, naming the flag."""
+        """Refuse values that would fail later, naming the flag: each field's own check
+        (declared with the field), then those that read several fields or the stage."""
+        for declared in fields(self):
+            check, value = declared.metadata.get("check"), getattr(self, declared.name)
+            if check is not None and value is not None and not check[0](value):
+                raise UserError(check[1].format(value=value))
         checks = [
-            (self.global_batch_size >= 1, "--global-batch-size must be at least 1"),
-            (self.image_size >= 8, "--image-size must be at least 8"),
-            (self.max_steps is None or self.max_steps >= 1, "--max-steps must be at least 1"),
-            (self.epochs is None or self.epochs > 0, "--epochs must be positive"),
-            (
-                self.precision is None or self.precision in PRECISIONS,
-                f"--precision must be one of {', '.join(PRECISIONS)}",
-            ),
-            (self.lr_scaling in ("sqrt", "linear"), "--lr-scaling must be sqrt or linear"),
-            (self.keep_checkpoints >= 1, "--keep-checkpoints must be at least 1"),
-            (
-                self.checkpoint_every_steps is None or self.checkpoint_every_steps >= 1,
-                "--checkpoint-every-steps must be at least 1",
-            ),
-            (
-                self.checkpoint_every_minutes is None or self.checkpoint_every_minutes > 0,
-                "--checkpoint-every-minutes must be positive",
-            ),
-            (0.0 <= self.labeled_weight <= 1.0, "--labeled-weight must be between 0 and 1"),
-            (self.workers >= 0, "--workers must be 0 or more"),
-            (
-                self.decode in DECODES,
-                f"--decode {self.decode}: use cpu (decode in the data workers) or gpu (nvJPEG "
-                "on the training GPU)",
-            ),
-            (self.temperature > 0, "--temperature must be positive"),
-            (
-                self.preset is None or self.preset in PRESET_NAMES,
-                f"unknown preset {self.preset!r}; choose one of {', '.join(PRESET_NAMES)} "
-                "(`ssl-train models` describes them)",
-            ),
-            (self.learning_rate >= 0, "--learning-rate must be 0 or more"),
-            (0 <= self.momentum < 1, "--momentum must be at least 0 and below 1"),
-            (self.warmup_epochs >= 0, "--warmup-epochs must be 0 or more"),
-            (self.weight_decay >= 0, "--weight-decay must be 0 or more"),
-            (self.head_layers >= 1, "--head-layers must be at least 1"),
-            (self.proj_dim >= 1, "--proj-dim must be at least 1"),
             (
                 0 <= self.from_proj_layer <= self.head_layers,
                 f"--from-proj-layer {self.from_proj_layer}: the classifier reads head layer 0 "
                 f"(the backbone) to --head-layers ({self.head_layers})",
             ),
-            (self.partitions is None or self.partitions >= 1, "--partitions must be at least 1"),
-            (self.eval_batch_size >= 1, "--eval-batch-size must be at least 1"),
-            (self.log_every_steps >= 1, "--log-every-steps must be at least 1"),
-            (
-                self.memory_size is None or self.memory_size >= 0,
-                "--memory-size must be 0 (off) or more",
-            ),
-            (0 <= self.memory_momentum < 1, "--memory-momentum must be at least 0 and below 1"),
             (
                 not self.eval_data or registry.stage(self.stage).classifies,
                 f"--eval-data: {self.stage} trains no classifier to evaluate (linear-eval or "
                 "finetune its run, and evaluate that)",
             ),
-            (0 <= self.metrics_port <= 65535, "--metrics-port must be 0 (off) or a TCP port"),
             (
                 registry.stage(self.stage).views == 1 or self.global_batch_size >= 2,
                 f"--global-batch-size {self.global_batch_size}: contrastive pretraining needs "
@@ -272,6 +392,29 @@ class StageConfig:
         return cls(**{k: v for k, v in values.items() if k in known})
 
 
+def fields_by_name() -> dict[str, Field]:
+    """Every configuration field's declaration, by name."""
+    return {declared.name: declared for declared in fields(StageConfig)}
+
+
+# Fields a resumed run may change without --allow-config-change (declared operational).
+OPERATIONAL = frozenset(
+    name for name, declared in fields_by_name().items() if declared.metadata.get("operational")
+)
+
+
+def field_kind(name: str) -> type:
+    """What a field holds, as its flag parses it: int, float, str, or bool (a switch).
+
+    Example:
+        >>> field_kind("channels_last"), field_kind("max_steps")
+        (<class 'bool'>, <class 'int'>)
+    """
+    hint = get_type_hints(StageConfig)[name]
+    kinds = [kind for kind in get_args(hint) if kind is not type(None)] or [hint]
+    return kinds[0]
+
+
 # Fields added after checkpoints were first written, with the value those checkpoints
 # trained with: the memory did not exist (0 = off).
 ADDED_LATER: dict[str, Any] = {"memory_size": 0}
@@ -327,17 +470,29 @@ def stage_default(spec: registry.StageSpec, field_name: str) -> Any:
     return {f.name: f.default for f in fields(StageConfig)}[field_name]
 
 
+def flag_text(flag: registry.Flag) -> str:
+    """What a flag sets, without its default: the stage's wording, else its field's.
+
+    Example:
+        >>> flag_text(registry.Flag("seed"))
+        'fixes the initial weights, data order and augmentation'
+    """
+    return flag.help or fields_by_name()[flag.field].metadata["help"]
+
+
 def flag_help(spec: registry.StageSpec, flag: registry.Flag) -> str:
-    """A flag's help, ending with the default the stage gives it (none for unset ones).
+    """A flag's help (its field's, or the stage's own wording), ending with the default
+    the stage gives it (none for unset ones).
 
     Example:
         >>> flag_help(registry.stage("pretrain"), registry.stage("pretrain").flags[1])
         'NT-Xent temperature (default 0.1)'
     """
+    text = flag_text(flag)
     if flag.field in spec.default_notes:
-        return f"{flag.help} (default {spec.default_notes[flag.field]})"
+        return f"{text} (default {spec.default_notes[flag.field]})"
     value = stage_default(spec, flag.field)
-    if value is None or value is MISSING or flag.kind is bool:
-        return flag.help
+    if value is None or value is MISSING or field_kind(flag.field) is bool:
+        return text
     shown = f"{value:g}" if isinstance(value, float) else str(value)
-    return f"{flag.help} (default {shown})"
+    return f"{text} (default {shown})"

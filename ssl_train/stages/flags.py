@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 
 from ssl_train.stages import registry
-from ssl_train.stages.config import StageConfig, flag_help
+from ssl_train.stages.config import StageConfig, field_kind, flag_help
 
 
 def add_stage_parser(sub: argparse._SubParsersAction, stage: str) -> argparse.ArgumentParser:
@@ -25,13 +25,14 @@ def add_stage_parser(sub: argparse._SubParsersAction, stage: str) -> argparse.Ar
     required = spec.required | {"data", "run_dir"}
     for flag in spec.all_flags:
         text = flag_help(spec, flag).replace("%", "%%")
-        if flag.kind is bool:
+        kind = field_kind(flag.field)
+        if kind is bool:
             parser.add_argument(
                 flag.flag, dest=flag.field, action=argparse.BooleanOptionalAction, help=text
             )
         else:
             parser.add_argument(
-                flag.flag, dest=flag.field, type=flag.kind, required=flag.field in required,
+                flag.flag, dest=flag.field, type=kind, required=flag.field in required,
                 help=text,
             )  # fmt: skip
     parser.add_argument(

@@ -29,11 +29,11 @@ DEFAULT_MEMORY_MOMENTUM = 0.999
 @dataclass(frozen=True)
 class Flag:
     """One command-line flag, which is also the TorchX component argument of the same
-    name (``--warmup-epochs`` is ``warmup_epochs``): it sets ``StageConfig.<field>``."""
+    name (``--warmup-epochs`` is ``warmup_epochs``): it sets ``StageConfig.<field>``,
+    which declares its kind, default, help and check once."""
 
-    field: str
-    kind: type  # int, float, str, or bool for an on/off switch (--x / --no-x)
-    help: str
+    field: str  # its kind, default, help and check are the field's (stages.config)
+    help: str | None = None  # the stage's own wording, where the field's does not fit
     name: str | None = None  # when the flag is not the field's name (distill's --student)
 
     @property
@@ -107,79 +107,46 @@ class StageSpec:
         return getattr(importlib.import_module(module), function)
 
 
-_SUBSET_HELP = "labelled subset: 1percent, 10percent or a list file (default: every label)"
-
 # Flags every stage has, in the order --help lists them.
-COMMON_FLAGS: tuple[Flag, ...] = (
-    Flag("data", str, "training shard set: a local path or s3://bucket/prefix"),
-    Flag(
+COMMON_FLAGS: tuple[Flag, ...] = tuple(
+    Flag(name)
+    for name in (
+        "data",
         "run_dir",
-        str,
-        "where checkpoints and the final model go (local or s3://); "
-        "running the same command again resumes from it",
-    ),
-    Flag("global_batch_size", int, "samples per step over all processes"),
-    Flag("epochs", float, "training length in epochs"),
-    Flag("max_steps", int, "training length in steps (overrides --epochs)"),
-    Flag("image_size", int, "side of the training crops in pixels"),
-    Flag("seed", int, "fixes the initial weights, data order and augmentation"),
-    Flag("learning_rate", float, "base learning rate, scaled by --lr-scaling"),
-    Flag("lr_scaling", str, "sqrt: lr*sqrt(B); linear: lr*B/256"),
-    Flag("warmup_epochs", float, "linear warmup, then cosine decay"),
-    Flag("weight_decay", float, "L2 weight decay (not on BN or biases)"),
-    Flag("momentum", float, "optimizer momentum"),
-    Flag("head_layers", int, "projection head depth"),
-    Flag("proj_dim", int, "projection output width"),
-    Flag(
+        "global_batch_size",
+        "epochs",
+        "max_steps",
+        "image_size",
+        "seed",
+        "learning_rate",
+        "lr_scaling",
+        "warmup_epochs",
+        "weight_decay",
+        "momentum",
+        "head_layers",
+        "proj_dim",
         "partitions",
-        int,
-        "data-plan partitions, part of the run's configuration like the seed "
-        "(default 32, or the global batch when 32 does not divide it)",
-    ),
-    Flag("precision", str, "fp32, or bf16 autocast (default: bf16 on a GPU, fp32 on CPUs)"),
-    Flag(
+        "precision",
         "channels_last",
-        bool,
-        "channels-last memory format (default: on for a GPU, off on CPUs)",
-    ),
-    Flag("compile", bool, "torch.compile the model"),
-    Flag("device", str, "cpu, cuda or cuda:N (default: cuda when a GPU is visible)"),
-    Flag("workers", int, "data-loading processes per rank"),
-    Flag(
+        "compile",
+        "device",
+        "workers",
         "decode",
-        str,
-        "where training JPEGs are decoded and cropped: cpu (the data workers) or gpu "
-        "(nvJPEG on the training GPU, batched; the workers then only read and ship the "
-        "bytes). gpu takes GPU time from the step: use it when the workers cannot keep up",
-    ),
-    Flag("checkpoint_every_steps", int, "also checkpoint every N steps"),
-    Flag("checkpoint_every_minutes", float, "checkpoint every M minutes"),
-    Flag("keep_checkpoints", int, "how many recent checkpoints to keep"),
-    Flag("trace_samples", str, "append one JSON line per rank and step with the sample keys"),
-    Flag("stop_at_step", int, "checkpoint and stop at this global step (run again to continue)"),
-    Flag(
+        "checkpoint_every_steps",
+        "checkpoint_every_minutes",
+        "keep_checkpoints",
+        "trace_samples",
+        "stop_at_step",
         "allow_config_change",
-        bool,
-        "resume even if training settings differ from the checkpoint's",
-    ),
-    Flag("eval_data", str, "shard set to report top-1/top-5 on at the end (checked at the start)"),
-    Flag("eval_batch_size", int, "evaluation batch per process"),
-    Flag("log_every_steps", int, "progress line every N steps"),
-    Flag(
+        "eval_data",
+        "eval_batch_size",
+        "log_every_steps",
         "metrics_port",
-        int,
-        "serve Prometheus /metrics for this node on PORT + node rank (0 = off)",
-    ),
+    )
 )
 
-_PRESET = Flag("preset", str, "model preset (see `ssl-train models`)")
-_SUBSET = Flag("subset", str, _SUBSET_HELP)
 # the flags of the stages that start from a pretraining run
-_FROM_PRETRAINED = (
-    Flag("pretrained", str, "run dir of a finished pretrain run"),
-    _SUBSET,
-    Flag("from_proj_layer", int, "head layer the classifier reads"),
-)
+_FROM_PRETRAINED = (Flag("pretrained"), Flag("subset"), Flag("from_proj_layer"))
 
 STAGES: Mapping[str, StageSpec] = MappingProxyType(
     {
@@ -199,20 +166,10 @@ STAGES: Mapping[str, StageSpec] = MappingProxyType(
                     "temperature": 0.1,
                 },
                 flags=(
-                    _PRESET,
-                    Flag("temperature", float, "NT-Xent temperature"),
-                    Flag(
-                        "memory_size",
-                        int,
-                        "negatives kept from earlier steps by SimCLRv2's memory (the paper's "
-                        "64K, MoCo's queue of 65,536); 0 turns the memory off",
-                    ),
-                    Flag(
-                        "memory_momentum",
-                        float,
-                        "moving-average coefficient of the memory network (SimCLRv2 and "
-                        "MoCo: 0.999)",
-                    ),
+                    Flag("preset"),
+                    Flag("temperature"),
+                    Flag("memory_size"),
+                    Flag("memory_momentum"),
                 ),
                 required=frozenset(),
                 views=2,
@@ -262,9 +219,9 @@ STAGES: Mapping[str, StageSpec] = MappingProxyType(
                     "from_proj_layer": 1,
                 },
                 flags=(
-                    _PRESET,
-                    _SUBSET,
-                    Flag("from_proj_layer", int, "head layers kept under the classifier"),
+                    Flag("preset"),
+                    Flag("subset"),
+                    Flag("from_proj_layer", help="head layers kept under the classifier"),
                 ),
                 required=frozenset(),
                 views=1,
@@ -290,19 +247,14 @@ STAGES: Mapping[str, StageSpec] = MappingProxyType(
                     "temperature": 1.0,
                 },
                 flags=(
-                    Flag("teacher", str, "run dir of a finished finetune run"),
+                    Flag("teacher"),
                     Flag(
                         "preset",
-                        str,
-                        "student preset (same size as the teacher or smaller)",
+                        help="student preset (same size as the teacher or smaller)",
                         name="--student",
                     ),
-                    Flag("temperature", float, "distillation temperature"),
-                    Flag(
-                        "labeled_weight",
-                        float,
-                        "weight of a cross-entropy term on the true labels (0 = unlabelled only)",
-                    ),
+                    Flag("temperature", help="distillation temperature"),
+                    Flag("labeled_weight"),
                 ),
                 required=frozenset({"teacher"}),
                 views=1,
