@@ -73,7 +73,7 @@ def test_pipeline_runs_every_stage_and_a_rerun_skips_finished_ones(
     advised = re.findall(r"follow it: tail -f (\S+) ", second.stdout)
     assert len(advised) == 2, second.stdout  # finetune and distill
     assert "[ssl-train distill] finished: 4 steps" in Path(advised[-1]).read_text()
-    assert "torchx status" not in second.stdout
+    assert "follow it: torchx status" not in second.stdout
     assert (pretrained.stat().st_mtime_ns, pretrained.read_bytes()) == before
     for stage in ("pretrain", "finetune-eighth", "distill-eighth"):
         summary = json.loads((root / stage / "summary.json").read_text())
