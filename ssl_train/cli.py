@@ -162,24 +162,10 @@ def add_stage_commands(sub: argparse._SubParsersAction) -> None:
 
     for stage in STAGES:
         add_stage_parser(sub, stage)
-    evaluate = sub.add_parser(
-        "eval",
-        help="top-1/top-5 of a finished run's model on a shard set",
-        description="Evaluate RUN_DIR's final model on every sample of --data, in order.",
-    )
-    evaluate.add_argument("run_dir", metavar="RUN_DIR")
-    evaluate.add_argument("--data", required=True, help="shard set: a local path or s3://...")
-    evaluate.add_argument(
-        "--eval-batch-size",
-        "--batch-size",
-        dest="batch_size",
-        type=int,
-        default=256,
-        help="images per process and batch, as the stages' flag (default 256)",
-    )
-    evaluate.add_argument("--image-size", type=int, help="default: the size the model trained at")
-    evaluate.add_argument("--workers", type=int, default=4)
-    evaluate.add_argument("--device", help="cpu or cuda (default: cuda when present)")
+    from ssl_train.stages.flags import add_command_parser
+    from ssl_train.stages.registry import EVAL
+
+    add_command_parser(sub, EVAL)
     export = sub.add_parser(
         "export",
         help="write a run's newest checkpoint as model.safetensors + config.json",

@@ -22,8 +22,9 @@ from typing import Dict, List, Optional
 
 import torchx.specs as specs
 
-from ssl_train.jobs import DEFAULT_IMAGE, JobOptions, eval_job, stage_job
+from ssl_train.jobs import DEFAULT_IMAGE, JobOptions, command_job, stage_job
 from ssl_train.metrics import DEFAULT_PORT
+from ssl_train.stages import registry
 
 
 def pretrain(
@@ -553,12 +554,13 @@ def linear_eval(
 def eval(
     run_dir: str,
     data: str,
-    eval_batch_size: int = 256,
-    image_size: int = 0,
-    workers: int = 8,
+    eval_batch_size: Optional[int] = None,
+    image_size: Optional[int] = None,
+    workers: Optional[int] = None,
+    device: Optional[str] = None,
     name: str = "ssl-eval",
     image: str = DEFAULT_IMAGE,
-    j: str = "1x1",
+    j: str = '1x1',
     h: Optional[str] = None,
     cpu: int = 8,
     gpu: int = 0,
@@ -567,29 +569,26 @@ def eval(
     env: Optional[Dict[str, str]] = None,
     mounts: Optional[List[str]] = None,
 ) -> specs.AppDef:
-    """Top-1/top-5 of a finished run's model on every sample of a shard set, in order.
+    """Top-1/top-5 of a finished run's model on a shard set.
 
     Args:
         run_dir: run dir of a finished finetune, distill or linear-eval run
         data: shard set to evaluate on (e.g. s3://b/imagenet/val)
-        eval_batch_size: images per process and batch
-        image_size: evaluation size (0: what the model trained at)
-        workers: data-loading processes per process
+        eval_batch_size: images per process and batch, as the stages' flag (default 256)
+        image_size: evaluation size (default: what the model trained at)
+        workers: data-loading processes per rank (default 8)
+        device: cpu, cuda or cuda:N (default: cuda when a GPU is visible)
         name: job name
         image: container image with ssl-train installed
-        j: nodes x processes per node
+        j: nodes x processes per node, elastic as min:max (e.g. 2:4x8)
         h: a registered named resource (overrides cpu, gpu, memMB)
         cpu: CPUs per node
         gpu: GPUs per node
         memMB: memory per node in MB
-        max_retries: times the scheduler reschedules the job
-        env: extra environment variables
+        max_retries: times the scheduler reschedules the whole job
+        env: extra environment variables (e.g. AWS_ENDPOINT_URL=...)
         mounts: mounts (type=<bind/volume>,src=...,dst=...[,readonly])
     """
-    argv = ["eval", run_dir, "--data", data, "--eval-batch-size", str(eval_batch_size)]
-    argv += ["--workers", str(workers)] + (["--image-size", str(image_size)] if image_size else [])
-    options = JobOptions(
-        name=name, image=image, j=j, h=h, cpu=cpu, gpu=gpu, memMB=memMB, max_restarts=0,
-        max_retries=max_retries, metrics_port=0, env=env, mounts=mounts,
-    )
-    return eval_job(argv, options)
+    values = {"data": data, "eval_batch_size": eval_batch_size, "image_size": image_size, "workers": workers, "device": device}
+    options = JobOptions(name=name, image=image, j=j, h=h, cpu=cpu, gpu=gpu, memMB=memMB, max_retries=max_retries, env=env, mounts=mounts, max_restarts=0, metrics_port=0)
+    return command_job(registry.EVAL, run_dir, values, options)

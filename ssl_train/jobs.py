@@ -95,14 +95,26 @@ def stage_argv(stage: str, values: Mapping[str, Any], extra_args: Sequence[str] 
         ['pretrain', '--data', 's3://b/t', '--run-dir', 's3://b/p', '--no-channels-last', '--workers', '8']
     """
     spec = registry.stage(stage)
-    by_argument = {flag.argument: flag for flag in spec.all_flags}
+    flags = _flags_argv(spec.all_flags, values, registry.JOB_DEFAULTS, spec.component)
+    return [stage, *flags, *extra_args]
+
+
+def _flags_argv(
+    flags: Sequence[registry.Flag],
+    values: Mapping[str, Any],
+    job_defaults: Mapping[str, Any],
+    component: str,
+) -> list[str]:
+    """The command-line flags for component argument ``values`` (unset ones left out),
+    with the job's own defaults; a bool is the switch or its ``--no-`` form."""
+    by_argument = {flag.argument: flag for flag in flags}
     unknown = sorted(set(values) - set(by_argument))
     if unknown:
-        raise UserError(f"ssl.{stage.replace('-', '_')} has no argument {', '.join(unknown)}")
+        raise UserError(f"ssl.{component} has no argument {', '.join(unknown)}")
     given = {k: v for k, v in values.items() if v is not None}
-    for argument, value in registry.JOB_DEFAULTS.items():
+    for argument, value in job_defaults.items():
         given.setdefault(argument, value)
-    argv = [stage]
+    argv = []
     for argument, value in given.items():
         flag = by_argument[argument]
         if field_kind(flag.field) is bool:
@@ -110,7 +122,7 @@ def stage_argv(stage: str, values: Mapping[str, Any], extra_args: Sequence[str] 
             argv.append(flag.flag if on else "--no-" + flag.flag[2:])
         else:
             argv += [flag.flag, str(value)]
-    return [*argv, *extra_args]
+    return argv
 
 
 def parse_stage(argv: Sequence[str]) -> Any:
@@ -225,9 +237,19 @@ def stage_job(
     return app
 
 
-def eval_job(argv: Sequence[str], options: JobOptions) -> specs.AppDef:
-    """``ssl-train eval`` as a torchrun job (every node evaluates its share)."""
-    return _torchrun_app(argv, options, check=False)
+def command_job(
+    spec: registry.CommandSpec, run_dir: str, values: Mapping[str, Any], options: JobOptions
+) -> specs.AppDef:
+    """A command declared like a stage (``eval``) as a torchrun job: every node runs its
+    share of the command on RUN_DIR.
+
+    Example:
+        >>> app = command_job(registry.EVAL, "s3://b/f", {"data": "s3://b/v"}, JobOptions(name="e"))
+        >>> " ".join(app.roles[0].args).split("ssl_train.cli ")[1]
+        'eval s3://b/f --data s3://b/v --workers 8'
+    """
+    flags = _flags_argv(spec.all_flags, values, spec.job_flag_defaults, spec.component)
+    return _torchrun_app([spec.name, run_dir, *flags], options, check=False)
 
 
 def _gpus(options: JobOptions) -> int:

@@ -45,5 +45,6 @@ def test_the_same_things_have_the_same_names(capsys) -> None:
             shards_parser().parse_args([command, "--help"])
         assert "SRC DEST" in capsys.readouterr().out.split("\n\n")[0]
     parser = ssl_train_parser()
-    assert parser.parse_args(["eval", "r", "--data", "d", "--eval-batch-size", "8"]).batch_size == 8
-    assert parser.parse_args(["eval", "r", "--data", "d", "--batch-size", "8"]).batch_size == 8
+    eval_args = ["eval", "r", "--data", "d"]
+    assert parser.parse_args([*eval_args, "--eval-batch-size", "8"]).eval_batch_size == 8
+    assert parser.parse_args([*eval_args, "--batch-size", "8"]).eval_batch_size == 8

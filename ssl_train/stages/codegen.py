@@ -47,8 +47,9 @@ from typing import Dict, List, Optional
 
 import torchx.specs as specs
 
-from ssl_train.jobs import DEFAULT_IMAGE, JobOptions, eval_job, stage_job
+from ssl_train.jobs import DEFAULT_IMAGE, JobOptions, command_job, stage_job
 from ssl_train.metrics import DEFAULT_PORT
+from ssl_train.stages import registry
 '''
 
 # (argument, annotation, default source text, help); the values are JobOptions' defaults
@@ -144,49 +145,65 @@ def _stage_component(spec: registry.StageSpec) -> str:
     )
 
 
-EVAL_COMPONENT = '''def eval(
-    run_dir: str,
-    data: str,
-    eval_batch_size: int = 256,
-    image_size: int = 0,
-    workers: int = 8,
-    name: str = "ssl-eval",
-    image: str = DEFAULT_IMAGE,
-    j: str = "1x1",
-    h: Optional[str] = None,
-    cpu: int = 8,
-    gpu: int = 0,
-    memMB: int = 16384,
-    max_retries: int = 1,
-    env: Optional[Dict[str, str]] = None,
-    mounts: Optional[List[str]] = None,
-) -> specs.AppDef:
-    """Top-1/top-5 of a finished run's model on every sample of a shard set, in order.
+# the job arguments a command's component takes (it runs once: no restarts, no metrics)
+COMMAND_JOB_ARGUMENTS = ("image", "j", "h", "cpu", "gpu", "memMB", "max_retries", "env", "mounts")
 
-    Args:
-        run_dir: run dir of a finished finetune, distill or linear-eval run
-        data: shard set to evaluate on (e.g. s3://b/imagenet/val)
-        eval_batch_size: images per process and batch
-        image_size: evaluation size (0: what the model trained at)
-        workers: data-loading processes per process
-        name: job name
-        image: container image with ssl-train installed
-        j: nodes x processes per node
-        h: a registered named resource (overrides cpu, gpu, memMB)
-        cpu: CPUs per node
-        gpu: GPUs per node
-        memMB: memory per node in MB
-        max_retries: times the scheduler reschedules the job
-        env: extra environment variables
-        mounts: mounts (type=<bind/volume>,src=...,dst=...[,readonly])
-    """
-    argv = ["eval", run_dir, "--data", data, "--eval-batch-size", str(eval_batch_size)]
-    argv += ["--workers", str(workers)] + (["--image-size", str(image_size)] if image_size else [])
-    options = JobOptions(
-        name=name, image=image, j=j, h=h, cpu=cpu, gpu=gpu, memMB=memMB, max_restarts=0,
-        max_retries=max_retries, metrics_port=0, env=env, mounts=mounts,
+
+def _command_component(spec: registry.CommandSpec) -> str:
+    """The component of a command declared like a stage (``eval``): RUN_DIR, its flags
+    (unset: the command's defaults, and the job's own for workers), its job settings."""
+    params = [f"    {spec.run_dir.argument}: str,"]
+    docs = [f"        {spec.run_dir.argument}: {flag_text(spec.run_dir)}"]
+    for flag in spec.flags:
+        job_default = spec.job_flag_defaults.get(flag.argument)
+        if job_default is None:
+            help_text = flag_help(spec, flag)
+        else:
+            help_text = f"{flag_text(flag)} (default {job_default})"
+        if flag.field in spec.required:
+            params.append(f"    {flag.argument}: str,")
+        else:
+            params.append(
+                f"    {flag.argument}: Optional[{field_kind(flag.field).__name__}] = None,"
+            )
+        docs.append(f"        {flag.argument}: {help_text}")
+    params.append(f'    name: str = "ssl-{spec.name}",')
+    docs.append("        name: job name")
+    jobs = {
+        argument: (annotation, default, text)
+        for argument, annotation, default, text in JOB_ARGUMENTS
+    }
+    for argument in COMMAND_JOB_ARGUMENTS:
+        annotation, default, help_text = jobs[argument]
+        if argument in spec.job_options:
+            default = repr(spec.job_options[argument])
+        params.append(f"    {argument}: {annotation} = {default},")
+        docs.append(f"        {argument}: {help_text}")
+    values = ", ".join(f'"{f.argument}": {f.argument}' for f in spec.flags)
+    options = ", ".join(
+        [
+            "name=name",
+            *(f"{a}={a}" for a in COMMAND_JOB_ARGUMENTS),
+            "max_restarts=0",
+            "metrics_port=0",
+        ]
     )
-    return eval_job(argv, options)'''
+    summary = spec.summary[0].upper() + spec.summary[1:]
+    return "\n".join(
+        [
+            f"def {spec.component}(",
+            *params,
+            ") -> specs.AppDef:",
+            f'    """{summary}.',
+            "",
+            "    Args:",
+            *docs,
+            '    """',
+            f"    values = {{{values}}}",
+            f"    options = JobOptions({options})",
+            f"    return command_job(registry.{spec.name.upper()}, {spec.run_dir.argument}, values, options)",
+        ]
+    )
 
 
 def render_components() -> str:
@@ -198,7 +215,7 @@ def render_components() -> str:
     """
     parts = [HEADER.rstrip("\n")]
     parts += [_stage_component(spec) for spec in registry.STAGES.values()]
-    parts.append(EVAL_COMPONENT)
+    parts.append(_command_component(registry.EVAL))
     return "\n\n\n".join(parts) + "\n"
 
 

@@ -21,7 +21,7 @@ def evaluate_run(args: argparse.Namespace) -> dict[str, Any]:
     """Top-1/top-5 of RUN_DIR's final model on ``--data``; runs under torchrun too.
 
     Example:
-        >>> evaluate_run(argparse.Namespace(run_dir="s3://b/runs/ft1", data="s3://b/val", batch_size=256, image_size=None, workers=4, device=None))  # doctest: +SKIP
+        >>> evaluate_run(argparse.Namespace(run_dir="s3://b/runs/ft1", data="s3://b/val", eval_batch_size=256, image_size=None, workers=4, device=None))  # doctest: +SKIP
         {'top1': 0.7391, 'top5': 0.9162, 'samples': 50000, 'corrupt': 0}
     """
     runtime = rt.start(args.device)
@@ -32,7 +32,7 @@ def evaluate_run(args: argparse.Namespace) -> dict[str, Any]:
             model,
             args.data,
             image_size,
-            args.batch_size,
+            args.eval_batch_size,
             runtime,
             args.workers,
             config.get("classes"),

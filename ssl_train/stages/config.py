@@ -457,7 +457,7 @@ def check_memory_size(memory_size: int, samples_per_epoch: int, data: str) -> No
         )
 
 
-def stage_default(spec: registry.StageSpec, field_name: str) -> Any:
+def stage_default(spec: registry.StageSpec | registry.CommandSpec, field_name: str) -> Any:
     """The value a field takes in stage ``spec`` when its flag is not given: the
     stage's declared default, else the configuration's.
 
@@ -480,7 +480,7 @@ def flag_text(flag: registry.Flag) -> str:
     return flag.help or fields_by_name()[flag.field].metadata["help"]
 
 
-def flag_help(spec: registry.StageSpec, flag: registry.Flag) -> str:
+def flag_help(spec: registry.StageSpec | registry.CommandSpec, flag: registry.Flag) -> str:
     """A flag's help (its field's, or the stage's own wording), ending with the default
     the stage gives it (none for unset ones).
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 
 from ssl_train.stages import registry
-from ssl_train.stages.config import StageConfig, field_kind, flag_help
+from ssl_train.stages.config import StageConfig, field_kind, flag_help, flag_text, stage_default
 
 
 def add_stage_parser(sub: argparse._SubParsersAction, stage: str) -> argparse.ArgumentParser:
@@ -72,3 +72,27 @@ def parse_stage_argv(argv: list[str]) -> StageConfig:
     parser = argparse.ArgumentParser(prog="ssl-train")
     add_stage_parser(parser.add_subparsers(dest="command", required=True), argv[0])
     return config_from_args(argv[0], parser.parse_args(argv))
+
+
+def add_command_parser(
+    sub: argparse._SubParsersAction, spec: registry.CommandSpec
+) -> argparse.ArgumentParser:
+    """The subcommand of a command declared like a stage (``eval``): RUN_DIR, then its
+    flags, each with its field's kind and check and the command's default.
+
+    Example:
+        >>> parser = argparse.ArgumentParser(); sub = parser.add_subparsers(dest="command")
+        >>> _ = add_command_parser(sub, registry.EVAL)
+        >>> args = parser.parse_args(["eval", "runs/ft", "--data", "d"])
+        >>> args.run_dir, args.eval_batch_size, args.image_size, args.workers
+        ('runs/ft', 256, None, 4)
+    """
+    parser = sub.add_parser(spec.name, help=spec.summary, description=spec.description)
+    parser.add_argument(spec.run_dir.field, metavar="RUN_DIR", help=flag_text(spec.run_dir))
+    for flag in spec.flags:
+        parser.add_argument(
+            flag.flag, *flag.aliases, dest=flag.field, type=field_kind(flag.field),
+            default=stage_default(spec, flag.field), required=flag.field in spec.required,
+            help=flag_help(spec, flag).replace("%", "%%"),
+        )  # fmt: skip
+    return parser

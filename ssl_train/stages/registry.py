@@ -35,6 +35,7 @@ class Flag:
     field: str  # its kind, default, help and check are the field's (stages.config)
     help: str | None = None  # the stage's own wording, where the field's does not fit
     name: str | None = None  # when the flag is not the field's name (distill's --student)
+    aliases: tuple[str, ...] = ()  # older spellings, still accepted
 
     @property
     def flag(self) -> str:
@@ -297,6 +298,57 @@ STAGES: Mapping[str, StageSpec] = MappingProxyType(
 # several CPU cores to decode with; a laptop does not. (Device-dependent choices,
 # bf16 and channels-last, follow the device instead: see StageConfig.on_device.)
 JOB_DEFAULTS: Mapping[str, Any] = MappingProxyType({"workers": 8})
+
+
+@dataclass(frozen=True)
+class CommandSpec:
+    """A command that uses a finished run instead of training one (``eval``), declared
+    like a stage: its flags are configuration fields too (kind, help and check are the
+    field's), ``defaults`` where the command's differ from the field's, and the job
+    settings of its TorchX component. The CLI's subcommand and the generated component
+    both read it."""
+
+    name: str
+    summary: str
+    description: str
+    run_dir: Flag  # the finished run, the positional RUN_DIR
+    flags: tuple[Flag, ...]
+    required: frozenset[str]
+    defaults: Mapping[str, Any]
+    job_flag_defaults: Mapping[str, Any]  # a job's own flag values (more data workers)
+    job_options: Mapping[str, Any]  # the component's job settings (memMB, max_retries)
+    default_notes: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def component(self) -> str:
+        return self.name.replace("-", "_")
+
+    @property
+    def all_flags(self) -> tuple[Flag, ...]:
+        return self.flags
+
+
+EVAL = CommandSpec(
+    name="eval",
+    summary="top-1/top-5 of a finished run's model on a shard set",
+    description="Evaluate RUN_DIR's final model on every sample of --data, in order.",
+    run_dir=Flag("run_dir", help="run dir of a finished finetune, distill or linear-eval run"),
+    flags=(
+        Flag("data", help="shard set to evaluate on (e.g. s3://b/imagenet/val)"),
+        Flag(
+            "eval_batch_size",
+            help="images per process and batch, as the stages' flag",
+            aliases=("--batch-size",),
+        ),
+        Flag("image_size", help="evaluation size (default: what the model trained at)"),
+        Flag("workers"),
+        Flag("device"),
+    ),
+    required=frozenset({"data"}),
+    defaults=MappingProxyType({"image_size": None}),
+    job_flag_defaults=MappingProxyType({"workers": 8}),
+    job_options=MappingProxyType({"memMB": 16384, "max_retries": 1}),
+)
 
 
 def stage(name: str) -> StageSpec:
