@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from ssl_train.jobs import JobOptions
 from ssl_train.stages import registry
@@ -100,16 +102,19 @@ JOB_ARGUMENTS: tuple[tuple[str, str, str, str], ...] = (
 NOT_ARGUMENTS = frozenset({"metrics_port"})  # a job option: it also names the container port
 
 
-def _stage_component(spec: registry.StageSpec) -> str:
-    function = spec.name.replace("-", "_")
-    required = ["data", "run_dir", *sorted(spec.required)]
-    flags = [f for f in spec.all_flags if f.field not in NOT_ARGUMENTS]
-    by_field = {f.field: f for f in flags}
-    ordered = [by_field[r] for r in required] + [f for f in flags if f.field not in required]
-    params = ["    *extra_args: str,"]
-    docs = [f"        extra_args: more `ssl-train {spec.name}` flags, after `--`"]
-    for flag in ordered:
-        job_default = registry.JOB_DEFAULTS.get(flag.argument)
+def _add_flag_arguments(
+    spec: registry.StageSpec | registry.CommandSpec,
+    flags: list[registry.Flag],
+    required: set[str],
+    job_defaults: Mapping[str, Any],
+    params: list[str],
+    docs: list[str],
+) -> None:
+    """Append each flag's component parameter (required ones plain; the rest unset by
+    default, so the command's own default applies) and its docstring line, which names
+    the job's own default where a job has one."""
+    for flag in flags:
+        job_default = job_defaults.get(flag.argument)
         if job_default is None:
             help_text = flag_help(spec, flag)
         else:  # a job's own default, not the command line's
@@ -121,6 +126,17 @@ def _stage_component(spec: registry.StageSpec) -> str:
                 f"    {flag.argument}: Optional[{field_kind(flag.field).__name__}] = None,"
             )
         docs.append(f"        {flag.argument}: {help_text}")
+
+
+def _stage_component(spec: registry.StageSpec) -> str:
+    function = spec.name.replace("-", "_")
+    required = ["data", "run_dir", *sorted(spec.required)]
+    flags = [f for f in spec.all_flags if f.field not in NOT_ARGUMENTS]
+    by_field = {f.field: f for f in flags}
+    ordered = [by_field[r] for r in required] + [f for f in flags if f.field not in required]
+    params = ["    *extra_args: str,"]
+    docs = [f"        extra_args: more `ssl-train {spec.name}` flags, after `--`"]
+    _add_flag_arguments(spec, ordered, set(required), registry.JOB_DEFAULTS, params, docs)
     params.append(f'    name: str = "ssl-{spec.name}",')
     docs.append("        name: job name")
     for argument, annotation, default, help_text in JOB_ARGUMENTS:
@@ -154,19 +170,9 @@ def _command_component(spec: registry.CommandSpec) -> str:
     (unset: the command's defaults, and the job's own for workers), its job settings."""
     params = [f"    {spec.run_dir.argument}: str,"]
     docs = [f"        {spec.run_dir.argument}: {flag_text(spec.run_dir)}"]
-    for flag in spec.flags:
-        job_default = spec.job_flag_defaults.get(flag.argument)
-        if job_default is None:
-            help_text = flag_help(spec, flag)
-        else:
-            help_text = f"{flag_text(flag)} (default {job_default})"
-        if flag.field in spec.required:
-            params.append(f"    {flag.argument}: str,")
-        else:
-            params.append(
-                f"    {flag.argument}: Optional[{field_kind(flag.field).__name__}] = None,"
-            )
-        docs.append(f"        {flag.argument}: {help_text}")
+    _add_flag_arguments(
+        spec, list(spec.flags), set(spec.required), spec.job_flag_defaults, params, docs
+    )
     params.append(f'    name: str = "ssl-{spec.name}",')
     docs.append("        name: job name")
     jobs = {

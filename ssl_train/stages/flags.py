@@ -5,6 +5,7 @@ the stage's default, so ``ssl-train pretrain --help`` documents the recipe."""
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 from ssl_train.stages import registry
 from ssl_train.stages.config import StageConfig, field_kind, flag_help, flag_text, stage_default
@@ -24,17 +25,7 @@ def add_stage_parser(sub: argparse._SubParsersAction, stage: str) -> argparse.Ar
     parser = sub.add_parser(stage, help=spec.summary.replace("%", "%%"), description=spec.summary)
     required = spec.required | {"data", "run_dir"}
     for flag in spec.all_flags:
-        text = flag_help(spec, flag).replace("%", "%%")
-        kind = field_kind(flag.field)
-        if kind is bool:
-            parser.add_argument(
-                flag.flag, dest=flag.field, action=argparse.BooleanOptionalAction, help=text
-            )
-        else:
-            parser.add_argument(
-                flag.flag, dest=flag.field, type=kind, required=flag.field in required,
-                help=text,
-            )  # fmt: skip
+        _add_flag(parser, spec, flag, flag.field in required)
     parser.add_argument(
         "--check-only",
         action="store_true",
@@ -78,7 +69,7 @@ def add_command_parser(
     sub: argparse._SubParsersAction, spec: registry.CommandSpec
 ) -> argparse.ArgumentParser:
     """The subcommand of a command declared like a stage (``eval``): RUN_DIR, then its
-    flags, each with its field's kind and check and the command's default.
+    flags, each with its field's kind and help and the command's default.
 
     Example:
         >>> parser = argparse.ArgumentParser(); sub = parser.add_subparsers(dest="command")
@@ -90,9 +81,29 @@ def add_command_parser(
     parser = sub.add_parser(spec.name, help=spec.summary, description=spec.description)
     parser.add_argument(spec.run_dir.field, metavar="RUN_DIR", help=flag_text(spec.run_dir))
     for flag in spec.flags:
-        parser.add_argument(
-            flag.flag, *flag.aliases, dest=flag.field, type=field_kind(flag.field),
-            default=stage_default(spec, flag.field), required=flag.field in spec.required,
-            help=flag_help(spec, flag).replace("%", "%%"),
-        )  # fmt: skip
+        _add_flag(parser, spec, flag, flag.field in spec.required, stage_default(spec, flag.field))
     return parser
+
+
+def _add_flag(
+    parser: argparse.ArgumentParser,
+    spec: registry.StageSpec | registry.CommandSpec,
+    flag: registry.Flag,
+    required: bool,
+    default: Any = None,
+) -> None:
+    """One flag as its field declares it: its kind (a bool is a --x/--no-x switch) and
+    its help ending with the default; older spellings too."""
+    # argparse %-formats help strings (not descriptions): "1% or 10%" must be escaped there
+    text = flag_help(spec, flag).replace("%", "%%")
+    names = (flag.flag, *flag.aliases)
+    kind = field_kind(flag.field)
+    if kind is bool:
+        parser.add_argument(
+            *names, dest=flag.field, action=argparse.BooleanOptionalAction, default=default,
+            help=text,
+        )  # fmt: skip
+    else:
+        parser.add_argument(
+            *names, dest=flag.field, type=kind, required=required, default=default, help=text
+        )
