@@ -53,8 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
     create = sub.add_parser(
         "create",
         help="shard a dataset into DEST (resumable)",
-        description="Shard SRC into DEST. SRC is an ImageNet train folder (wnid sub-folders), "
-        "an ImageNet val folder (with --labels), generic class folders, or mnist5k:train / "
+        description="Shard SRC into DEST. SRC is a folder or an object-store prefix (such as "
+        "s3://bucket/photos), searched recursively: an ImageNet train tree (wnid folders), an "
+        "ImageNet val folder (with its --labels), class folders, your own images (unlabeled; "
+        "or, with --labels FILE, only the images the file labels), or mnist5k:train / "
         "mnist5k:test. DEST is a local path or a URL such as s3://bucket/prefix. Running the "
         "same command again after an interruption finishes the missing shards.",
     )
@@ -62,14 +64,17 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("dest", metavar="DEST")
     create.add_argument("--layout", choices=LAYOUTS, help="source layout (default: detected)")
     create.add_argument(
-        "--labels", help="ImageNet val labels: LOC_val_solution.csv or the devkit ground truth"
+        "--labels",
+        help='labels file: CSV rows path,class (or JSON lines {"path": ..., "label": ...}) '
+        "with paths relative to SRC; or ImageNet val's LOC_val_solution.csv / devkit ground truth",
     )
     create.add_argument(
         "--synsets", help="with devkit ground truth: meta.mat or an id->wnid text file"
     )
     create.add_argument(
         "--classes",
-        help="class list: 'imagenet1k', a train shard set's URL, or a text file (val defaults to imagenet1k)",
+        help="class list (its order is the label order): 'imagenet1k', a labelled shard set's URL, "
+        "or a text file (val defaults to imagenet1k)",
     )
     create.add_argument("--subset", help="keep only 1percent, 10percent, or the names in FILE")
     size = create.add_mutually_exclusive_group()
@@ -148,7 +153,7 @@ def _info(url: str, as_json: bool) -> None:
     m = read_manifest(url)
     summary = {
         "url": storage.redact(url),
-        "classes": len(m.classes),
+        "classes": len(m.classes) if m.classes is not None else None,
         "samples": m.num_samples,
         "shards": len(m.shards),
         "bytes": m.num_bytes,
@@ -159,9 +164,12 @@ def _info(url: str, as_json: bool) -> None:
     if as_json:
         print(json.dumps({**summary, "class_names": m.classes}, indent=1))
         return
-    shown = ", ".join(m.classes[:5]) + (", ..." if len(m.classes) > 5 else "")
     print(f"shard set  {summary['url']}")
-    print(f"classes    {len(m.classes)} ({shown})")
+    if m.classes is None:
+        print("classes    none: unlabeled (for pretrain and distill)")
+    else:
+        shown = ", ".join(m.classes[:5]) + (", ..." if len(m.classes) > 5 else "")
+        print(f"classes    {len(m.classes)} ({shown})")
     print(f"samples    {m.num_samples}")
     print(f"shards     {len(m.shards)}")
     print(f"bytes      {m.num_bytes} ({human_bytes(m.num_bytes)})")

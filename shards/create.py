@@ -211,13 +211,13 @@ def build_shard(
     try:
         with open(local_path, "wb", buffering=0) as out:
             writer = TarShardWriter(out)
-            for item in plan.items:
+            for item, data in _read_items(plan.items):
                 try:
-                    jpeg, why = prepare_image(item.read(), item.name, full_decode)
-                except (BadImage, OSError) as exc:
-                    reason = (
-                        str(exc) if isinstance(exc, BadImage) else f"cannot read ({exc.strerror})"
-                    )
+                    if isinstance(data, Exception):
+                        raise data
+                    jpeg, why = prepare_image(data, item.name, full_decode)
+                except (BadImage, OSError, ShardsError) as exc:
+                    reason = _unreadable_reason(exc)
                     if strict:
                         raise ShardsError(
                             f"{item.name}: {reason} (--strict makes this fatal)"
@@ -226,9 +226,10 @@ def build_shard(
                     continue
                 if why:
                     converted.append({"file": item.name, "reason": why})
-                start, end = writer.add_sample(
-                    item.key, [("jpg", jpeg), ("cls", str(item.cls).encode())]
-                )
+                members = [("jpg", jpeg)]
+                if item.cls is not None:  # an unlabeled sample carries no class
+                    members.append(("cls", str(item.cls).encode()))
+                start, end = writer.add_sample(item.key, members)
                 records.append(SampleRecord(item.key, item.cls, start, end))
             size, digest = writer.close()
     except BaseException:
@@ -237,6 +238,51 @@ def build_shard(
         raise
     index = ShardIndex(plan.name, plan.fingerprint, size, digest, records, skipped, converted)
     return BuiltShard(plan, local_path, index)
+
+
+# Source objects in an object store are fetched this many at a time: one GET each, so a
+# worker reading them one after another would wait on the network for each small photo.
+REMOTE_READS_IN_FLIGHT = 16
+
+
+def _read_items(items: tuple[SourceItem, ...]) -> Iterator[tuple[SourceItem, bytes | Exception]]:
+    """Each item with its bytes (or the error reading it), in order; remote items are
+    fetched concurrently, a bounded window ahead."""
+    if all(item.data is not None or storage.is_local(item.path or "") for item in items):
+        for item in items:
+            try:
+                yield item, item.read()
+            except OSError as exc:
+                yield item, exc
+        return
+
+    def read(item: SourceItem) -> bytes | Exception:
+        try:
+            return item.read()
+        except (OSError, ShardsError) as exc:
+            return exc
+
+    with ThreadPoolExecutor(REMOTE_READS_IN_FLIGHT, thread_name_prefix="shards-read") as pool:
+        ahead: list[tuple[SourceItem, Future]] = []
+        pending = iter(items)
+        for item in pending:
+            ahead.append((item, pool.submit(read, item)))
+            if len(ahead) >= 2 * REMOTE_READS_IN_FLIGHT:
+                break
+        while ahead:
+            item, future = ahead.pop(0)
+            following = next(pending, None)
+            if following is not None:
+                ahead.append((following, pool.submit(read, following)))
+            yield item, future.result()
+
+
+def _unreadable_reason(exc: BaseException) -> str:
+    if isinstance(exc, BadImage):
+        return str(exc)
+    if isinstance(exc, ShardsError):
+        return f"cannot read ({exc})"
+    return f"cannot read ({getattr(exc, 'strerror', None) or exc})"
 
 
 def publish(built: ShardOutcome | BuiltShard, dest: str) -> ShardOutcome:
@@ -347,7 +393,7 @@ def _unique_keys(items: list[SourceItem]) -> None:
         if item.key in seen:
             raise ShardsError(
                 f"two files give the same sample key {item.key!r}: {seen[item.key]} and {item.name}; "
-                "rename one (keys are file stems)"
+                "rename one (a key is the file's path without its suffix; ImageNet's, its stem)"
             )
         seen[item.key] = item.name
 
@@ -400,8 +446,12 @@ def create(opts: CreateOptions, log=print) -> Manifest:
     prefix = opts.shard_prefix(source.layout)
     plans = plan_shards(items, prefix, opts.shard_bytes, opts.shard_samples)
     total_bytes = sum(item.size for item in items)
+    for note in source.notes:
+        log(note)
+    labels = f"{len(source.classes)} classes" if source.labeled else "unlabeled"
     log(
-        f"sharding {len(items)} images ({human_bytes(total_bytes)}, {len(source.classes)} classes) "
+        f"sharding {len(items)} images ({human_bytes(total_bytes)}, {labels}, layout "
+        f"{source.layout}) "
         f"into {len(plans)} shards at {storage.redact(opts.dest)} with {min(opts.workers, len(plans))} workers"
     )
     outcomes = _build_all(plans, opts)
@@ -413,6 +463,7 @@ def create(opts: CreateOptions, log=print) -> Manifest:
         "skipped": skipped,
         "converted": converted,
         "subset_unmatched": unmatched,
+        "notes": source.notes,
         "resumed_shards": sum(o.resumed for o in outcomes),
     }
     storage.write_bytes_atomic(

@@ -75,7 +75,8 @@ class ShardEntry:
 
 @dataclass
 class Manifest:
-    """A shard set: classes, shards and how it was made.
+    """A shard set: classes, shards and how it was made. ``classes`` is None for an
+    unlabeled set (your own images without labels): its samples carry no class.
 
     Example:
         >>> m = Manifest(classes=["cat", "dog"], shards=[], parameters={"seed": 0})
@@ -83,12 +84,16 @@ class Manifest:
         ['cat', 'dog']
     """
 
-    classes: list[str]
+    classes: list[str] | None
     shards: list[ShardEntry]
     parameters: dict[str, Any] = field(default_factory=dict)
     created: str = ""
     creator: str = ""
     report: str = REPORT_NAME
+
+    @property
+    def labeled(self) -> bool:
+        return self.classes is not None
 
     @property
     def num_samples(self) -> int:
@@ -153,7 +158,7 @@ class Manifest:
                 )
                 for s in body["shards"]
             ]
-            classes = [str(c) for c in body["classes"]]
+            classes = None if body["classes"] is None else [str(c) for c in body["classes"]]
         except (KeyError, TypeError, ValueError) as exc:
             raise ShardsError(
                 f"{where}: malformed manifest ({type(exc).__name__}: {exc})"
@@ -170,10 +175,11 @@ class Manifest:
 
 @dataclass(frozen=True, slots=True)  # millions of them at ImageNet scale: no __dict__ each
 class SampleRecord:
-    """Where one sample lives in its shard: bytes [offset, end) hold all its members."""
+    """Where one sample lives in its shard: bytes [offset, end) hold all its members.
+    ``cls`` is None in an unlabeled set."""
 
     key: str
-    cls: int
+    cls: int | None
     offset: int
     end: int
 
@@ -220,7 +226,8 @@ class ShardIndex:
                 bytes=int(body["bytes"]),
                 sha256=str(body["sha256"]),
                 samples=[
-                    SampleRecord(str(k), int(c), int(o), int(e)) for k, c, o, e in body["samples"]
+                    SampleRecord(str(k), None if c is None else int(c), int(o), int(e))
+                    for k, c, o, e in body["samples"]
                 ],
                 skipped=list(body.get("skipped", [])),
                 converted=list(body.get("converted", [])),

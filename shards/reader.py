@@ -39,10 +39,11 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Sample:
-    """One decoded-free sample: its key, class index and JPEG bytes."""
+    """One decoded-free sample: its key, class index (None in an unlabeled set) and
+    JPEG bytes."""
 
     key: str
-    cls: int
+    cls: int | None
     jpeg: bytes
 
 

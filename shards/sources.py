@@ -1,8 +1,10 @@
-"""Where samples come from: ImageNet train/val trees, class folders, and MNIST-5000.
+"""Where samples come from: ImageNet train/val trees, class folders, your own images
+(unlabeled, or labelled by a labels file), and MNIST-5000.
 
 Each layout lists its files as :class:`SourceItem` (key, class index, where to read the
 bytes) without reading any image, so planning a million-file dataset takes seconds.
-Class index = position of the class name in the sorted class list.
+Trees are local folders or object-store prefixes alike (``shards.tree``). Class index =
+position of the class name in the sorted class list.
 """
 
 from __future__ import annotations
@@ -18,9 +20,10 @@ from pathlib import Path
 
 from shards import storage
 from shards.errors import ShardsError
+from shards.labels_file import is_imagenet_val_labels, read_labels, read_text
+from shards.tree import Tree, list_tree, sample_key
 
-LAYOUTS = ("imagenet-train", "imagenet-val", "folders", "mnist5k")
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".jpe", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+LAYOUTS = ("imagenet-train", "imagenet-val", "folders", "images", "mnist5k")
 _WNID = re.compile(r"^n\d{8}$")
 _SUBSETS_DIR = Path(__file__).with_name("data")
 OFFICIAL_SUBSETS = ("1percent", "10percent")
@@ -28,12 +31,14 @@ MNIST5K_SPLIT_SEED = 20200617  # fixed: the train/test split never changes betwe
 MNIST5K_TEST_PER_CLASS = 100
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # one per source file: millions at ImageNet scale
 class SourceItem:
-    """One future sample. ``data`` holds inline bytes for generated sources (MNIST)."""
+    """One future sample: its key, class index (None in an unlabeled set), its path
+    relative to SRC, where to read it (a path or URL) and its size. ``data`` holds
+    inline bytes for generated sources (MNIST)."""
 
     key: str
-    cls: int
+    cls: int | None
     name: str
     path: str | None
     size: int
@@ -43,18 +48,26 @@ class SourceItem:
         if self.data is not None:
             return self.data
         assert self.path is not None
-        with open(self.path, "rb") as f:
-            return f.read()
+        if storage.is_local(self.path) and "://" not in self.path:
+            with open(self.path, "rb") as f:
+                return f.read()
+        return storage.read_bytes(self.path)
 
 
 @dataclass
 class Source:
-    """A listed dataset: its classes, its items, and files refused before reading."""
+    """A listed dataset: its classes (None: unlabeled), its items, files refused before
+    reading, and what the listing decided that the user should be told."""
 
     layout: str
-    classes: list[str]
+    classes: list[str] | None
     items: list[SourceItem]
     refused: list[dict[str, str]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def labeled(self) -> bool:
+        return self.classes is not None
 
 
 def imagenet_wnids() -> list[str]:
@@ -95,18 +108,6 @@ def _stem(name: str) -> str:
     return os.path.splitext(os.path.basename(name))[0]
 
 
-def _image_files(folder: str) -> list[os.DirEntry]:
-    with os.scandir(folder) as entries:
-        return sorted(
-            (
-                e
-                for e in entries
-                if e.is_file() and os.path.splitext(e.name)[1].lower() in IMAGE_SUFFIXES
-            ),
-            key=lambda e: e.name,
-        )
-
-
 def _class_index(names: list[str], classes: list[str] | None, flag_hint: str) -> dict[str, int]:
     if classes is None:
         classes = sorted(names)
@@ -119,46 +120,126 @@ def _class_index(names: list[str], classes: list[str] | None, flag_hint: str) ->
     return index
 
 
-def list_class_folders(root: str, layout: str, classes: list[str] | None) -> Source:
-    """One sub-folder per class. ImageNet train keys are file stems; generic keys
-    are ``<class>/<stem>`` so that ``cats/1.jpg`` and ``dogs/1.jpg`` stay distinct.
+def _examples(names: list[str], count: int = 3) -> str:
+    return ", ".join(names[:count]) + (", ..." if len(names) > count else "")
+
+
+def _empty_class_folders(tree: Tree, folders: set[str]) -> list[str]:
+    """First-level folders of a local SRC that hold no image (an object store has no
+    empty folders to find)."""
+    if not storage.is_local(tree.root) or "://" in tree.root:
+        return []
+    with os.scandir(tree.root) as entries:
+        return sorted(
+            e.name
+            for e in entries
+            if e.is_dir() and not e.name.startswith(".") and e.name not in folders
+        )
+
+
+def list_class_folders(tree: Tree, layout: str, classes: list[str] | None) -> Source:
+    """One folder per class, named by the first folder of each image's path; images in
+    sub-folders of a class folder belong to it (and the notes say how many). ImageNet
+    train keys are file stems; generic keys are the path without its suffix, with dots
+    as ``_``, so that ``cats/1.jpg`` and ``dogs/1.jpg`` stay distinct.
 
     Example:
-        >>> src = list_class_folders("/data/imagenet/train", "imagenet-train", None)  # doctest: +SKIP
+        >>> src = list_class_folders(list_tree("/data/imagenet/train"), "imagenet-train", None)  # doctest: +SKIP
         >>> src.items[0].key  # doctest: +SKIP
         'n01440764_10026'
     """
-    with os.scandir(root) as entries:
-        folders = sorted(e.name for e in entries if e.is_dir() and not e.name.startswith("."))
+    loose = [name for name, _ in tree.images if "/" not in name]
+    if loose:
+        raise ShardsError(
+            f"{storage.redact(tree.root)}: {len(loose)} image(s) lie outside any class folder "
+            f"({_examples(loose)}); move them into a class folder, or pass --layout images "
+            "to shard the whole tree unlabeled"
+        )
+    folders = sorted({name.split("/", 1)[0] for name, _ in tree.images})
     if not folders:
-        raise ShardsError(f"{root}: no class folders; use --layout imagenet-val for a flat folder")
+        raise ShardsError(f"{storage.redact(tree.root)}: no images in class folders; check SRC")
+    empty = _empty_class_folders(tree, set(folders))
+    if empty:
+        raise ShardsError(
+            f"{storage.redact(tree.root)}: class folder(s) {_examples(empty)} hold no images; "
+            "add images to them or remove them (a class without images cannot be learnt)"
+        )
     if layout == "imagenet-train":
         bad = [f for f in folders if not _WNID.match(f)]
         if bad:
             raise ShardsError(
-                f"{root}: folders {bad[:3]} are not ImageNet wnids (n########); "
-                "use --layout folders for generic class folders"
+                f"{storage.redact(tree.root)}: folders {bad[:3]} are not ImageNet wnids "
+                "(n########); use --layout folders for generic class folders"
             )
     index = _class_index(folders, classes, "pass the full list with --classes")
-    out_classes = classes if classes is not None else folders
     items: list[SourceItem] = []
-    for folder in folders:
-        for entry in _image_files(os.path.join(root, folder)):
-            stem = _stem(entry.name)
-            if layout == "imagenet-train":
-                key = stem
-            else:
-                key = f"{folder}/{stem}".replace(".", "_")
-            items.append(
-                SourceItem(
-                    key=key,
-                    cls=index[folder],
-                    name=f"{folder}/{entry.name}",
-                    path=entry.path,
-                    size=entry.stat().st_size,
-                )
-            )
-    return Source(layout=layout, classes=list(out_classes), items=items)
+    nested: list[str] = []
+    for name, size in tree.images:
+        folder = name.split("/", 1)[0]
+        if name.count("/") > 1:
+            nested.append(name)
+        key = (
+            _stem(name)
+            if layout == "imagenet-train"
+            else os.path.splitext(name)[0].replace(".", "_")
+        )
+        items.append(SourceItem(key, index[folder], name, tree.location(name), size))
+    notes = []
+    if nested:
+        notes.append(
+            f"{len(nested)} image(s) in sub-folders of their class folder taken with that "
+            f"class ({_examples(nested)})"
+        )
+    return Source(layout, list(classes if classes is not None else folders), items, notes=notes)
+
+
+def list_images(tree: Tree, labels: str | None, classes: list[str] | None) -> Source:
+    """Every image of the tree, unlabeled; or, with a labels file, the images it labels.
+
+    Keys come from the relative path (:func:`shards.tree.sample_key`), so the labelled
+    images get the same keys in both sets made from one tree. A labels entry that
+    names no image of the tree is refused: the file and the tree do not match.
+
+    Example:
+        >>> src = list_images(list_tree("/data/photos"), None, None)  # doctest: +SKIP
+        >>> src.classes is None, src.items[0].key  # doctest: +SKIP
+        (True, '2024/home/0001')
+    """
+    if not tree.images:
+        raise ShardsError(
+            f"{storage.redact(tree.root)}: no images found (SRC is searched recursively)"
+        )
+    if labels is None:
+        items = [
+            SourceItem(sample_key(name), None, name, tree.location(name), size)
+            for name, size in tree.images
+        ]
+        return Source("images", None, items)
+    class_of = read_labels(labels)
+    index = _class_index(
+        sorted(set(class_of.values())), classes, "pass a --classes list that has them all"
+    )
+    items = []
+    matched: set[str] = set()
+    for name, size in tree.images:
+        key = sample_key(name)
+        entry = name if name in class_of else key if key in class_of else None
+        if entry is None:
+            continue
+        matched.add(entry)
+        items.append(SourceItem(key, index[class_of[entry]], name, tree.location(name), size))
+    missing = sorted(set(class_of) - matched)
+    if missing:
+        raise ShardsError(
+            f"--labels {storage.redact(labels)}: {len(missing)} of its {len(class_of)} entries "
+            f"name no image in {storage.redact(tree.root)} ({_examples(missing)}); give paths "
+            "relative to SRC (or sample keys), and check SRC is the tree the file labels"
+        )
+    final = classes if classes is not None else sorted(index)
+    notes = [
+        f"{len(items)} of the {len(tree.images)} images are labelled by {os.path.basename(labels)}"
+    ]
+    return Source("images", list(final), items, notes=notes)
 
 
 def _read_synsets(path: str) -> dict[int, str]:
@@ -219,28 +300,31 @@ def read_val_labels(labels: str, synsets: str | None) -> dict[str, str]:
 
 
 def list_imagenet_val(
-    root: str, labels: str, synsets: str | None, classes: list[str] | None
+    tree: Tree, labels: str, synsets: str | None, classes: list[str] | None
 ) -> Source:
     """A flat folder of images labelled by ``--labels``; classes default to ImageNet-1k.
 
     Example:
-        >>> src = list_imagenet_val("val", "LOC_val_solution.csv", None, None)  # doctest: +SKIP
+        >>> src = list_imagenet_val(list_tree("val"), "LOC_val_solution.csv", None, None)  # doctest: +SKIP
     """
+    nested = [name for name, _ in tree.images if "/" in name]
+    if nested:
+        raise ShardsError(
+            f"{storage.redact(tree.root)}: --layout imagenet-val reads a flat folder, and "
+            f"{len(nested)} image(s) lie in sub-folders ({_examples(nested)}); if the images "
+            "are sorted into class folders already, use --layout imagenet-train"
+        )
     wnid_of = read_val_labels(labels, synsets)
     classes = classes if classes is not None else imagenet_wnids()
     index = _class_index(sorted(set(wnid_of.values())), classes, "pass the train set's --classes")
     items: list[SourceItem] = []
     refused: list[dict[str, str]] = []
-    for entry in _image_files(root):
-        stem = _stem(entry.name)
+    for name, size in tree.images:
+        stem = _stem(name)
         if stem not in wnid_of:
-            refused.append(
-                {"file": entry.name, "reason": f"no label in {os.path.basename(labels)}"}
-            )
+            refused.append({"file": name, "reason": f"no label in {os.path.basename(labels)}"})
             continue
-        items.append(
-            SourceItem(stem, index[wnid_of[stem]], entry.name, entry.path, entry.stat().st_size)
-        )
+        items.append(SourceItem(stem, index[wnid_of[stem]], name, tree.location(name), size))
     return Source(layout="imagenet-val", classes=list(classes), items=items, refused=refused)
 
 
@@ -298,28 +382,37 @@ def mnist5k(split: str) -> Source:
     return Source(layout="mnist5k", classes=[str(d) for d in range(10)], items=items)
 
 
-def detect_layout(src: str, labels: str | None) -> str:
-    """Guess the layout from SRC: ``mnist5k:*``, wnid folders, class folders, or val.
+def detect_layout(tree: Tree, labels_kind: str | None) -> str:
+    """The layout of a listed tree, where it is not in doubt: wnid folders (ImageNet
+    train), class folders, a flat folder (unlabeled, or ImageNet val with its labels),
+    or any tree with a labels file. A tree whose images lie at several depths could be
+    class folders with sub-folders or unlabeled photos: refused, naming both choices.
 
     Example:
-        >>> detect_layout("mnist5k:train", None)
-        'mnist5k'
+        >>> detect_layout(Tree("photos", [("a.jpg", 1), ("b.jpg", 1)], []), None)
+        'images'
+        >>> detect_layout(Tree("pets", [("cat/1.jpg", 1), ("dog/1.jpg", 1)], []), None)
+        'folders'
     """
-    if src.startswith("mnist5k"):
-        return "mnist5k"
-    if labels is not None:
+    if labels_kind == "imagenet-val":
         return "imagenet-val"
-    if not os.path.isdir(src):
-        raise ShardsError(
-            f"{src}: no such folder (SRC must be a local folder or mnist5k:train|test)"
-        )
-    with os.scandir(src) as entries:
-        folders = [e.name for e in entries if e.is_dir() and not e.name.startswith(".")]
-    if not folders:
-        raise ShardsError(
-            f"{src}: a flat folder of images needs --labels (ImageNet val: LOC_val_solution.csv)"
-        )
-    return "imagenet-train" if all(_WNID.match(f) for f in folders) else "folders"
+    if labels_kind is not None:
+        return "images"
+    depths = tree.depths()
+    if not depths:
+        raise ShardsError(f"{storage.redact(tree.root)}: no images found (searched recursively)")
+    if depths == {0}:
+        return "images"
+    if depths == {1}:
+        folders = {name.split("/", 1)[0] for name, _ in tree.images}
+        return "imagenet-train" if all(_WNID.match(f) for f in folders) else "folders"
+    deepest = max(tree.images, key=lambda item: item[0].count("/"))[0]
+    shallowest = min(tree.images, key=lambda item: item[0].count("/"))[0]
+    raise ShardsError(
+        f"{storage.redact(tree.root)}: images lie at several depths ({shallowest}, {deepest}); "
+        "pass --layout images to shard them all unlabeled (keys from their paths), or "
+        "--layout folders to make each first-level folder a class (sub-folders included)"
+    )
 
 
 def open_source(
@@ -329,27 +422,52 @@ def open_source(
     synsets: str | None = None,
     classes: str | None = None,
 ) -> Source:
-    """List the dataset at ``src`` in the given (or detected) layout.
+    """List the dataset at ``src`` (a folder, an ``s3://`` prefix or ``mnist5k:SPLIT``)
+    in the given (or detected) layout.
 
     Example:
         >>> open_source("mnist5k:test").layout
         'mnist5k'
     """
-    layout = layout or detect_layout(src, labels)
-    if layout not in LAYOUTS:
+    if layout is not None and layout not in LAYOUTS:
         raise ShardsError(f"--layout {layout!r} unknown; choose one of {', '.join(LAYOUTS)}")
-    if layout == "mnist5k":
+    if layout == "mnist5k" or (layout is None and src.startswith("mnist5k")):
         return mnist5k(src.split(":", 1)[1] if ":" in src else "train")
-    if not os.path.isdir(src):
-        raise ShardsError(f"{src}: no such folder")
+    labels_kind = None
+    if labels is not None:
+        labels_kind = "imagenet-val" if is_imagenet_val_labels(read_text(labels)) else "file"
+    if layout in ("imagenet-train", "folders") and labels is not None:
+        raise ShardsError(
+            f"--labels goes with --layout images (your labels file) or imagenet-val; with "
+            f"--layout {layout} the class folders name the classes"
+        )
+    if layout == "imagenet-val" and labels_kind != "imagenet-val":
+        raise ShardsError(
+            "--layout imagenet-val needs --labels with ImageNet's ground truth "
+            "(LOC_val_solution.csv or the devkit's); for a labels file of your own use "
+            "--layout images"
+        )
+    if layout == "images" and labels_kind == "imagenet-val":
+        raise ShardsError(
+            f"--labels {storage.redact(labels or '')} is ImageNet's validation ground truth: "
+            "use --layout imagenet-val"
+        )
+    tree = list_tree(src)
+    layout = layout or detect_layout(tree, labels_kind)
     class_list = load_classes(classes)
     if layout == "imagenet-val":
-        if labels is None:
-            raise ShardsError(
-                "--layout imagenet-val needs --labels (LOC_val_solution.csv or devkit ground truth)"
-            )
-        return list_imagenet_val(src, labels, synsets, class_list)
-    return list_class_folders(src, layout, class_list)
+        assert labels is not None
+        source = list_imagenet_val(tree, labels, synsets, class_list)
+    elif layout == "images":
+        if class_list is not None and labels is None:
+            raise ShardsError("--classes names the classes of a labels file: pass --labels too")
+        source = list_images(tree, labels, class_list)
+    else:
+        source = list_class_folders(tree, layout, class_list)
+    ignored = tree.ignored_note()
+    if ignored:
+        source.notes.insert(0, ignored)
+    return source
 
 
 def read_subset(spec: str) -> tuple[list[str], str]:

@@ -1,4 +1,5 @@
-"""Generate ImageNet-layout trees of photo-like JPEGs, for tests, benchmarks and trials.
+"""Generate ImageNet-layout trees of photo-like JPEGs, and trees of "your own photos",
+for tests, benchmarks and trials.
 
 Images are smooth colour fields with texture and sensor-like noise, so their JPEG size
 per pixel is close to real photos (about 100 KB at 500x375), which is what makes a
@@ -12,9 +13,10 @@ from __future__ import annotations
 import csv
 import io
 import os
+from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image
+from PIL import Image, features
 
 from shards.sources import imagenet_wnids
 
@@ -130,3 +132,78 @@ def write_awkward_files(folder: str, seed: int = 2) -> dict[str, str]:
             f.write(data)
         out[name] = kind
     return out
+
+
+# A tree of "your own photos": nested folders, names repeated across them, JPEG, PNG and
+# WebP mixed, one file that is no image, and files that are not images by name.
+PHOTO_FOLDERS = ("2024/trip", "2024/home", "2025", "2025/misc/deep", "")
+SCENES = {"beach": (230, 200, 120), "forest": (40, 140, 50), "night": (20, 20, 70)}
+_FORMATS = (("JPEG", ".jpg"), ("PNG", ".png"), ("WEBP", ".webp"))
+
+
+@dataclass
+class PhotoTree:
+    """What :func:`make_photo_tree` wrote: every image's scene (its hidden class), the
+    subset a labels CSV names, and the files a sharder must report or ignore."""
+
+    root: str
+    scenes: dict[str, str]  # relative path -> scene, every readable image
+    labeled: dict[str, str]  # relative path -> scene, the images the CSV labels
+    labels_csv: str
+    unreadable: list[str]
+    others: list[str]  # not images by name (ignored, and said so)
+
+
+def make_photo_tree(
+    root: str,
+    count: int = 100,
+    labeled_fraction: float = 0.1,
+    size: tuple[int, int] = (40, 32),
+    seed: int = 0,
+) -> PhotoTree:
+    """Write ``count`` photo-like images in nested folders under ``root``, tinted by a
+    scene, and ``labels.csv`` beside ``root`` naming about ``labeled_fraction`` of them
+    (as many of each scene).
+
+    Example:
+        >>> import tempfile
+        >>> tree = make_photo_tree(tempfile.mkdtemp() + "/photos", count=10, labeled_fraction=0.3)
+        >>> len(tree.scenes), len(tree.labeled), tree.unreadable
+        (10, 3, ['2025/misc/broken.jpg'])
+    """
+    rng = np.random.default_rng(seed)
+    formats = [f for f in _FORMATS if f[0] != "WEBP" or features.check("webp")]
+    scenes: dict[str, str] = {}
+    for n in range(count):
+        folder = PHOTO_FOLDERS[n % len(PHOTO_FOLDERS)]
+        kind, suffix = formats[n % len(formats)]
+        name = f"{folder}/{n // len(PHOTO_FOLDERS):04d}{suffix}".lstrip("/")
+        scene = list(SCENES)[int(rng.integers(len(SCENES)))]
+        tint = Image.new("RGB", size, SCENES[scene])
+        image = Image.blend(photo_like(rng, *size), tint, 0.6)
+        os.makedirs(os.path.join(root, folder), exist_ok=True)
+        out = io.BytesIO()
+        image.save(out, format=kind, quality=90)
+        with open(os.path.join(root, name), "wb") as f:
+            f.write(out.getvalue())
+        scenes[name] = scene
+    broken, others = "2025/misc/broken.jpg", ["notes.txt", "2024/trip/.DS_Store"]
+    os.makedirs(os.path.join(root, "2025/misc"), exist_ok=True)
+    with open(os.path.join(root, broken), "wb") as f:
+        f.write(b"this file is not an image")
+    for other in others:
+        with open(os.path.join(root, other), "w") as f:
+            f.write("not an image\n")
+    wanted = max(len(SCENES), round(count * labeled_fraction))
+    labeled: dict[str, str] = {}
+    for turn in range(wanted):
+        scene = list(SCENES)[turn % len(SCENES)]
+        pick = next((p for p, s in scenes.items() if s == scene and p not in labeled), None)
+        if pick is not None:
+            labeled[pick] = scene
+    labels_csv = os.path.join(os.path.dirname(os.path.abspath(root)), "labels.csv")
+    with open(labels_csv, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "label"])
+        writer.writerows(sorted(labeled.items()))
+    return PhotoTree(root, scenes, labeled, labels_csv, [broken], sorted(others))

@@ -79,7 +79,7 @@ def check_shard(set_url: str, manifest: Manifest, entry: ShardEntry, decode: boo
             reader = io.BufferedReader(_HashingReader(raw, digest), _READ_BLOCK)
             for sample in iter_samples(reader):
                 seen += 1
-                problem = _check_sample(sample, expected, len(manifest.classes), decode)
+                problem = _check_sample(sample, expected, manifest.classes, decode)
                 if problem:
                     result.problems.append(problem)
             reader.read()  # hash any trailing bytes after the end-of-archive marker
@@ -99,12 +99,17 @@ def check_shard(set_url: str, manifest: Manifest, entry: ShardEntry, decode: boo
     return result
 
 
-def _check_sample(sample, expected: dict, num_classes: int, decode: bool) -> str | None:
+def _check_sample(sample, expected: dict, classes: list[str] | None, decode: bool) -> str | None:
     record = expected.get(sample.key)
     if expected and record is None:
         return f"sample {sample.key!r} is not in the index"
     if record is not None and (record.offset, record.end) != (sample.offset, sample.end):
         return f"sample {sample.key!r} at bytes {sample.offset}-{sample.end}, index says {record.offset}-{record.end}"
+    if classes is None:  # an unlabeled set: an image and nothing else
+        if sorted(sample.files) != ["jpg"] or (record is not None and record.cls is not None):
+            return f"sample {sample.key!r} of an unlabeled set has {sorted(sample.files)}, not jpg alone"
+        return _check_image(sample, decode)
+    num_classes = len(classes)
     if "jpg" not in sample.files or "cls" not in sample.files:
         return f"sample {sample.key!r} lacks jpg or cls (has {sorted(sample.files)})"
     try:
@@ -113,6 +118,10 @@ def _check_sample(sample, expected: dict, num_classes: int, decode: bool) -> str
         return f"sample {sample.key!r} has a non-integer class"
     if not 0 <= cls < num_classes or (record is not None and record.cls != cls):
         return f"sample {sample.key!r} has class {cls}, expected {record.cls if record else f'< {num_classes}'}"
+    return _check_image(sample, decode)
+
+
+def _check_image(sample, decode: bool) -> str | None:
     if decode:
         try:
             _, why = prepare_image(sample.files["jpg"], sample.key + ".jpg", full_decode=True)

@@ -95,7 +95,20 @@ def build_parser() -> argparse.ArgumentParser:
         default="",
         help="scheduler options, as `torchx run -cfg` takes them, e.g. queue=ssl-train",
     )
-    pipeline.add_argument("--data", required=True, help="training shard set URL")
+    pipeline.add_argument(
+        "--data", help="training shard set URL (ImageNet: finetuning takes its --subset labels)"
+    )
+    pipeline.add_argument(
+        "--unlabeled-data",
+        metavar="URL",
+        help="your own data: the unlabeled pool that pretrain and distill train on "
+        "(with --labeled-data, instead of --data)",
+    )
+    pipeline.add_argument(
+        "--labeled-data",
+        metavar="URL",
+        help="your own data: the labelled shard set that finetune trains on",
+    )
     pipeline.add_argument(
         "--eval-data", help="shard set the finetuned and distilled models are evaluated on"
     )
@@ -105,7 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     pipeline.add_argument(
         "--subset",
         action="append",
-        help="label subset (repeatable; default 1percent and 10percent)",
+        help="label subset (repeatable; default 1percent and 10percent with --data, none "
+        "with --labeled-data: all of its labels)",
     )
     pipeline.add_argument("--preset", default=DEFAULT_PRESET, help="model to pretrain and finetune")
     pipeline.add_argument("--student", default=DEFAULT_PRESET, help="distillation student preset")
@@ -211,10 +225,12 @@ def run_pipeline_command(args: argparse.Namespace) -> None:
         if not sep:
             raise UserError(f"--stage-arg {item!r}: write STAGE:KEY=VALUE")
         per_stage.setdefault(stage, {}).update(parse_assignments([assignment], "--stage-arg"))
+    data, labeled = _pipeline_data(args)
     plan = PipelinePlan(
-        data=args.data,
+        data=data,
+        labeled_data=labeled,
         root=args.root,
-        subsets=args.subset or ["1percent", "10percent"],
+        subsets=args.subset or ([] if labeled else ["1percent", "10percent"]),
         eval_data=args.eval_data,
         preset=args.preset,
         student=args.student,
@@ -241,6 +257,27 @@ def run_pipeline_command(args: argparse.Namespace) -> None:
     print(
         f"[pipeline] all stages finished ({len(ran)} run now) in {time.monotonic() - started:.0f} s"
     )
+
+
+def _pipeline_data(args: argparse.Namespace) -> tuple[str, str | None]:
+    """(what pretrain and distill train on, the labelled set or None) from the two forms
+    the pipeline takes: ImageNet's ``--data`` with label subsets, or your own data's
+    unlabeled pool and labelled set."""
+    own = args.unlabeled_data or args.labeled_data
+    if args.data and own:
+        raise UserError(
+            "pass either --data (a labelled set and its --subset lists) or "
+            "--unlabeled-data with --labeled-data, not both"
+        )
+    if own and not (args.unlabeled_data and args.labeled_data):
+        missing = "--labeled-data" if args.unlabeled_data else "--unlabeled-data"
+        raise UserError(
+            f"your own data needs both sets: add {missing} (pretrain and distill take the "
+            "unlabeled pool, finetune the labelled set)"
+        )
+    if not args.data and not own:
+        raise UserError("pass --data, or --unlabeled-data with --labeled-data")
+    return (args.unlabeled_data, args.labeled_data) if own else (args.data, None)
 
 
 def list_models(as_json: bool) -> None:

@@ -1,7 +1,8 @@
 """`ssl-train pipeline`: the whole SimCLRv2 recipe as TorchX jobs, one stage after another.
 
 pretrain -> finetune on each label subset -> (optionally the supervised-only baseline on
-each subset) -> distill each finetuned teacher, every stage a job on the chosen scheduler
+each subset) -> distill each finetuned teacher. On your own data, pretrain and distill
+take the unlabeled pool and finetune the labelled set. Every stage is a job on the chosen scheduler
 (``local_cwd`` or ``kubernetes``) whose run dir is ``<root>/<stage name>``. A stage whose
 run dir holds a finished summary is skipped; an unfinished one is submitted again and
 resumes from its newest checkpoint. So restarting the pipeline after a crash, Ctrl-C or
@@ -60,10 +61,13 @@ class PipelinePlan:
     stage's run is given that run's dir.
     """
 
-    data: str
+    data: str  # what the stages train on; with labeled_data, the unlabeled pool
     root: str
-    subsets: list[str]
+    subsets: list[str]  # empty: the stages that take a subset train on all of their data
     eval_data: str | None = None
+    # your own data: the labelled few, for the stages that need labels (finetune, ...);
+    # pretrain and distill take ``data``, the pool
+    labeled_data: str | None = None
     preset: str = registry.DEFAULT_PRESET
     student: str = registry.DEFAULT_PRESET
     common: dict[str, str] = field(default_factory=dict)  # every component that takes them
@@ -97,11 +101,11 @@ class PipelinePlan:
         models = {"preset": self.preset, "student": self.student}
         plan = []
         for spec in chosen:
-            for subset in self.subsets if spec.per_subset else [None]:
+            for subset in self.subsets if spec.per_subset and self.subsets else [None]:
                 args = {}
                 if spec.model_argument() is not None:
                     args[spec.model_argument()] = models[spec.model_argument()]
-                if spec.label_subset:
+                if spec.label_subset and subset is not None:
                     args["subset"] = subset
                 if spec.starts_from is not None:
                     field_name, source = spec.starts_from
@@ -135,7 +139,9 @@ class PipelinePlan:
         """``--name value`` pairs for the component: its stage's arguments, the common ones
         it accepts (every stage flag is one), and the per-stage overrides."""
         accepted = set(inspect.signature(getattr(components, stage.component)).parameters)
-        values = {"data": self.data, "run_dir": self.run_dir(stage.name), **stage.args}
+        labels_only = registry.stage(stage.kind).needs_labels and self.labeled_data
+        data = self.labeled_data if labels_only else self.data
+        values = {"data": data, "run_dir": self.run_dir(stage.name), **stage.args}
         if self.eval_data and registry.stage(stage.kind).classifies:
             values["eval_data"] = self.eval_data
         values.update({k: v for k, v in self.common.items() if k in accepted})

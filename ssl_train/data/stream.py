@@ -31,6 +31,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from shards.reader import Sample, ShardSet
 from shards.sources import read_subset
+from shards.tree import sample_key
 from ssl_train.data import decode
 from ssl_train.data.plan import DEFAULT_PARTITIONS, EpochPlan, ReadRange, SampleRef
 from ssl_train.errors import UserError
@@ -130,10 +131,26 @@ def fill_slots(ok: Sequence[bool]) -> list[int]:
     return [i if fine else good[i % len(good)] for i, fine in enumerate(ok)]
 
 
+NO_LABEL = -1  # a sample of an unlabeled set, in a batch's label tensor
+
+
+def label_of(sample: Sample) -> int:
+    """A sample's class index for a label tensor; NO_LABEL in an unlabeled set (whose
+    stages never read labels: ``stage_classes`` refuses one to the others).
+
+    Example:
+        >>> label_of(Sample("a/1", None, b"")), label_of(Sample("n1_1", 3, b""))
+        (-1, 3)
+    """
+    return NO_LABEL if sample.cls is None else sample.cls
+
+
 def _subset_selection(shard_set: ShardSet, spec: str) -> list[list[int]]:
     """Per shard, the positions of the samples a label subset names (by key or file name)."""
     names, _ = read_subset(spec)
+    # a name is a key, a file name or a path relative to the source tree
     wanted = {os.path.splitext(os.path.basename(n))[0] for n in names} | set(names)
+    wanted |= {sample_key(n) for n in names}
     selection = [
         [i for i, record in enumerate(shard_set.index(shard).samples) if record.key in wanted]
         for shard in range(len(shard_set.manifest.shards))
@@ -407,7 +424,7 @@ class TrainStream(IterableDataset):
         for i, source in enumerate(fill):
             if source != i:
                 pixels[:, i] = pixels[:, source]
-        labels = torch.tensor([samples[i].cls for i in fill], dtype=torch.int64)
+        labels = torch.tensor([label_of(samples[i]) for i in fill], dtype=torch.int64)
         keys = [samples[i].key for i in fill]
         images = batch.permute(0, 1, 4, 2, 3)
         return LocalBatch(plan.epoch, step, keys, labels, images, corrupt)
@@ -458,7 +475,7 @@ def encode_samples(
         epoch,
         step,
         [s.key for s in samples],
-        torch.tensor([s.cls for s in samples], dtype=torch.int64),
+        torch.tensor([label_of(s) for s in samples], dtype=torch.int64),
         torch.frombuffer(bytearray(b"".join(chunks)), dtype=torch.uint8),
         torch.tensor(offsets, dtype=torch.int64),
         torch.from_numpy(boxes),
@@ -539,7 +556,7 @@ class EvalStream(IterableDataset):
         stacked = np.stack(images) if images else np.empty((0, size, size, 3), np.uint8)
         return EvalBatch(
             [s.key for s in kept],
-            torch.tensor([s.cls for s in kept], dtype=torch.int64),
+            torch.tensor([label_of(s) for s in kept], dtype=torch.int64),
             torch.from_numpy(stacked).permute(0, 3, 1, 2).contiguous(),
             corrupt,
         )

@@ -66,6 +66,11 @@ def check_eval_data(data: str, classes: list[str] | None, flag: str = "--eval-da
         manifest = read_manifest(data)
     except ShardsError as exc:
         raise UserError(f"{flag}: {exc}") from None
+    if manifest.classes is None:
+        raise UserError(
+            f"{flag} {storage.redact(data)} is unlabeled (its manifest lists no classes): "
+            "evaluation needs labels; shard labelled images (shards create SRC DEST --labels FILE)"
+        )
     if classes is not None and manifest.classes != list(classes):
         theirs, ours = manifest.classes, list(classes)
         differ = first_difference(theirs, ours)

@@ -49,7 +49,7 @@ from ssl_train.stages.evaluate import check_eval_data, evaluate
 from ssl_train.stages.scalars import ScalarLog
 from ssl_train.stages.sizing import stage_checkpoint_bytes
 from ssl_train.stages.summary import read_summary, summary_url
-from ssl_train.stages.tasks import Task, build_task
+from ssl_train.stages.tasks import Task, build_task, stage_classes
 from ssl_train.state_broadcast import load_latest_once, transfer_device
 
 log = logging.getLogger(__name__)
@@ -236,7 +236,7 @@ class Trainer:
         config = config.on_device(runtime.device.type)  # what checkpoints record
         self.config, self.runtime = config, runtime
         shard_set = ShardSet(config.data)
-        self.classes = shard_set.manifest.classes
+        self.classes = stage_classes(config, shard_set.manifest.classes)
         if config.eval_data:  # now, not after the last step
             check_eval_data(config.eval_data, self.classes)
         torch.manual_seed(config.seed)  # the same initial weights on every rank
@@ -404,7 +404,8 @@ class Trainer:
         plan = self.stream.plan(0)
         progress.say(
             config.stage,
-            f"start: {plan.num_samples} samples ({len(self.classes)} classes) of "
+            f"start: {plan.num_samples} samples "
+            f"({'unlabeled' if self.classes is None else f'{len(self.classes)} classes'}) of "
             f"{storage.redact(config.data)}"
             + (f", subset {config.subset}" if self.stream.config.subset else "")
             + f"; {position.total_steps} steps "

@@ -26,7 +26,7 @@ from ssl_train.stages.loop import (
 )
 from ssl_train.stages.runtime import pick_device
 from ssl_train.stages.summary import read_summary
-from ssl_train.stages.tasks import check_sources
+from ssl_train.stages.tasks import check_sources, stage_classes
 
 
 def check_stage(config: StageConfig) -> dict[str, Any]:
@@ -44,7 +44,7 @@ def check_stage(config: StageConfig) -> dict[str, Any]:
 
         check_device_decoding(config.device or "cuda")
     shard_set = ShardSet(config.data)
-    classes = shard_set.manifest.classes
+    classes = stage_classes(config, shard_set.manifest.classes)
     stream_config = stream_config_of(config)
     stream = TrainStream(stream_config, 0, 1, StreamState(), shard_set)
     plan = stream.plan(0)  # a subset that names nothing, fewer samples than one batch

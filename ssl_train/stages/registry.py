@@ -58,6 +58,7 @@ class StageSpec:
     required: frozenset[str]  # fields without which it cannot run (beyond data and run_dir)
     views: int  # 2: two augmented views, unlabelled (contrastive); 1: one labelled view
     label_subset: bool  # trains on --subset's labelled samples only
+    needs_labels: bool  # refuses an unlabeled shard set (its loss reads the labels)
     task: str  # "module:function" that builds its Task (torch; imported when training)
     pipeline_order: int  # its place in `ssl-train pipeline`: lower runs first
     model_field: str | None = None  # field naming the network it trains (GPU memory check)
@@ -175,6 +176,7 @@ STAGES: Mapping[str, StageSpec] = MappingProxyType(
                 required=frozenset(),
                 views=2,
                 label_subset=False,
+                needs_labels=False,
                 task="ssl_train.stages.tasks:build_pretrain",
                 pipeline_order=0,
                 model_field="preset",
@@ -199,6 +201,7 @@ STAGES: Mapping[str, StageSpec] = MappingProxyType(
                 required=frozenset({"pretrained"}),
                 views=1,
                 label_subset=True,
+                needs_labels=True,
                 task="ssl_train.stages.tasks:build_finetune",
                 pipeline_order=1,
                 default_notes={"epochs": "60 on the 1percent subset, 30 otherwise"},
@@ -227,6 +230,7 @@ STAGES: Mapping[str, StageSpec] = MappingProxyType(
                 required=frozenset(),
                 views=1,
                 label_subset=True,
+                needs_labels=True,
                 task="ssl_train.stages.tasks:build_supervised",
                 pipeline_order=2,
                 model_field="preset",
@@ -260,6 +264,7 @@ STAGES: Mapping[str, StageSpec] = MappingProxyType(
                 required=frozenset({"teacher"}),
                 views=1,
                 label_subset=False,
+                needs_labels=False,
                 task="ssl_train.stages.tasks:build_distill",
                 pipeline_order=3,
                 model_field="preset",
@@ -283,6 +288,7 @@ STAGES: Mapping[str, StageSpec] = MappingProxyType(
                 required=frozenset({"pretrained"}),
                 views=1,
                 label_subset=True,
+                needs_labels=True,
                 task="ssl_train.stages.tasks:build_linear_eval",
                 pipeline_order=4,
                 starts_from=("pretrained", "pretrain"),

@@ -186,7 +186,37 @@ def _lars(model: nn.Module, config: StageConfig) -> LARS:
     return LARS(groups, lr=0.0, momentum=config.momentum)
 
 
-def check_sources(config: StageConfig, classes: list[str]) -> None:
+def stage_classes(config: StageConfig, classes: list[str] | None) -> list[str] | None:
+    """The classes the stage's model learns, in label order, given --data's (None for an
+    unlabeled set); refuses an unlabeled set where the loss needs labels.
+
+    Distillation learns its teacher's classes: on an unlabeled pool they come from the
+    teacher (its config.json), on a labelled set they must be the same list.
+
+    Example:
+        >>> config = StageConfig.for_stage("finetune", data="/d/pool", run_dir="/r", pretrained="/p")
+        >>> stage_classes(config, None)
+        Traceback (most recent call last):
+        ...
+        ssl_train.errors.UserError: ssl-train finetune trains on labels, and --data /d/pool is unlabeled (its manifest lists no classes): pass a labelled shard set (shards create SRC DEST --labels FILE)
+    """
+    spec = registry.stage(config.stage)
+    if classes is None:
+        needs = "trains on labels" if spec.needs_labels else None
+        if config.labeled_weight > 0:
+            needs = f"with --labeled-weight {config.labeled_weight:g} reads labels"
+        if needs is not None:
+            raise UserError(
+                f"ssl-train {config.stage} {needs}, and --data {storage.redact(config.data)} "
+                "is unlabeled (its manifest lists no classes): pass a labelled shard set "
+                "(shards create SRC DEST --labels FILE)"
+            )
+        if config.teacher:
+            return _model_config("--teacher", config.teacher).get("classes")
+    return classes
+
+
+def check_sources(config: StageConfig, classes: list[str] | None) -> None:
     """The models a stage starts from exist, are finished, and fit it (their configs
     only: what ``--check-only`` reads before a job starts torchrun).
 
@@ -217,11 +247,19 @@ def check_pretrained(config: StageConfig, saved: dict[str, Any]) -> None:
         )
 
 
-def check_teacher(config: StageConfig, saved: dict[str, Any], classes: list[str]) -> None:
+def check_teacher(config: StageConfig, saved: dict[str, Any], classes: list[str] | None) -> None:
     """``saved`` (the --teacher model's config) classifies the training data's classes,
     in the same order where it records them: a teacher whose logit i means another
-    class would teach permuted labels, and nothing later would say so."""
+    class would teach permuted labels, and nothing later would say so. ``classes`` is
+    None for a teacher without class names distilling on an unlabeled pool."""
     teacher = storage.redact(config.teacher or "")
+    if not saved.get("num_classes"):
+        raise UserError(
+            f"--teacher {teacher} has no classifier: pass a finetune run (a teacher "
+            "classifies; a pretraining run does not)"
+        )
+    if classes is None:
+        return
     if saved.get("num_classes") != len(classes):
         raise UserError(
             f"--teacher {teacher} has no classifier for the {len(classes)} classes "
@@ -255,9 +293,10 @@ def _model_config(flag: str, run_dir: str) -> dict[str, Any]:
         raise type(exc)(f"{flag} {exc}") from None
 
 
-def build_task(config: StageConfig, classes: list[str], device: torch.device) -> Task:
+def build_task(config: StageConfig, classes: list[str] | None, device: torch.device) -> Task:
     """The stage's task on ``device``, by the builder its declaration names; reads the
-    previous stage's model where needed. ``classes`` are --data's, in label order.
+    previous stage's model where needed. ``classes`` are the ones it learns, in label
+    order (``stage_classes``; None when it learns none, as pretraining).
 
     Example:
         >>> config = StageConfig.for_stage("pretrain", data="d", run_dir="/r", preset="tiny")
@@ -336,12 +375,13 @@ def build_linear_eval(config: StageConfig, classes: list[str], device: torch.dev
     return FinetuneTask(config, model, optimizer, described, frozen=[model.backbone, model.head])
 
 
-def build_distill(config: StageConfig, classes: list[str], device: torch.device) -> Task:
-    """A student from random weights learning the frozen teacher's soft labels."""
+def build_distill(config: StageConfig, classes: list[str] | None, device: torch.device) -> Task:
+    """A student from random weights learning the frozen teacher's soft labels; it has
+    the teacher's outputs (``classes``: the teacher's, from ``stage_classes``)."""
     teacher, saved = load_model(model_url(config.teacher), device)
     check_teacher(config, saved, classes)
     teacher.eval().requires_grad_(False)
-    num_classes = len(classes)
+    num_classes = saved["num_classes"]
     model = build_model(config.preset, num_classes, config.head_layers, config.proj_dim, 0, device)
     model.keep_head_layers(0)
     described = model_config(config.preset, num_classes, config.head_layers, config.proj_dim, 0, 0)
