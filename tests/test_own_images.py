@@ -224,8 +224,11 @@ def test_stages_that_need_labels_refuse_an_unlabeled_set_in_one_line(
     pretrain = _stage("pretrain", "--data", str(pool), "--run-dir", str(tmp_path / "p"),
                       "--preset", "tiny", "--global-batch-size", "8", "--check-only")  # fmt: skip
     assert pretrain.returncode == 0, pretrain.stderr
-    evaluated = _stage("eval", str(tmp_path / "nothing"), "--data", str(pool))
-    assert evaluated.returncode == 2
+    from ssl_train.errors import UserError
+    from ssl_train.stages.evaluate import check_eval_data
+
+    with pytest.raises(UserError, match=r"--eval-data .* is unlabeled .* evaluation needs labels"):
+        check_eval_data(str(pool), ["beach", "forest", "night"])
 
 
 @pytest.mark.slow
@@ -270,6 +273,11 @@ def test_the_readme_recipe_for_your_own_images_runs_end_to_end(
     teacher = json.loads((runs / "finetune" / "final" / "config.json").read_text())
     assert student["classes"] == teacher["classes"] == sorted(SCENES)
     assert sorted(os.listdir(runs / "distill" / "final")) == ["config.json", "model.safetensors"]
+
+    evaluated = _stage("eval", str(runs / "distill"), "--data", str(tmp_path / "shards" / "pool"))
+    assert evaluated.returncode == 2
+    [line] = evaluated.stderr.strip().splitlines()
+    assert "is unlabeled (its manifest lists no classes): evaluation needs labels" in line
 
     renamed = tmp_path / "renamed.csv"
     renamed.write_text(Path(photos.labels_csv).read_text().replace(",beach", ",sea"))
