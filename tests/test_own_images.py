@@ -232,16 +232,30 @@ def test_stages_that_need_labels_refuse_an_unlabeled_set_in_one_line(
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("source", ["local", "s3"])
 def test_the_readme_recipe_for_your_own_images_runs_end_to_end(
-    photos: PhotoTree, tmp_path: Path
+    photos: PhotoTree, tmp_path: Path, request: pytest.FixtureRequest, source: str
 ) -> None:
     """README "Your own data": shard the pool and the labelled few, run the pipeline
     (tiny networks, a few steps, -s local_cwd) with an eval of the student on held-out
-    labelled photos; then a teacher whose classes differ from --data's is refused."""
+    labelled photos; then an eval on the pool and a teacher whose classes differ from
+    --data's are refused. ``s3``: the photos are an S3 prefix and the shard sets go to
+    the S3 server too (the README's commands with those URLs for ``photos/`` and
+    ``shards/``); the run dirs stay local."""
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     block = readme.split("<!-- own-data -->\n```sh\n", 1)[1].split("```", 1)[0]
     commands = [line for line in block.splitlines() if line and not line.startswith("#")]
     assert len(commands) == 3 and commands[2].startswith("ssl-train pipeline")
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "OMP_NUM_THREADS": "1"}
+    shards = "shards"
+    if source == "s3":
+        s3_bucket = request.getfixturevalue("s3_bucket")
+        env.update(s3_bucket.server.env)
+        src = _where(photos, s3_bucket, "s3")
+        shards = f"{s3_bucket.url}/shards"
+        commands = [
+            c.replace("photos/", src + "/").replace("shards/", shards + "/") for c in commands
+        ]
     held = make_photo_tree(
         str(tmp_path / "held" / "photos"), count=15, labeled_fraction=1.0, seed=7
     )
@@ -252,16 +266,15 @@ def test_the_readme_recipe_for_your_own_images_runs_end_to_end(
         "--arg channels_last=False --arg global_batch_size=6 --arg max_steps=3"
     )
     script = "set -euo pipefail\n" + commands[0] + "\n" + commands[1] + "\n"
-    script += (
-        f"shards create {held.root} held-out --labels {held.labels_csv} --classes shards/labeled\n"
-    )
+    script += f"shards create {held.root} held-out --labels {held.labels_csv} "
+    script += f"--classes {shards}/labeled\n"
     script += commands[2] + tiny + "\n"
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "OMP_NUM_THREADS": "1"}
     done = subprocess.run(
         ["bash", "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert_clean(done.stdout + done.stderr)
+    assert "sharding 61 images" in done.stdout and "6 of the 61 images are labelled" in done.stdout
     runs = tmp_path / "runs" / "photos"
     stages = {
         s: json.loads((runs / s / "summary.json").read_text())
@@ -274,7 +287,17 @@ def test_the_readme_recipe_for_your_own_images_runs_end_to_end(
     assert student["classes"] == teacher["classes"] == sorted(SCENES)
     assert sorted(os.listdir(runs / "distill" / "final")) == ["config.json", "model.safetensors"]
 
-    evaluated = _stage("eval", str(runs / "distill"), "--data", str(tmp_path / "shards" / "pool"))
+    def stage(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [str(BIN / "ssl-train"), *args],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=env,
+            cwd=tmp_path,
+        )
+
+    evaluated = stage("eval", str(runs / "distill"), "--data", f"{shards}/pool")
     assert evaluated.returncode == 2
     [line] = evaluated.stderr.strip().splitlines()
     assert "is unlabeled (its manifest lists no classes): evaluation needs labels" in line
@@ -283,9 +306,9 @@ def test_the_readme_recipe_for_your_own_images_runs_end_to_end(
     renamed.write_text(Path(photos.labels_csv).read_text().replace(",beach", ",sea"))
     other = tmp_path / "other-classes"
     assert run_cli("create", photos.root, other, "--labels", renamed).returncode == 0
-    refused = _stage("distill", "--data", str(other), "--teacher", str(runs / "finetune"),
-                     "--run-dir", str(tmp_path / "d2"), "--student", "tiny_student",
-                     "--global-batch-size", "6", "--check-only")  # fmt: skip
+    refused = stage("distill", "--data", str(other), "--teacher", str(runs / "finetune"),
+                    "--run-dir", str(tmp_path / "d2"), "--student", "tiny_student",
+                    "--global-batch-size", "6", "--check-only")  # fmt: skip
     assert refused.returncode == 2
     [line] = refused.stderr.strip().splitlines()
     assert "its classifier's class 0 is 'beach'" in line and "'forest'" in line
