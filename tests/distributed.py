@@ -144,6 +144,25 @@ def _read_rank_errors(workdir: Path) -> dict[int, str]:
     return dict(sorted(errors.items()))
 
 
+def _read_crashes(workdir: Path) -> dict[int, str]:
+    """What faulthandler wrote for ranks that died of a fatal signal (SIGABRT, SIGSEGV):
+    every thread's Python stack at that moment, which the output tail loses behind
+    torchrun's own report."""
+    crashes = {}
+    for path in sorted(workdir.glob("fault-*.txt")):
+        text = path.read_text(errors="replace").strip()
+        if text:
+            crashes[int(path.stem.split("-", 1)[1])] = text
+    return dict(sorted(crashes.items()))
+
+
+def _before_torchrun_report(output: str) -> str:
+    """The output up to torchrun's first failure report: where a worker's own last
+    words (a C++ ``terminate called after ...``, a gloo error) are."""
+    cut = output.find("failed (exitcode")
+    return output if cut == -1 else output[: output.rfind("\n", 0, cut) + 1]
+
+
 def _signal_workers(workdir: Path, sig: signal.Signals) -> None:
     """Signal every worker that recorded its pid; each leads its own process group."""
     for path in workdir.glob("pid-*"):
@@ -273,6 +292,10 @@ def run_under_torchrun(
             f"\n--- rank {rank} raised ---\n{_tail(text, _ERROR_CHARS)}"
             for rank, text in rank_errors.items()
         )
+        errors_text += "".join(
+            f"\n--- rank {rank} died of a signal; its threads then ---\n{_tail(text, _ERROR_CHARS)}"
+            for rank, text in _read_crashes(workdir).items()
+        )
         where = f"{module_name}.{qualname} on {nprocs} process(es)"
         if timed_out:
             raise TorchrunTimeoutError(
@@ -282,6 +305,9 @@ def run_under_torchrun(
                 rank_errors=rank_errors,
             )
         if proc.returncode != 0:
+            before = _before_torchrun_report(output)
+            if before != output:
+                errors_text += f"\n--- output before torchrun's report ---\n{_tail(before)}"
             raise TorchrunError(
                 f"torchrun running {where} exited with status {proc.returncode} "
                 f"after {elapsed:.1f} s{errors_text}\n--- output tail ---\n{_tail(output)}",
@@ -341,6 +367,9 @@ def _worker_main(call_path: str) -> None:
     (workdir / f"pid-{rank}").write_text(str(os.getpid()))
     _die_with_parent()
     faulthandler.register(signal.SIGUSR1, all_threads=True)
+    # a fatal signal (SIGABRT from a C++ abort, SIGSEGV) leaves every thread's stack in a
+    # file of its own, which the parent puts in its error (kept open until exit)
+    faulthandler.enable(open(workdir / f"fault-{rank}.txt", "w"), all_threads=True)  # noqa: SIM115
 
     call = json.loads(Path(call_path).read_text())
     import torch.distributed as dist

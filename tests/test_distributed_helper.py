@@ -58,6 +58,14 @@ def raise_on_rank_1() -> str:
     return "unreachable"
 
 
+def abort_on_rank_1() -> str:
+    if dist.get_rank() == 1:
+        print("last words of rank 1 (marker 9c2e)", flush=True)
+        os.abort()  # as a C++ std::terminate would: SIGABRT, no Python exception
+    dist.barrier()
+    return "unreachable"
+
+
 def sleep_forever(pid_dir: str) -> None:
     Path(pid_dir, f"worker-{dist.get_rank()}.pid").write_text(str(os.getpid()))
     while True:
@@ -107,6 +115,18 @@ def test_exception_on_one_rank_fails_the_run_with_its_traceback() -> None:
     # Rank 0's barrier may fail too (gloo: connection closed by peer); rank 1 must be there.
     assert "deliberate failure" in info.value.rank_errors[1]
     assert elapsed < 60  # torchrun tore down rank 0, stuck in its barrier
+
+
+def test_a_rank_killed_by_a_signal_is_reported_with_its_stack_and_last_words() -> None:
+    """A worker that aborts raises nothing: its stack (faulthandler) and its output before
+    torchrun's report come with the error, not only the tail of torchrun's teardown."""
+    with pytest.raises(TorchrunError) as info:
+        run_under_torchrun(abort_on_rank_1, 2, timeout_s=90)
+    message = str(info.value)
+    assert "--- rank 1 died of a signal; its threads then ---" in message
+    assert "Fatal Python error: Aborted" in message and "abort_on_rank_1" in message
+    assert "--- output before torchrun's report ---" in message
+    assert "last words of rank 1 (marker 9c2e)" in message
 
 
 @pytest.mark.timeout(90)
