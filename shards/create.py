@@ -248,7 +248,7 @@ REMOTE_READS_IN_FLIGHT = 16
 def _read_items(items: tuple[SourceItem, ...]) -> Iterator[tuple[SourceItem, bytes | Exception]]:
     """Each item with its bytes (or the error reading it), in order; remote items are
     fetched concurrently, a bounded window ahead."""
-    if all(item.data is not None or storage.is_local(item.path or "") for item in items):
+    if all(item.is_local for item in items):
         for item in items:
             try:
                 yield item, item.read()

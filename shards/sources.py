@@ -34,24 +34,36 @@ MNIST5K_TEST_PER_CLASS = 100
 @dataclass(frozen=True, slots=True)  # one per source file: millions at ImageNet scale
 class SourceItem:
     """One future sample: its key, class index (None in an unlabeled set), its path
-    relative to SRC, where to read it (a path or URL) and its size. ``data`` holds
-    inline bytes for generated sources (MNIST)."""
+    relative to SRC, SRC itself (one string that every item of a source shares, so a
+    listing of 14M objects holds no 14M full URLs) and its size. ``data`` holds inline
+    bytes for generated sources (MNIST)."""
 
     key: str
     cls: int | None
     name: str
-    path: str | None
+    root: str | None
     size: int
     data: bytes | None = None
+
+    @property
+    def location(self) -> str:
+        """Where to read it: a path or a URL."""
+        assert self.root is not None
+        return storage.join(self.root, *self.name.split("/"))
+
+    @property
+    def is_local(self) -> bool:
+        return self.data is not None or (
+            self.root is not None and storage.is_local(self.root) and "://" not in self.root
+        )
 
     def read(self) -> bytes:
         if self.data is not None:
             return self.data
-        assert self.path is not None
-        if storage.is_local(self.path) and "://" not in self.path:
-            with open(self.path, "rb") as f:
+        if self.is_local:
+            with open(self.location, "rb") as f:
                 return f.read()
-        return storage.read_bytes(self.path)
+        return storage.read_bytes(self.location)
 
 
 @dataclass
@@ -183,7 +195,7 @@ def list_class_folders(tree: Tree, layout: str, classes: list[str] | None) -> So
             if layout == "imagenet-train"
             else os.path.splitext(name)[0].replace(".", "_")
         )
-        items.append(SourceItem(key, index[folder], name, tree.location(name), size))
+        items.append(SourceItem(key, index[folder], name, tree.root, size))
     notes = []
     if nested:
         notes.append(
@@ -211,8 +223,7 @@ def list_images(tree: Tree, labels: str | None, classes: list[str] | None) -> So
         )
     if labels is None:
         items = [
-            SourceItem(sample_key(name), None, name, tree.location(name), size)
-            for name, size in tree.images
+            SourceItem(sample_key(name), None, name, tree.root, size) for name, size in tree.images
         ]
         return Source("images", None, items)
     class_of = read_labels(labels)
@@ -227,7 +238,7 @@ def list_images(tree: Tree, labels: str | None, classes: list[str] | None) -> So
         if entry is None:
             continue
         matched.add(entry)
-        items.append(SourceItem(key, index[class_of[entry]], name, tree.location(name), size))
+        items.append(SourceItem(key, index[class_of[entry]], name, tree.root, size))
     missing = sorted(set(class_of) - matched)
     if missing:
         raise ShardsError(
@@ -324,7 +335,7 @@ def list_imagenet_val(
         if stem not in wnid_of:
             refused.append({"file": name, "reason": f"no label in {os.path.basename(labels)}"})
             continue
-        items.append(SourceItem(stem, index[wnid_of[stem]], name, tree.location(name), size))
+        items.append(SourceItem(stem, index[wnid_of[stem]], name, tree.root, size))
     return Source(layout="imagenet-val", classes=list(classes), items=items, refused=refused)
 
 
@@ -504,7 +515,7 @@ def apply_subset(
     names are an error.
 
     Example:
-        >>> item = SourceItem("n1_1", 0, "n1/n1_1.JPEG", "/x/n1/n1_1.JPEG", 10)
+        >>> item = SourceItem("n1_1", 0, "n1/n1_1.JPEG", "/x", 10)
         >>> apply_subset([item], ["n1_1.JPEG"], "list.txt", strict=True)[0] == [item]
         True
     """

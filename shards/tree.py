@@ -25,10 +25,6 @@ class Tree:
     images: list[tuple[str, int]]
     others: list[str]
 
-    def location(self, name: str) -> str:
-        """Where to read the file ``name`` (relative to the root): a path or a URL."""
-        return storage.join(self.root, *name.split("/"))
-
     def depths(self) -> set[int]:
         """How many folders deep the images lie (0: directly in the root)."""
         return {name.count("/") for name, _ in self.images}
