@@ -9,11 +9,13 @@ roles); nothing here reads or prints them. Storage failures become one-line
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import posixpath
 import shutil
 import time
 from collections.abc import Callable
+from datetime import datetime
 from typing import TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
@@ -153,7 +155,12 @@ def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     scheme = urlsplit(url).scheme
     if scheme in _REFUSED_SCHEMES:
         raise ShardsError(f"{redact(url)}: '{scheme}:' runs a command; give a path or storage URL")
-    options = dict(_S3_OPTIONS) if scheme in ("s3", "s3a") else {}
+    # a deep copy: botocore rewrites the retries dict it is given when the client first
+    # connects, and a changed option is another fsspec cache key, so the next call built
+    # a second S3 client (session, connection pool) for the same store
+    options = copy.deepcopy(_S3_OPTIONS) if scheme in ("s3", "s3a") else {}
+    if options:
+        options["session"] = _s3_session()
     try:
         fs, path = url_to_fs(url, **options)
     except (ImportError, ValueError) as exc:
@@ -161,6 +168,44 @@ def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     if is_local(url):
         path = os.path.abspath(path)
     return fs, path
+
+
+_s3_sessions: list = []  # this process's one botocore session for s3fs (a cache key)
+
+
+def _s3_session() -> object:
+    """The botocore session every S3 file system of this process is made with: one
+    object, since fsspec caches file systems by their arguments. Its response parser
+    reads S3's ISO 8601 timestamps with ``datetime.fromisoformat``: botocore's own
+    parser (dateutil) was about 60% of the client CPU of listing a prefix, one
+    ``LastModified`` per object (BENCHMARKS.md, issue 33)."""
+    if not _s3_sessions:
+        import aiobotocore.session
+
+        session = aiobotocore.session.AioSession()
+        factory = session.get_component("response_parser_factory")
+        factory.set_parser_defaults(timestamp_parser=parse_s3_timestamp)
+        _s3_sessions.append(session)
+    return _s3_sessions[0]
+
+
+def parse_s3_timestamp(value: object) -> datetime:
+    """A timestamp of an S3 response as botocore's parser gives it, ISO 8601 ones (S3's
+    listings) by the standard library's fast path.
+
+    Example:
+        >>> parse_s3_timestamp("2026-12-06T09:00:00.000Z").isoformat()
+        '2026-12-06T09:00:00+00:00'
+        >>> parse_s3_timestamp("Sun, 06 Dec 2026 09:00:00 GMT").hour
+        9
+    """
+    from botocore.parsers import DEFAULT_TIMESTAMP_PARSER
+
+    try:
+        parsed = datetime.fromisoformat(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):  # HTTP dates, epoch numbers: botocore's own way
+        return DEFAULT_TIMESTAMP_PARSER(value)
+    return parsed
 
 
 def join(url: str, *names: str) -> str:
