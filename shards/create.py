@@ -259,8 +259,13 @@ def _read_items(items: tuple[SourceItem, ...]) -> Iterator[tuple[SourceItem, byt
     def read(item: SourceItem) -> bytes | Exception:
         try:
             return item.read()
-        except (OSError, ShardsError) as exc:
-            return exc
+        except ShardsError as exc:
+            # gone since it was listed: skipped and named, as an unreadable local file;
+            # refused access or an unreachable store stops the run in one line instead
+            # of skipping every object
+            if isinstance(exc.__cause__, FileNotFoundError):
+                return exc
+            raise
 
     with ThreadPoolExecutor(REMOTE_READS_IN_FLIGHT, thread_name_prefix="shards-read") as pool:
         ahead: list[tuple[SourceItem, Future]] = []

@@ -159,34 +159,32 @@ def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     # connects, and a changed option is another fsspec cache key, so the next call built
     # a second S3 client (session, connection pool) for the same store
     options = copy.deepcopy(_S3_OPTIONS) if scheme in ("s3", "s3a") else {}
-    if options:
-        options["session"] = _s3_session()
     try:
         fs, path = url_to_fs(url, **options)
     except (ImportError, ValueError) as exc:
         raise ShardsError(f"{redact(url)}: cannot open this kind of URL ({exc})") from None
+    if options:
+        _fast_s3_timestamps(fs)
     if is_local(url):
         path = os.path.abspath(path)
     return fs, path
 
 
-_s3_sessions: list = []  # this process's one botocore session for s3fs (a cache key)
+def _fast_s3_timestamps(fs: fsspec.AbstractFileSystem) -> None:
+    """Give a new S3 file system a botocore session of its own whose response parser
+    reads S3's ISO 8601 timestamps with ``datetime.fromisoformat``: botocore's parser
+    (dateutil) was about 60% of the client CPU of listing a prefix, one ``LastModified``
+    per object (BENCHMARKS.md, issue 33). Its own, as s3fs would make it: credentials
+    and the event loop stay per file system (a refreshable IAM credential holds asyncio
+    locks that must not cross loops)."""
+    if getattr(fs, "session", "none of its own") is not None or not hasattr(fs, "set_session"):
+        return  # not s3fs, or its session exists already (connected, or given)
+    import aiobotocore.session
 
-
-def _s3_session() -> object:
-    """The botocore session every S3 file system of this process is made with: one
-    object, since fsspec caches file systems by their arguments. Its response parser
-    reads S3's ISO 8601 timestamps with ``datetime.fromisoformat``: botocore's own
-    parser (dateutil) was about 60% of the client CPU of listing a prefix, one
-    ``LastModified`` per object (BENCHMARKS.md, issue 33)."""
-    if not _s3_sessions:
-        import aiobotocore.session
-
-        session = aiobotocore.session.AioSession()
-        factory = session.get_component("response_parser_factory")
-        factory.set_parser_defaults(timestamp_parser=parse_s3_timestamp)
-        _s3_sessions.append(session)
-    return _s3_sessions[0]
+    session = aiobotocore.session.AioSession(**getattr(fs, "kwargs", {}))
+    factory = session.get_component("response_parser_factory")
+    factory.set_parser_defaults(timestamp_parser=parse_s3_timestamp)
+    fs.session = session
 
 
 def parse_s3_timestamp(value: object) -> datetime:

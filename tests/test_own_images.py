@@ -345,3 +345,31 @@ def test_the_pipeline_takes_one_form_of_data_and_says_what_is_missing(tmp_path: 
         assert done.returncode == 2, given
         [line] = done.stderr.strip().splitlines()
         assert expected in line, (given, line)
+
+
+def test_an_object_gone_since_listing_is_skipped_but_refused_access_stops(
+    s3_bucket, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Reading the listed objects: one deleted meanwhile is skipped and named, as an
+    unreadable file is; refused access is the store's answer for every object, so it
+    stops the run in one line instead of skipping them all."""
+    import s3fs
+
+    from shards.create import _read_items
+    from shards.errors import ShardsError
+    from shards.sources import SourceItem
+
+    fs, path = storage.filesystem(f"{s3_bucket.url}/photos")
+    fs.pipe_file(f"{path}/a.jpg", b"a")
+    items = (
+        SourceItem("a", None, "a.jpg", f"{s3_bucket.url}/photos", 1),
+        SourceItem("gone", None, "gone.jpg", f"{s3_bucket.url}/photos", 1),
+    )
+    (first, data), (second, missing) = _read_items(items)
+    assert (first.key, data) == ("a", b"a")
+    assert second.key == "gone" and isinstance(missing, ShardsError)
+
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-key")
+    s3fs.S3FileSystem.clear_instance_cache()
+    with pytest.raises(ShardsError, match="storage refused access"):
+        list(_read_items(items))
