@@ -5,8 +5,8 @@ each subset) -> distill each finetuned teacher. On your own data, pretrain and d
 take the unlabeled pool and finetune the labelled set. Every stage is a job on the
 chosen scheduler (``local_cwd`` or ``kubernetes``) whose run dir is
 ``<root>/<stage name>``. A stage whose run dir holds a finished summary is skipped; an
-unfinished one is submitted again and resumes from its newest checkpoint. So restarting the pipeline after a crash, Ctrl-C or
-preemption redoes no finished work.
+unfinished one is submitted again and resumes from its newest checkpoint. So restarting
+the pipeline after a crash, Ctrl-C or preemption redoes no finished work.
 """
 
 from __future__ import annotations
