@@ -373,3 +373,16 @@ def test_an_object_gone_since_listing_is_skipped_but_refused_access_stops(
     s3fs.S3FileSystem.clear_instance_cache()
     with pytest.raises(ShardsError, match="storage refused access"):
         list(_read_items(items))
+
+
+def test_two_files_that_differ_only_in_their_suffix_are_refused_naming_both(
+    tmp_path: Path,
+) -> None:
+    root = tmp_path / "tree"
+    (root / "a").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(root / "a" / "x.jpg")
+    Image.new("RGB", (8, 8)).save(root / "a" / "x.png")
+    done = run_cli("create", root, tmp_path / "out", "--layout", "images")
+    assert done.returncode == 2
+    [line] = done.stderr.strip().splitlines()
+    assert "two files give the same sample key 'a/x': a/x.jpg and a/x.png; rename one" in line
