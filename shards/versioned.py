@@ -19,6 +19,7 @@ import errno
 import fcntl
 import hashlib
 import os
+import uuid
 from collections.abc import Iterator
 
 from shards import storage
@@ -127,3 +128,61 @@ def _precondition_failed(exc: BaseException) -> bool:
         if isinstance(item, OSError) and item.errno == errno.EINVAL and "recondition" in str(item):
             return True
     return False
+
+
+class ConditionalWritesIgnored(ShardsError):
+    """The store wrote what a condition should have refused: it cannot fence writers."""
+
+
+def check_conditional_writes(folder_url: str) -> None:
+    """Make sure the store at ``folder_url`` honours the two conditions every lease and
+    commit rely on, by trying them on a probe object of its own: a create-if-absent of a
+    new object succeeds and a second one is refused (``If-None-Match: *``); a write
+    naming a version the object is not at is refused and one naming its version goes
+    through (``If-Match``). A store that ignores them (some S3-compatible stores, older
+    gateways, a proxy that drops the headers) would let two jobs both "win" every
+    compare-and-swap without a sign; it is refused with
+    :class:`ConditionalWritesIgnored`, naming what it did. The probe is deleted after.
+
+    Example:
+        >>> check_conditional_writes("/tmp/ssl-train-probe-doc")
+    """
+    probe = storage.join(folder_url, f".conditional-write-probe-{uuid.uuid4().hex}")
+    where = storage.redact(folder_url)
+    try:
+        first = write_if(probe, b"1", None)
+        if first is None:
+            raise ConditionalWritesIgnored(
+                f"{where}: the store refused to create a new object with If-None-Match: *"
+            )
+        problem = None
+        if write_if(probe, b"2", None) is not None:
+            problem = "wrote over an existing object despite If-None-Match: *"
+        elif write_if(probe, b"3", _stale_version(first)) is not None:
+            problem = "wrote an object despite an If-Match naming another version"
+        elif write_if(probe, b"4", version_of(probe)) is None:
+            problem = "refused a write whose If-Match named the object's own version"
+        if problem is not None:
+            raise ConditionalWritesIgnored(
+                f"{where}: the store {problem}: it does not honour conditional writes, so "
+                "it cannot keep a second job from writing this run dir. Use a store that "
+                "does (AWS S3, SeaweedFS, MinIO, Ceph RGW recent releases; check a proxy "
+                "between you does not drop If-Match/If-None-Match), or, if only ever one "
+                "job writes here, pass --single-writer-store"
+            )
+    finally:
+        _remove_probe(probe)
+
+
+def _stale_version(version: str) -> str:
+    """A version the object is not at: an ETag's form, or a digest's, changed."""
+    if version.startswith('"') and version.endswith('"'):
+        return '"' + ("0" if version[1:2] != "0" else "1") * 32 + '"'
+    return ("0" if version[:1] != "0" else "1") * len(version)
+
+
+def _remove_probe(probe: str) -> None:
+    fs, path = storage.filesystem(probe)
+    for target in (path, f"{path}.lock") if storage.is_local(probe) else (path,):
+        with contextlib.suppress(FileNotFoundError, ShardsError):  # a leftover is harmless
+            storage.with_retries(lambda target=target: fs.rm_file(target), probe)
