@@ -60,6 +60,7 @@ def pretrain(
     trace_samples: Optional[str] = None,
     stop_at_step: Optional[int] = None,
     allow_config_change: Optional[bool] = None,
+    single_writer_store: Optional[bool] = None,
     eval_data: Optional[str] = None,
     eval_batch_size: Optional[int] = None,
     log_every_steps: Optional[int] = None,
@@ -112,6 +113,7 @@ def pretrain(
         trace_samples: append one JSON line per rank and step with the sample keys
         stop_at_step: checkpoint and stop at this global step (run again to continue)
         allow_config_change: resume even if training settings differ from the checkpoint's
+        single_writer_store: the run dir's store does not honour conditional writes and only ever one job writes there: skip the check that refuses such a store (said at every start)
         eval_data: shard set to report top-1/top-5 on at the end (checked at the start)
         eval_batch_size: evaluation batch per process (default 256)
         log_every_steps: progress line every N steps (default 10)
@@ -129,7 +131,7 @@ def pretrain(
         env: extra environment variables (e.g. AWS_ENDPOINT_URL=...)
         mounts: mounts (type=<bind/volume>,src=...,dst=...[,readonly])
     """
-    values = {"data": data, "run_dir": run_dir, "preset": preset, "temperature": temperature, "memory_size": memory_size, "memory_momentum": memory_momentum, "global_batch_size": global_batch_size, "epochs": epochs, "max_steps": max_steps, "image_size": image_size, "seed": seed, "learning_rate": learning_rate, "lr_scaling": lr_scaling, "warmup_epochs": warmup_epochs, "weight_decay": weight_decay, "momentum": momentum, "head_layers": head_layers, "proj_dim": proj_dim, "partitions": partitions, "precision": precision, "channels_last": channels_last, "compile": compile, "device": device, "workers": workers, "decode": decode, "checkpoint_every_steps": checkpoint_every_steps, "checkpoint_every_minutes": checkpoint_every_minutes, "keep_checkpoints": keep_checkpoints, "trace_samples": trace_samples, "stop_at_step": stop_at_step, "allow_config_change": allow_config_change, "eval_data": eval_data, "eval_batch_size": eval_batch_size, "log_every_steps": log_every_steps}
+    values = {"data": data, "run_dir": run_dir, "preset": preset, "temperature": temperature, "memory_size": memory_size, "memory_momentum": memory_momentum, "global_batch_size": global_batch_size, "epochs": epochs, "max_steps": max_steps, "image_size": image_size, "seed": seed, "learning_rate": learning_rate, "lr_scaling": lr_scaling, "warmup_epochs": warmup_epochs, "weight_decay": weight_decay, "momentum": momentum, "head_layers": head_layers, "proj_dim": proj_dim, "partitions": partitions, "precision": precision, "channels_last": channels_last, "compile": compile, "device": device, "workers": workers, "decode": decode, "checkpoint_every_steps": checkpoint_every_steps, "checkpoint_every_minutes": checkpoint_every_minutes, "keep_checkpoints": keep_checkpoints, "trace_samples": trace_samples, "stop_at_step": stop_at_step, "allow_config_change": allow_config_change, "single_writer_store": single_writer_store, "eval_data": eval_data, "eval_batch_size": eval_batch_size, "log_every_steps": log_every_steps}
     return stage_job("pretrain", values, extra_args, JobOptions(name=name, image=image, j=j, h=h, cpu=cpu, gpu=gpu, memMB=memMB, gpu_memory_gb=gpu_memory_gb, max_restarts=max_restarts, max_retries=max_retries, metrics_port=metrics_port, env=env, mounts=mounts))
 
 
@@ -165,6 +167,7 @@ def finetune(
     trace_samples: Optional[str] = None,
     stop_at_step: Optional[int] = None,
     allow_config_change: Optional[bool] = None,
+    single_writer_store: Optional[bool] = None,
     eval_data: Optional[str] = None,
     eval_batch_size: Optional[int] = None,
     log_every_steps: Optional[int] = None,
@@ -216,6 +219,7 @@ def finetune(
         trace_samples: append one JSON line per rank and step with the sample keys
         stop_at_step: checkpoint and stop at this global step (run again to continue)
         allow_config_change: resume even if training settings differ from the checkpoint's
+        single_writer_store: the run dir's store does not honour conditional writes and only ever one job writes there: skip the check that refuses such a store (said at every start)
         eval_data: shard set to report top-1/top-5 on at the end (checked at the start)
         eval_batch_size: evaluation batch per process (default 256)
         log_every_steps: progress line every N steps (default 10)
@@ -233,7 +237,7 @@ def finetune(
         env: extra environment variables (e.g. AWS_ENDPOINT_URL=...)
         mounts: mounts (type=<bind/volume>,src=...,dst=...[,readonly])
     """
-    values = {"data": data, "run_dir": run_dir, "pretrained": pretrained, "subset": subset, "from_proj_layer": from_proj_layer, "global_batch_size": global_batch_size, "epochs": epochs, "max_steps": max_steps, "image_size": image_size, "seed": seed, "learning_rate": learning_rate, "lr_scaling": lr_scaling, "warmup_epochs": warmup_epochs, "weight_decay": weight_decay, "momentum": momentum, "head_layers": head_layers, "proj_dim": proj_dim, "partitions": partitions, "precision": precision, "channels_last": channels_last, "compile": compile, "device": device, "workers": workers, "decode": decode, "checkpoint_every_steps": checkpoint_every_steps, "checkpoint_every_minutes": checkpoint_every_minutes, "keep_checkpoints": keep_checkpoints, "trace_samples": trace_samples, "stop_at_step": stop_at_step, "allow_config_change": allow_config_change, "eval_data": eval_data, "eval_batch_size": eval_batch_size, "log_every_steps": log_every_steps}
+    values = {"data": data, "run_dir": run_dir, "pretrained": pretrained, "subset": subset, "from_proj_layer": from_proj_layer, "global_batch_size": global_batch_size, "epochs": epochs, "max_steps": max_steps, "image_size": image_size, "seed": seed, "learning_rate": learning_rate, "lr_scaling": lr_scaling, "warmup_epochs": warmup_epochs, "weight_decay": weight_decay, "momentum": momentum, "head_layers": head_layers, "proj_dim": proj_dim, "partitions": partitions, "precision": precision, "channels_last": channels_last, "compile": compile, "device": device, "workers": workers, "decode": decode, "checkpoint_every_steps": checkpoint_every_steps, "checkpoint_every_minutes": checkpoint_every_minutes, "keep_checkpoints": keep_checkpoints, "trace_samples": trace_samples, "stop_at_step": stop_at_step, "allow_config_change": allow_config_change, "single_writer_store": single_writer_store, "eval_data": eval_data, "eval_batch_size": eval_batch_size, "log_every_steps": log_every_steps}
     return stage_job("finetune", values, extra_args, JobOptions(name=name, image=image, j=j, h=h, cpu=cpu, gpu=gpu, memMB=memMB, gpu_memory_gb=gpu_memory_gb, max_restarts=max_restarts, max_retries=max_retries, metrics_port=metrics_port, env=env, mounts=mounts))
 
 
@@ -269,6 +273,7 @@ def supervised(
     trace_samples: Optional[str] = None,
     stop_at_step: Optional[int] = None,
     allow_config_change: Optional[bool] = None,
+    single_writer_store: Optional[bool] = None,
     eval_data: Optional[str] = None,
     eval_batch_size: Optional[int] = None,
     log_every_steps: Optional[int] = None,
@@ -320,6 +325,7 @@ def supervised(
         trace_samples: append one JSON line per rank and step with the sample keys
         stop_at_step: checkpoint and stop at this global step (run again to continue)
         allow_config_change: resume even if training settings differ from the checkpoint's
+        single_writer_store: the run dir's store does not honour conditional writes and only ever one job writes there: skip the check that refuses such a store (said at every start)
         eval_data: shard set to report top-1/top-5 on at the end (checked at the start)
         eval_batch_size: evaluation batch per process (default 256)
         log_every_steps: progress line every N steps (default 10)
@@ -337,7 +343,7 @@ def supervised(
         env: extra environment variables (e.g. AWS_ENDPOINT_URL=...)
         mounts: mounts (type=<bind/volume>,src=...,dst=...[,readonly])
     """
-    values = {"data": data, "run_dir": run_dir, "preset": preset, "subset": subset, "from_proj_layer": from_proj_layer, "global_batch_size": global_batch_size, "epochs": epochs, "max_steps": max_steps, "image_size": image_size, "seed": seed, "learning_rate": learning_rate, "lr_scaling": lr_scaling, "warmup_epochs": warmup_epochs, "weight_decay": weight_decay, "momentum": momentum, "head_layers": head_layers, "proj_dim": proj_dim, "partitions": partitions, "precision": precision, "channels_last": channels_last, "compile": compile, "device": device, "workers": workers, "decode": decode, "checkpoint_every_steps": checkpoint_every_steps, "checkpoint_every_minutes": checkpoint_every_minutes, "keep_checkpoints": keep_checkpoints, "trace_samples": trace_samples, "stop_at_step": stop_at_step, "allow_config_change": allow_config_change, "eval_data": eval_data, "eval_batch_size": eval_batch_size, "log_every_steps": log_every_steps}
+    values = {"data": data, "run_dir": run_dir, "preset": preset, "subset": subset, "from_proj_layer": from_proj_layer, "global_batch_size": global_batch_size, "epochs": epochs, "max_steps": max_steps, "image_size": image_size, "seed": seed, "learning_rate": learning_rate, "lr_scaling": lr_scaling, "warmup_epochs": warmup_epochs, "weight_decay": weight_decay, "momentum": momentum, "head_layers": head_layers, "proj_dim": proj_dim, "partitions": partitions, "precision": precision, "channels_last": channels_last, "compile": compile, "device": device, "workers": workers, "decode": decode, "checkpoint_every_steps": checkpoint_every_steps, "checkpoint_every_minutes": checkpoint_every_minutes, "keep_checkpoints": keep_checkpoints, "trace_samples": trace_samples, "stop_at_step": stop_at_step, "allow_config_change": allow_config_change, "single_writer_store": single_writer_store, "eval_data": eval_data, "eval_batch_size": eval_batch_size, "log_every_steps": log_every_steps}
     return stage_job("supervised", values, extra_args, JobOptions(name=name, image=image, j=j, h=h, cpu=cpu, gpu=gpu, memMB=memMB, gpu_memory_gb=gpu_memory_gb, max_restarts=max_restarts, max_retries=max_retries, metrics_port=metrics_port, env=env, mounts=mounts))
 
 
@@ -374,6 +380,7 @@ def distill(
     trace_samples: Optional[str] = None,
     stop_at_step: Optional[int] = None,
     allow_config_change: Optional[bool] = None,
+    single_writer_store: Optional[bool] = None,
     eval_data: Optional[str] = None,
     eval_batch_size: Optional[int] = None,
     log_every_steps: Optional[int] = None,
@@ -426,6 +433,7 @@ def distill(
         trace_samples: append one JSON line per rank and step with the sample keys
         stop_at_step: checkpoint and stop at this global step (run again to continue)
         allow_config_change: resume even if training settings differ from the checkpoint's
+        single_writer_store: the run dir's store does not honour conditional writes and only ever one job writes there: skip the check that refuses such a store (said at every start)
         eval_data: shard set to report top-1/top-5 on at the end (checked at the start)
         eval_batch_size: evaluation batch per process (default 256)
         log_every_steps: progress line every N steps (default 10)
@@ -443,7 +451,7 @@ def distill(
         env: extra environment variables (e.g. AWS_ENDPOINT_URL=...)
         mounts: mounts (type=<bind/volume>,src=...,dst=...[,readonly])
     """
-    values = {"data": data, "run_dir": run_dir, "teacher": teacher, "student": student, "temperature": temperature, "labeled_weight": labeled_weight, "global_batch_size": global_batch_size, "epochs": epochs, "max_steps": max_steps, "image_size": image_size, "seed": seed, "learning_rate": learning_rate, "lr_scaling": lr_scaling, "warmup_epochs": warmup_epochs, "weight_decay": weight_decay, "momentum": momentum, "head_layers": head_layers, "proj_dim": proj_dim, "partitions": partitions, "precision": precision, "channels_last": channels_last, "compile": compile, "device": device, "workers": workers, "decode": decode, "checkpoint_every_steps": checkpoint_every_steps, "checkpoint_every_minutes": checkpoint_every_minutes, "keep_checkpoints": keep_checkpoints, "trace_samples": trace_samples, "stop_at_step": stop_at_step, "allow_config_change": allow_config_change, "eval_data": eval_data, "eval_batch_size": eval_batch_size, "log_every_steps": log_every_steps}
+    values = {"data": data, "run_dir": run_dir, "teacher": teacher, "student": student, "temperature": temperature, "labeled_weight": labeled_weight, "global_batch_size": global_batch_size, "epochs": epochs, "max_steps": max_steps, "image_size": image_size, "seed": seed, "learning_rate": learning_rate, "lr_scaling": lr_scaling, "warmup_epochs": warmup_epochs, "weight_decay": weight_decay, "momentum": momentum, "head_layers": head_layers, "proj_dim": proj_dim, "partitions": partitions, "precision": precision, "channels_last": channels_last, "compile": compile, "device": device, "workers": workers, "decode": decode, "checkpoint_every_steps": checkpoint_every_steps, "checkpoint_every_minutes": checkpoint_every_minutes, "keep_checkpoints": keep_checkpoints, "trace_samples": trace_samples, "stop_at_step": stop_at_step, "allow_config_change": allow_config_change, "single_writer_store": single_writer_store, "eval_data": eval_data, "eval_batch_size": eval_batch_size, "log_every_steps": log_every_steps}
     return stage_job("distill", values, extra_args, JobOptions(name=name, image=image, j=j, h=h, cpu=cpu, gpu=gpu, memMB=memMB, gpu_memory_gb=gpu_memory_gb, max_restarts=max_restarts, max_retries=max_retries, metrics_port=metrics_port, env=env, mounts=mounts))
 
 
@@ -479,6 +487,7 @@ def linear_eval(
     trace_samples: Optional[str] = None,
     stop_at_step: Optional[int] = None,
     allow_config_change: Optional[bool] = None,
+    single_writer_store: Optional[bool] = None,
     eval_data: Optional[str] = None,
     eval_batch_size: Optional[int] = None,
     log_every_steps: Optional[int] = None,
@@ -530,6 +539,7 @@ def linear_eval(
         trace_samples: append one JSON line per rank and step with the sample keys
         stop_at_step: checkpoint and stop at this global step (run again to continue)
         allow_config_change: resume even if training settings differ from the checkpoint's
+        single_writer_store: the run dir's store does not honour conditional writes and only ever one job writes there: skip the check that refuses such a store (said at every start)
         eval_data: shard set to report top-1/top-5 on at the end (checked at the start)
         eval_batch_size: evaluation batch per process (default 256)
         log_every_steps: progress line every N steps (default 10)
@@ -547,7 +557,7 @@ def linear_eval(
         env: extra environment variables (e.g. AWS_ENDPOINT_URL=...)
         mounts: mounts (type=<bind/volume>,src=...,dst=...[,readonly])
     """
-    values = {"data": data, "run_dir": run_dir, "pretrained": pretrained, "subset": subset, "from_proj_layer": from_proj_layer, "global_batch_size": global_batch_size, "epochs": epochs, "max_steps": max_steps, "image_size": image_size, "seed": seed, "learning_rate": learning_rate, "lr_scaling": lr_scaling, "warmup_epochs": warmup_epochs, "weight_decay": weight_decay, "momentum": momentum, "head_layers": head_layers, "proj_dim": proj_dim, "partitions": partitions, "precision": precision, "channels_last": channels_last, "compile": compile, "device": device, "workers": workers, "decode": decode, "checkpoint_every_steps": checkpoint_every_steps, "checkpoint_every_minutes": checkpoint_every_minutes, "keep_checkpoints": keep_checkpoints, "trace_samples": trace_samples, "stop_at_step": stop_at_step, "allow_config_change": allow_config_change, "eval_data": eval_data, "eval_batch_size": eval_batch_size, "log_every_steps": log_every_steps}
+    values = {"data": data, "run_dir": run_dir, "pretrained": pretrained, "subset": subset, "from_proj_layer": from_proj_layer, "global_batch_size": global_batch_size, "epochs": epochs, "max_steps": max_steps, "image_size": image_size, "seed": seed, "learning_rate": learning_rate, "lr_scaling": lr_scaling, "warmup_epochs": warmup_epochs, "weight_decay": weight_decay, "momentum": momentum, "head_layers": head_layers, "proj_dim": proj_dim, "partitions": partitions, "precision": precision, "channels_last": channels_last, "compile": compile, "device": device, "workers": workers, "decode": decode, "checkpoint_every_steps": checkpoint_every_steps, "checkpoint_every_minutes": checkpoint_every_minutes, "keep_checkpoints": keep_checkpoints, "trace_samples": trace_samples, "stop_at_step": stop_at_step, "allow_config_change": allow_config_change, "single_writer_store": single_writer_store, "eval_data": eval_data, "eval_batch_size": eval_batch_size, "log_every_steps": log_every_steps}
     return stage_job("linear-eval", values, extra_args, JobOptions(name=name, image=image, j=j, h=h, cpu=cpu, gpu=gpu, memMB=memMB, gpu_memory_gb=gpu_memory_gb, max_restarts=max_restarts, max_retries=max_retries, metrics_port=metrics_port, env=env, mounts=mounts))
 
 

@@ -32,7 +32,7 @@ from datetime import datetime, timezone
 
 from shards import storage
 from shards.errors import ShardsError
-from shards.versioned import read_versioned, write_if
+from shards.versioned import check_conditional_writes, read_versioned, write_if
 from ssl_train.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -114,7 +114,10 @@ class RunDirLease:
         seconds: float | None = None,
         job: str | None = None,
         clock: Callable[[], float] = time.time,
+        single_writer_store: bool = False,
     ) -> None:
+        self.run_dir = run_dir
+        self.single_writer_store = single_writer_store
         self.url = storage.join(run_dir, LEASE_FILE)
         self.seconds = lease_seconds() if seconds is None else seconds
         self.job = job_id() if job is None else job
@@ -134,8 +137,10 @@ class RunDirLease:
         """Take the lease, or raise :class:`LeaseHeld` if another job keeps renewing it.
 
         A lease of another job that is not renewed is waited out (at most one period);
-        one that changes while we watch belongs to a live job.
+        one that changes while we watch belongs to a live job. First the store is checked
+        for the conditional writes every step of this relies on (``check_store``).
         """
+        self.check_store()
         watched: str | None = None
         give_up = time.monotonic() + (patience_s if patience_s is not None else 3 * self.seconds)
         while True:
@@ -167,6 +172,19 @@ class RunDirLease:
                 )
             watched = version
             time.sleep(min(max(holder.expires - now, 0.0) + 0.05, self.seconds / 8))
+
+    def check_store(self) -> None:
+        """Refuse a run dir whose store ignores conditional writes (a second job would
+        "win" every compare-and-swap too, unseen), unless the user declared it
+        single-writer, which is then said at every start."""
+        if self.single_writer_store:
+            log.warning(
+                "--single-writer-store: %s is not checked for conditional writes; nothing "
+                "keeps a second job from writing this run dir",
+                storage.redact(self.run_dir),
+            )
+            return
+        check_conditional_writes(self.run_dir)
 
     def _held_message(self, holder: Holder) -> str:
         return (

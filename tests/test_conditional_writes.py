@@ -3,10 +3,18 @@ first write; a store that ignores them is refused in one line."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 from stripping_proxy import StrippingProxy
 
 from shards.versioned import ConditionalWritesIgnored, check_conditional_writes
+
+from conftest import TinyShards
+
+BIN = Path(sys.executable).parent
 
 
 def test_the_s3_server_and_local_folders_pass_the_probe_and_leave_nothing(
@@ -37,3 +45,35 @@ def test_a_store_that_drops_the_conditional_headers_is_refused(
     message = str(refused.value)
     assert "wrote over an existing object despite If-None-Match: *" in message
     assert "--single-writer-store" in message and "\n" not in message
+
+
+def _pretrain(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(BIN / "ssl-train"), "pretrain", "--preset", "tiny", "--image-size", "16",
+         "--global-batch-size", "16", "--workers", "0", "--max-steps", "1", *args],
+        capture_output=True, text=True, timeout=300, env=env,
+    )  # fmt: skip
+
+
+def test_a_stage_refuses_such_a_run_dir_in_one_line_unless_declared_single_writer(
+    tiny_shards: TinyShards, s3_bucket
+) -> None:
+    """Checked before torchrun (--check-only) and by the lease at the start; with
+    --single-writer-store the run goes on and says so."""
+    server = s3_bucket.server
+    region = server.env.get("AWS_DEFAULT_REGION", "us-east-1")
+    run_dir = f"{s3_bucket.url}/runs/p"
+    with StrippingProxy(server.endpoint, server.access_key, server.secret_key, region) as proxy:
+        env = {**s3_bucket.env, "AWS_ENDPOINT_URL": proxy.endpoint, "OMP_NUM_THREADS": "1"}
+        args = ["--data", str(tiny_shards.train), "--run-dir", run_dir]
+        for extra in (["--check-only"], []):
+            refused = _pretrain(*args, *extra, env=env)
+            assert refused.returncode == 2, refused.stdout + refused.stderr
+            line = refused.stderr.strip().splitlines()[-1]
+            assert "Traceback" not in refused.stderr and line.startswith("ssl-train: error: ")
+            assert "does not honour conditional writes" in line and "--single-writer-store" in line
+        allowed = _pretrain(*args, "--single-writer-store", env=env)
+    assert allowed.returncode == 0, allowed.stderr[-3000:]
+    assert "--single-writer-store: s3://" in allowed.stderr
+    assert "is not checked for conditional writes" in allowed.stderr
+    assert "finished: 1 steps" in allowed.stdout + allowed.stderr

@@ -257,6 +257,12 @@ class StageConfig:
     allow_config_change: bool = setting(
         False, "resume even if training settings differ from the checkpoint's", operational=True
     )
+    single_writer_store: bool = setting(
+        False,
+        "the run dir's store does not honour conditional writes and only ever one job writes "
+        "there: skip the check that refuses such a store (said at every start)",
+        operational=True,
+    )
     eval_data: str | None = setting(
         None,
         "shard set to report top-1/top-5 on at the end (checked at the start)",

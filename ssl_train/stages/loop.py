@@ -421,7 +421,9 @@ class Trainer:
         whether it did (one tiny all-reduce), so a refusal ends all of them at once."""
         failure: Exception | None = None
         if self.runtime.is_main:
-            lease = RunDirLease(self.config.run_dir)
+            lease = RunDirLease(
+                self.config.run_dir, single_writer_store=self.config.single_writer_store
+            )
             try:
                 lease.acquire()
                 self.lease = lease

@@ -6,7 +6,8 @@ a missing shard set or model, a label subset that names nothing, or a run dir ho
 another experiment's checkpoint ends the job after one attempt with one message, instead
 of torchrun restarting every rank on it ``max_restarts`` times. It reads what the ranks
 are about to read anyway (the manifest, the subset list, the newest checkpoint's small
-``state.json``, the configs of the models the stage starts from), never tensors.
+``state.json``, the configs of the models the stage starts from), never tensors, and
+probes the run dir's store for the conditional writes its lease relies on.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 
 from shards import storage
 from shards.reader import ShardSet
+from shards.versioned import check_conditional_writes
 from ssl_train.checkpoint import CheckpointStore
 from ssl_train.data.stream import StreamState, TrainStream
 from ssl_train.stages.config import StageConfig, check_memory_size
@@ -59,6 +61,8 @@ def check_stage(config: StageConfig) -> dict[str, Any]:
         "steps_per_epoch": plan.steps,
         "resumes_from_step": None,
     }
+    if not config.single_writer_store:  # a store that cannot fence a second job: refused
+        check_conditional_writes(config.run_dir)
     summary = read_summary(config.run_dir)
     if summary is not None and summary.get("finished"):
         result["finished_earlier"] = True

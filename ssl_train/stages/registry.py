@@ -140,6 +140,7 @@ COMMON_FLAGS: tuple[Flag, ...] = tuple(
         "trace_samples",
         "stop_at_step",
         "allow_config_change",
+        "single_writer_store",
         "eval_data",
         "eval_batch_size",
         "log_every_steps",
