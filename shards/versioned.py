@@ -166,9 +166,9 @@ def check_conditional_writes(folder_url: str) -> None:
             raise ConditionalWritesIgnored(
                 f"{where}: the store {problem}: it does not honour conditional writes, so "
                 "it cannot keep a second job from writing this run dir. Use a store that "
-                "does (AWS S3, SeaweedFS, MinIO, Ceph RGW recent releases; check a proxy "
-                "between you does not drop If-Match/If-None-Match), or, if only ever one "
-                "job writes here, pass --single-writer-store"
+                "does (AWS S3 and SeaweedFS do; check that no proxy between you drops "
+                "If-Match/If-None-Match), or, if only ever one job writes here, pass "
+                "--single-writer-store"
             )
     finally:
         _remove_probe(probe)
