@@ -45,7 +45,7 @@ def read_text(spec: str) -> str:
         raise ShardsError(f"--labels {storage.redact(spec)}: not UTF-8 text ({exc})") from None
 
 
-def read_labels(spec: str) -> dict[str, str]:
+def read_labels(spec: str, text: str | None = None) -> dict[str, str]:
     """Image path (or key) -> class name, from a CSV or JSON-lines labels file.
 
     Example:
@@ -56,7 +56,7 @@ def read_labels(spec: str) -> dict[str, str]:
         {'2024/trip/0001.jpg': 'beach'}
     """
     where = f"--labels {storage.redact(spec)}"
-    text = read_text(spec)
+    text = read_text(spec) if text is None else text  # ``text``: the file, read already
     stripped = text.lstrip()
     rows = _json_rows(text, where) if stripped.startswith("{") else _csv_rows(text, where)
     labels: dict[str, str] = {}

@@ -205,7 +205,9 @@ def list_class_folders(tree: Tree, layout: str, classes: list[str] | None) -> So
     return Source(layout, list(classes if classes is not None else folders), items, notes=notes)
 
 
-def list_images(tree: Tree, labels: str | None, classes: list[str] | None) -> Source:
+def list_images(
+    tree: Tree, labels: str | None, classes: list[str] | None, labels_text: str | None = None
+) -> Source:
     """Every image of the tree, unlabeled; or, with a labels file, the images it labels.
 
     Keys come from the relative path (:func:`shards.tree.sample_key`), so the labelled
@@ -226,7 +228,7 @@ def list_images(tree: Tree, labels: str | None, classes: list[str] | None) -> So
             SourceItem(sample_key(name), None, name, tree.root, size) for name, size in tree.images
         ]
         return Source("images", None, items)
-    class_of = read_labels(labels)
+    class_of = read_labels(labels, labels_text)
     index = _class_index(
         sorted(set(class_of.values())), classes, "pass a --classes list that has them all"
     )
@@ -444,9 +446,10 @@ def open_source(
         raise ShardsError(f"--layout {layout!r} unknown; choose one of {', '.join(LAYOUTS)}")
     if layout == "mnist5k" or (layout is None and src.startswith("mnist5k")):
         return mnist5k(src.split(":", 1)[1] if ":" in src else "train")
-    labels_kind = None
-    if labels is not None:
-        labels_kind = "imagenet-val" if is_imagenet_val_labels(read_text(labels)) else "file"
+    labels_kind = labels_text = None
+    if labels is not None:  # read once: its form says which layout it labels
+        labels_text = read_text(labels)
+        labels_kind = "imagenet-val" if is_imagenet_val_labels(labels_text) else "file"
     if layout in ("imagenet-train", "folders") and labels is not None:
         raise ShardsError(
             f"--labels goes with --layout images (your labels file) or imagenet-val; with "
@@ -472,7 +475,7 @@ def open_source(
     elif layout == "images":
         if class_list is not None and labels is None:
             raise ShardsError("--classes names the classes of a labels file: pass --labels too")
-        source = list_images(tree, labels, class_list)
+        source = list_images(tree, labels, class_list, labels_text)
     else:
         source = list_class_folders(tree, layout, class_list)
     ignored = tree.ignored_note()
