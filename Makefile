@@ -13,7 +13,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TORCH := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: test test-fast demo lint setup environments clean bench components tf-env image wheelhouse
+.PHONY: test test-fast demo lint setup environments clean bench components tf-env floor-env image wheelhouse
 
 setup: $(STAMP)
 
@@ -43,6 +43,20 @@ $(TF_STAMP): tests/tf_env.txt
 		"$$($(TF_VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/tensorflow"
 	touch $(TF_STAMP)
 
+# .venv-floor/site: the oldest s3fs, fsspec and botocore pyproject.toml accepts
+# (tests/floor_env.txt), installed beside .venv, not into it; the floor test puts them
+# ahead of .venv's packages in a child process. Reinstalled when the file changes.
+FLOOR_SITE := .venv-floor/site
+FLOOR_STAMP := .venv-floor/.installed
+
+floor-env: $(FLOOR_STAMP)
+
+$(FLOOR_STAMP): tests/floor_env.txt $(STAMP)
+	rm -rf $(FLOOR_SITE)
+	$(PY) -m pip install --quiet --no-compile --target $(FLOOR_SITE) -r tests/floor_env.txt
+	$(PY) -m compileall -q -j 0 $(FLOOR_SITE)
+	touch $(FLOOR_STAMP)
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
@@ -52,9 +66,10 @@ lint: $(STAMP)
 components: $(STAMP)
 	$(PY) -m ssl_train.stages.codegen
 
-# The two environments are installed side by side (two pips, each mostly one core).
+# The environments are installed side by side (pips, each mostly one core).
 environments:
 	$(MAKE) -j2 $(STAMP) $(TF_STAMP)
+	$(MAKE) $(FLOOR_STAMP)
 
 # The fast tier (everything not marked slow: single-process tests, each mostly on one
 # core) runs in TEST_WORKERS processes (pytest-xdist), a test file per worker so that its

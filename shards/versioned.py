@@ -21,6 +21,8 @@ import hashlib
 import os
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
 
 from shards import storage
 from shards.errors import ShardsError
@@ -59,6 +61,65 @@ def read_versioned(url: str) -> tuple[bytes, str] | None:
             if not _precondition_failed(exc):
                 raise
     raise ShardsError(f"{storage.redact(url)}: changed under every read; try again")
+
+
+@dataclass(frozen=True)
+class Stamped:
+    """An object's bytes and version, and how long ago it was last written as the
+    store's own clock tells it: what a lease's expiry is decided by, so that the hosts'
+    clocks (minutes apart on a badly kept node) never enter."""
+
+    data: bytes
+    version: str
+    age_s: float
+
+
+def read_stamped(url: str) -> Stamped | None:
+    """The object with its age on the store's clock, or None when there is none.
+
+    On S3 one GET gives both ends: the object's ``Last-Modified`` and the response's
+    ``Date`` (both whole seconds, so the age is good to about a second). On a file system
+    the age is the file's modification time against that of a file touched just now
+    beside it: on a network file system both are the server's clock.
+
+    Example:
+        >>> url = "/tmp/ssl-train-stamped-doc"
+        >>> _ = write_if(url, b"a", version_of(url))
+        >>> read_stamped(url).age_s < 60
+        True
+    """
+    fs, path = storage.filesystem(url)
+    if storage.is_local(url):
+        found = read_versioned(path)
+        if found is None:
+            return None
+        try:
+            modified = os.stat(path).st_mtime
+        except FileNotFoundError:
+            return None
+        with open(f"{path}.lock", "a+b") as clock:
+            os.utime(clock.fileno())  # "now" as the file's server sets it
+            now = os.fstat(clock.fileno()).st_mtime
+        return Stamped(found[0], found[1], max(0.0, now - modified))
+
+    from fsspec.asyn import sync
+
+    async def get() -> Stamped | None:
+        bucket, key, _ = fs.split_path(path)
+        try:
+            response = await fs._call_s3("get_object", Bucket=bucket, Key=key)
+        except FileNotFoundError:
+            return None
+        body = response["Body"]
+        try:
+            data = await body.read()
+        finally:
+            body.close()
+        sent = parsedate_to_datetime(response["ResponseMetadata"]["HTTPHeaders"]["date"])
+        age = (sent - response["LastModified"]).total_seconds()
+        return Stamped(data, str(response["ETag"]), max(0.0, age))
+
+    return storage.with_retries(lambda: sync(fs.loop, get), url)
 
 
 def version_of(url: str) -> str | None:
@@ -147,6 +208,8 @@ def check_conditional_writes(folder_url: str) -> None:
     Example:
         >>> check_conditional_writes("/tmp/ssl-train-probe-doc")
     """
+    if storage.is_local(folder_url):
+        check_lock_scope(storage.filesystem(folder_url)[1])
     probe = storage.join(folder_url, f".conditional-write-probe-{uuid.uuid4().hex}")
     where = storage.redact(folder_url)
     try:
@@ -172,6 +235,61 @@ def check_conditional_writes(folder_url: str) -> None:
             )
     finally:
         _remove_probe(probe)
+
+
+# Mounts whose flock() excludes processes of this machine only, or none at all: object
+# store mounts (FUSE), NFS mounted with local_lock=flock/all, Lustre without -o flock.
+_LOCAL_ONLY_LOCKS = "flock() there excludes only processes on this machine"
+
+
+def check_lock_scope(path: str, mounts: str | None = None) -> None:
+    """Refuse a folder on a mount where ``flock`` (what local compare-and-swaps rely on)
+    cannot keep out a writer on another host, read from the mount's type and options in
+    ``/proc/mounts`` (``mounts``: its text, for tests): FUSE mounts (s3fs-fuse, goofys,
+    gcsfuse, rclone...), NFS with ``local_lock=flock`` or ``all``, and Lustre mounted
+    without ``flock``. Other file systems pass: local disks, where one machine is all
+    there is, and NFS, GPFS, CephFS, whose locks reach the server.
+
+    Example:
+        >>> check_lock_scope("/data/run", "srv:/x /data nfs4 rw,local_lock=none 0 0\\n")
+        >>> check_lock_scope("/data/run", "bucket /data fuse.s3fs rw 0 0\\n")
+        Traceback (most recent call last):
+        shards.versioned.ConditionalWritesIgnored: /data/run is on a fuse.s3fs mount (/data): ...
+    """
+    if mounts is None:
+        try:
+            with open("/proc/mounts") as f:
+                mounts = f.read()
+        except OSError:
+            return  # not Linux: nothing to read the mount from
+    best: tuple[str, str, list[str]] | None = None
+    target = os.path.abspath(path)
+    for line in mounts.splitlines():
+        fields = line.split()
+        if len(fields) < 4:
+            continue
+        point = fields[1].replace("\\040", " ")
+        inside = target == point or target.startswith(point.rstrip("/") + "/")
+        if inside and (best is None or len(point) > len(best[0])):
+            best = (point, fields[2], fields[3].split(","))
+    if best is None:
+        return
+    point, kind, options = best
+    why = None
+    if kind.startswith("fuse.") or kind == "fuse":
+        why = "an object store or other FUSE mount: " + _LOCAL_ONLY_LOCKS + ", if anything"
+    elif kind.startswith("nfs") and ("local_lock=flock" in options or "local_lock=all" in options):
+        why = "mounted with " + next(o for o in options if o.startswith("local_lock=")) + ": "
+        why += _LOCAL_ONLY_LOCKS
+    elif kind == "lustre" and "flock" not in options:
+        why = "mounted without -o flock: " + _LOCAL_ONLY_LOCKS + ", or fails"
+    if why is not None:
+        raise ConditionalWritesIgnored(
+            f"{path} is on a {kind} mount ({point}): {why}, so it cannot keep a second job "
+            "on another host from writing this run dir. Give the run dir as its s3:// URL "
+            "(or remount with cluster-wide locks), or, if only ever one job writes here, "
+            "pass --single-writer-store"
+        )
 
 
 def _stale_version(version: str) -> str:

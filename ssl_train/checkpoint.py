@@ -6,7 +6,8 @@ pickle can), and must say so when its bytes were damaged on the way. Every stora
 access goes through :mod:`shards.storage`, so local paths and ``s3://`` URLs behave
 alike and errors name the (redacted) URL.
 
-Layout of one checkpoint, ``<run_dir>/checkpoints/step-<9-digit step>/``:
+Layout of one checkpoint, ``<run_dir>/checkpoints/step-<9-digit step>-g<generation>/``
+(the generation of the run dir's lease that wrote it; without a lease, no ``-g`` part):
 
 - ``tensors.safetensors``: every tensor of the state (safetensors format, written
   with ``safetensors.torch.save_file`` to a local temporary file, then moved into
@@ -15,8 +16,9 @@ Layout of one checkpoint, ``<run_dir>/checkpoints/step-<9-digit step>/``:
   non-tensor values (see :func:`flatten_state`).
 - ``COMPLETE.json``, written last: ``{"format": 1, "step": N, "files": {name:
   {"bytes": size, "sha256": hex}}}`` for the two files above. A step directory
-  without it is an unfinished write (a crash) and is invisible to
-  :meth:`CheckpointStore.steps`, :meth:`~CheckpointStore.latest` and
+  without it is an unfinished write (a crash). A training job then commits the
+  checkpoint in its lease (see :class:`CheckpointStore`); only committed checkpoints are
+  seen by :meth:`CheckpointStore.steps`, :meth:`~CheckpointStore.latest` and
   :meth:`~CheckpointStore.load`.
 
 Loading checks each file's size and sha256 against ``COMPLETE.json``, parses tensors
@@ -34,12 +36,12 @@ import os
 import queue
 import random
 import re
+import signal
 import struct
 import tempfile
 import threading
 import time
-from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import safetensors.torch
@@ -48,7 +50,7 @@ import torch
 from shards import storage
 from shards.errors import ShardsError
 from ssl_train.errors import UserError
-from ssl_train.lease import LeaseLost
+from ssl_train.lease import LeaseLost, read_head
 
 FORMAT_VERSION = 1
 TENSORS_FILE = "tensors.safetensors"
@@ -56,7 +58,10 @@ STATE_FILE = "state.json"
 COMPLETE_FILE = "COMPLETE.json"
 CHECKPOINTS_DIR = "checkpoints"
 
-_STEP_DIR = re.compile(r"step-(\d+)")
+_STEP_DIR = re.compile(r"step-(\d+)(?:-g(\d+))?")
+# a test hook: the process stops itself (SIGSTOP) right before committing this step, the
+# worst moment for it to be frozen; tests/test_fencing.py continues it with SIGCONT
+FREEZE_BEFORE_COMMIT_ENV = "SSL_TRAIN_TEST_FREEZE_BEFORE_COMMIT"
 _HASH_CHUNK = 8 * 1024**2
 # safetensors reserves this name for its own metadata.
 _RESERVED_NAMES = frozenset({"__metadata__"})
@@ -280,12 +285,37 @@ def set_rng_state(state: dict) -> None:
 # ---------------------------------------------------------------- store
 
 
-class CheckpointStore:
-    """Checkpoints under ``<run_dir>/checkpoints/step-<9-digit step>/``.
+class Fence(Protocol):
+    """What keeps a job that lost the run dir from committing (the run dir's lease,
+    :class:`ssl_train.lease.RunDirLease`): a generation to name new checkpoints with, a
+    check before writing, and the commit itself, a compare-and-swap that records the
+    committed checkpoints and fails for a generation that is no longer current."""
 
-    ``save`` writes the files, then ``COMPLETE.json``, then deletes all but the newest
-    ``keep`` complete checkpoints and crash leftovers older than the newest, so storage
-    holds a bounded number of checkpoints and a resume never picks a half-written one.
+    @property
+    def generation(self) -> int: ...
+
+    def check(self) -> None: ...
+
+    def checkpoints(self) -> list[str] | None: ...
+
+    def commit(self, **changes: Any) -> None: ...
+
+
+class CheckpointStore:
+    """Checkpoints under ``<run_dir>/checkpoints/step-<9-digit step>[-g<generation>]/``.
+
+    ``save`` writes the files, then ``COMPLETE.json``, then commits, then deletes all
+    but the newest ``keep`` committed checkpoints and leftovers older than the one just
+    written, so storage holds a bounded number of checkpoints and a resume never picks
+    a half-written one.
+
+    With a ``fence`` (a training job's lease) a checkpoint's directory carries the
+    lease's generation, and its commit is the fence's compare-and-swap recording the
+    committed directories: a job that lost the run dir cannot commit, and its files lie
+    in directories no current writer uses. Resume reads only what was recorded
+    (:func:`ssl_train.lease.read_head` for a reader without a lease). Without a fence, or
+    in a run dir whose lease never recorded any (older versions), ``COMPLETE.json`` is
+    the commit and directories without a generation are the checkpoints.
 
     Example:
         >>> import tempfile
@@ -298,27 +328,29 @@ class CheckpointStore:
         tensor([30., 30.])
     """
 
-    def __init__(
-        self, run_dir: str, keep: int = 3, guard: Callable[[bool], None] | None = None
-    ) -> None:
+    def __init__(self, run_dir: str, keep: int = 3, fence: Fence | None = None) -> None:
         if keep < 1:
             raise ValueError(f"keep={keep}: keep at least 1 checkpoint, or resuming is impossible")
         self.run_dir = run_dir
         self.keep = keep
         self.root = storage.join(run_dir, CHECKPOINTS_DIR)
-        # called before a save starts, before pruning and (with True) right before a save
-        # commits: the run dir's lease (ssl_train.lease), so a job that lost the run dir
-        # writes nothing more
-        self.guard = guard or (lambda commit: None)
+        self.fence = fence
 
     def url(self, step: int) -> str:
-        """Where the checkpoint of ``step`` lives (whether or not it exists).
+        """Where the committed checkpoint of ``step`` lives, or where a save of it would
+        go when there is none.
 
         Example:
-            >>> CheckpointStore("s3://b/run").url(42)
-            's3://b/run/checkpoints/step-000000042'
+            >>> CheckpointStore("/tmp/no-such-run").url(42)
+            '/tmp/no-such-run/checkpoints/step-000000042'
         """
-        return storage.join(self.root, f"step-{_check_step(step):09d}")
+        step = _check_step(step)
+        name = self._committed().get(step) or self._new_name(step)
+        return storage.join(self.root, name)
+
+    def _new_name(self, step: int) -> str:
+        generation = 0 if self.fence is None else self.fence.generation
+        return _dir_name(step, generation)
 
     def save(self, step: int, state: dict) -> str:
         """Write ``state`` as the checkpoint of ``step`` and return its URL; blocks until done.
@@ -342,7 +374,7 @@ class CheckpointStore:
             >>> CheckpointStore(tempfile.mkdtemp()).steps()
             []
         """
-        return sorted(step for step, names in self._list().items() if COMPLETE_FILE in names)
+        return sorted(self._committed())
 
     def latest(self) -> int | None:
         """Step of the newest complete checkpoint; None when there is none (a fresh run).
@@ -416,30 +448,44 @@ class CheckpointStore:
     def _save_flat(
         self, step: int, tensors: dict[str, torch.Tensor], skeleton: Any
     ) -> tuple[str, int]:
-        """Write one flattened state; returns its URL and the bytes written."""
-        url = self.url(step)
+        """Write one flattened state and commit it; returns its URL and the bytes written."""
+        name = self._new_name(step)
+        url = storage.join(self.root, name)
         started = time.monotonic()
-        self.guard(False)
+        if self.fence is not None:
+            self.fence.check()
         try:
-            self._delete(url)  # leftovers of a crash or an earlier save of this step
+            recorded = self._committed()
+            self._delete(url)  # leftovers of an earlier try at this step, this generation
             files = {
                 TENSORS_FILE: self._write_tensors(url, tensors),
                 STATE_FILE: self._write_state(url, skeleton),
             }
             complete = {"format": FORMAT_VERSION, "step": step, "files": files}
-            self.guard(True)  # the commit: only while this job still holds the run dir
             storage.write_bytes_atomic(
                 storage.join(url, COMPLETE_FILE), json.dumps(complete, indent=1).encode()
             )
-        except ShardsError as exc:
-            raise CheckpointError(
-                f"{storage.redact(url)}: saving the checkpoint failed: {exc}"
-            ) from exc
-        except OSError as exc:
-            raise CheckpointError(
-                f"{storage.redact(url)}: saving the checkpoint failed ({exc}); check that the "
-                "run directory is writable and has free space"
-            ) from exc
+            kept = sorted({**recorded, step: name}.items())[-self.keep :]
+            retained = [kept_name for _, kept_name in kept]
+            if self.fence is not None:
+                _freeze_for_test(step)
+                # the commit: takes effect only while this job holds the run dir
+                self.fence.commit(checkpoints=retained)
+        except Exception as exc:
+            if self.fence is not None and not isinstance(exc, LeaseLost):
+                # the job that took the run dir over may have deleted this stale write's
+                # directory: then that, not the storage error, is what stops this job
+                self.fence.commit()
+            if isinstance(exc, ShardsError):
+                raise CheckpointError(
+                    f"{storage.redact(url)}: saving the checkpoint failed: {exc}"
+                ) from exc
+            if isinstance(exc, OSError):
+                raise CheckpointError(
+                    f"{storage.redact(url)}: saving the checkpoint failed ({exc}); check that "
+                    "the run directory is writable and has free space"
+                ) from exc
+            raise
         nbytes = sum(f["bytes"] for f in files.values())
         log.info(
             "saved checkpoint %s (%.1f MB in %.1f s)",
@@ -447,7 +493,7 @@ class CheckpointStore:
             nbytes / 1e6,
             time.monotonic() - started,
         )
-        self._prune(step)
+        self._prune(name, set(retained))
         return url, nbytes
 
     def _write_tensors(self, url: str, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
@@ -479,7 +525,7 @@ class CheckpointStore:
 
     # -- listing and deleting
 
-    def _list(self) -> dict[int, set[str]]:
+    def _list(self) -> dict[str, set[str]]:
         """Every ``step-*`` directory and the names inside it, freshly listed."""
         try:
             fs, root = storage.filesystem(self.root)
@@ -489,39 +535,58 @@ class CheckpointStore:
             )
         except ShardsError as exc:
             raise CheckpointError(f"cannot list the checkpoints: {exc}") from exc
-        found: dict[int, set[str]] = {}
+        found: dict[str, set[str]] = {}
         prefix = root.rstrip("/") + "/"
         for path in paths:
             if not path.startswith(prefix):
                 continue
             parts = path[len(prefix) :].split("/")
-            match = _STEP_DIR.fullmatch(parts[0])
-            if match:
-                names = found.setdefault(int(match.group(1)), set())
+            if _STEP_DIR.fullmatch(parts[0]):
+                names = found.setdefault(parts[0], set())
                 if len(parts) == 2:
                     names.add(parts[1])
         return found
 
-    def _prune(self, just_written: int) -> None:
-        """Delete complete checkpoints beyond the newest ``keep`` and crash leftovers
-        older than the newest complete one; never the one just written. A failure
-        here only warns: the new checkpoint is safe either way."""
+    def _committed(self) -> dict[int, str]:
+        """Step to directory name of every committed checkpoint: those the lease
+        recorded; where none were ever recorded, the complete ones without a generation
+        (run dirs of older versions, stores without a fence)."""
+        if self.fence is not None:
+            recorded = self.fence.checkpoints()
+        else:
+            head = read_head(self.run_dir)
+            recorded = None if head is None else head.checkpoints
+        if recorded is not None:
+            return {_step_and_generation(name)[0]: name for name in recorded}
+        return {
+            _step_and_generation(name)[0]: name
+            for name, names in self._list().items()
+            if COMPLETE_FILE in names and _step_and_generation(name)[1] == 0
+        }
+
+    def _prune(self, just_written: str, retained: set[str]) -> None:
+        """Delete every checkpoint directory not retained that is older than the one just
+        written, counting generation first: what the commit dropped, and leftovers of
+        crashes and of jobs that lost the run dir. Never a newer generation's: safe even
+        for a job that lost the run dir since its commit, as everything the current holder
+        records is either retained here or of its own, newer, generation. A failure here
+        only warns: the new checkpoint is safe either way."""
         try:
             listing = self._list()
         except CheckpointError as exc:
             log.warning("could not list checkpoints to delete old ones: %s", exc)
             return
-        complete = sorted(s for s, names in listing.items() if COMPLETE_FILE in names)
-        if not complete:
-            return
-        self.guard(False)
-        doomed = set(complete[: -self.keep])
-        doomed |= {s for s, names in listing.items() if COMPLETE_FILE not in names}
-        for step in sorted(doomed - {just_written}):
-            if step > complete[-1]:
-                continue  # perhaps being written right now; not ours to judge
+        newest = _step_and_generation(just_written)[::-1]
+        doomed = [
+            name
+            for name in listing
+            if name not in retained
+            and name != just_written
+            and _step_and_generation(name)[::-1] < newest
+        ]
+        for name in sorted(doomed):
             try:
-                self._delete(self.url(step))
+                self._delete(storage.join(self.root, name))
             except (ShardsError, OSError) as exc:
                 log.warning("could not delete old checkpoint: %s", exc)
 
@@ -672,6 +737,37 @@ class AsyncCheckpointer:
 
 
 # ---------------------------------------------------------------- helpers
+
+
+def _dir_name(step: int, generation: int) -> str:
+    """A checkpoint directory's name: the step, and the writer's lease generation.
+
+    Example:
+        >>> _dir_name(42, 3), _dir_name(42, 0)
+        ('step-000000042-g3', 'step-000000042')
+    """
+    return f"step-{step:09d}" + (f"-g{generation}" if generation else "")
+
+
+def _step_and_generation(name: str) -> tuple[int, int]:
+    """A checkpoint directory's step and generation (0: written without a fence).
+
+    Example:
+        >>> _step_and_generation("step-000000042-g3"), _step_and_generation("step-000000042")
+        ((42, 3), (42, 0))
+    """
+    match = _STEP_DIR.fullmatch(name)
+    if match is None:
+        raise CheckpointError(f"{name!r} is not a checkpoint directory's name")
+    return int(match.group(1)), int(match.group(2) or 0)
+
+
+def _freeze_for_test(step: int) -> None:
+    if os.environ.get(FREEZE_BEFORE_COMMIT_ENV) == str(step):
+        log.warning(
+            "%s=%d: stopping this process before the commit", FREEZE_BEFORE_COMMIT_ENV, step
+        )
+        os.kill(os.getpid(), signal.SIGSTOP)
 
 
 def _check_step(step: int) -> int:

@@ -1,20 +1,31 @@
 """Exactly one job writes a run dir: a lease object in the run dir, renewed by the job
-that holds it.
+that holds it, which is also the run dir's record of what is committed.
 
 On a cluster two writers happen without anyone asking: a pod on a node that lost its
 network keeps running while the job restarts elsewhere, or a user submits twice. Their
 checkpoints would interleave and pruning would delete the other's. So rank 0 takes
-``lease.json`` before its first write, renews it from a background thread, and checks it
-before every commit; every change is a compare-and-swap (``shards.versioned``), so two
-jobs racing cannot both win.
+``lease.json`` before its first write and renews it from a background thread; every
+change is a compare-and-swap (``shards.versioned``), so two jobs racing cannot both win.
 
 - Another job's lease that is being renewed: refused, naming the holder.
-- Another job's lease that stops being renewed (the job died): taken over once it
-  expires, so a restarted job waits at most one lease period.
+- Another job's lease that stops being renewed (the job died): taken over once it is a
+  lease period old by the store's clock (its ``Last-Modified`` against the store's
+  "now"), so neither host's clock decides, and a restarted job waits at most one period.
 - The same job's lease (torchrun restarted its worker group): taken back at once.
 - A lease released by a clean stop (finished, preempted, ``--stop-at-step``): taken at once.
 - A holder that cannot renew for half a period, or finds the lease taken, has lost it: it
-  stops without writing again (the clocks of two hosts may differ by up to that margin).
+  stops without writing again.
+
+Fencing. A check of the lease followed by a plain write leaves a gap: a process frozen
+between the two (a GC or I/O stall, a partitioned node, a pod the kubelet froze) wakes
+after another job took over and writes anyway. So what a resume reads is committed *in
+the lease object itself*, by the same compare-and-swap on the version this holder last
+wrote: the list of committed checkpoints (``checkpoints``) and the finished stage's
+summary (``finished``). A holder whose lease was taken cannot commit: its swap fails
+(412), it learns who holds the run dir now, and stops. Each taker's ``generation`` is one
+more than the last, and a checkpoint's directory carries it
+(``ssl_train.checkpoint``), so a stale writer's files never land where a current
+writer's are.
 """
 
 from __future__ import annotations
@@ -32,7 +43,7 @@ from datetime import datetime, timezone
 
 from shards import storage
 from shards.errors import ShardsError
-from shards.versioned import check_conditional_writes, read_versioned, write_if
+from shards.versioned import check_conditional_writes, read_stamped, read_versioned, write_if
 from ssl_train.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -67,6 +78,15 @@ class Holder:
     expires: float
     generation: int
     released: bool = False
+    # the run dir's commits, carried from holder to holder: the committed checkpoints'
+    # directory names, oldest first (None: never recorded, a run dir of an older
+    # version; ssl_train.checkpoint then lists them), and a finished stage's summary
+    checkpoints: list[str] | None = None
+    finished: dict | None = None
+    # the holder's lease period: a taker waits out the holder's, not its own (a shorter
+    # one would take a lease renewed at the holder's slower pace); None in leases of
+    # older versions, which count as the default period
+    seconds: float | None = None
 
     def describe(self) -> str:
         return (
@@ -142,19 +162,22 @@ class RunDirLease:
         """
         self.check_store()
         watched: str | None = None
-        give_up = time.monotonic() + (patience_s if patience_s is not None else 3 * self.seconds)
+        began = time.monotonic()
         while True:
-            found = read_versioned(self.url)
-            now = self.clock()
+            found = read_stamped(self.url)
             if found is None:
-                if self._write(None, generation=1, since=now):
+                if self._write(None, None):
                     return
                 continue
-            data, version = found
-            holder = _parse(data, self.url)
-            takeable = holder.released or holder.job == self.job or now > holder.expires
+            version = found.version
+            holder = _parse(found.data, self.url)
+            # expiry by the store's clock: the lease object's age since its last renewal,
+            # against the holder's period
+            age = found.age_s
+            period = holder.seconds or max(self.seconds, DEFAULT_LEASE_SECONDS)
+            takeable = holder.released or holder.job == self.job or age > period
             if takeable:
-                if self._write(version, generation=holder.generation + 1, since=now):
+                if self._write(version, holder):
                     if not holder.released and holder.job != self.job:
                         log.warning(
                             "took over the run dir's expired lease from %s", holder.describe()
@@ -163,7 +186,8 @@ class RunDirLease:
                 continue
             if watched is not None and version != watched:
                 raise LeaseHeld(self._held_message(holder))
-            if time.monotonic() > give_up:
+            patience = patience_s if patience_s is not None else 3 * max(period, self.seconds)
+            if time.monotonic() - began > patience:
                 raise LeaseHeld(self._held_message(holder))
             if watched is None:
                 log.info(
@@ -171,7 +195,7 @@ class RunDirLease:
                     holder.describe(),
                 )
             watched = version
-            time.sleep(min(max(holder.expires - now, 0.0) + 0.05, self.seconds / 8))
+            time.sleep(min(max(period - age, 0.0) + 0.05, self.seconds / 8))
 
     def check_store(self) -> None:
         """Refuse a run dir whose store ignores conditional writes (a second job would
@@ -190,19 +214,25 @@ class RunDirLease:
         return (
             f"{storage.redact(self.url)}: another job is writing this run dir: "
             f"{holder.describe()}. Wait for it to finish or stop it, or use another --run-dir; "
-            f"if that job is gone, its lease expires by itself within {self.seconds:g} s"
+            f"if that job is gone, its lease expires by itself within "
+            f"{holder.seconds or self.seconds:g} s"
         )
 
-    def _write(self, expected: str | None, generation: int, since: float) -> bool:
+    def _write(self, expected: str | None, previous: Holder | None) -> bool:
+        """Take the lease over ``previous`` (None: there is none yet), carrying its
+        commits forward."""
         now = self.clock()
         holder = Holder(
             job=self.job,
             host=socket.gethostname(),
             pid=os.getpid(),
             token=self.token,
-            since=since,
+            since=now,
             expires=now + self.seconds,
-            generation=generation,
+            generation=1 if previous is None else previous.generation + 1,
+            checkpoints=None if previous is None else previous.checkpoints,
+            finished=None if previous is None else previous.finished,
+            seconds=self.seconds,
         )
         version = self._put(holder, expected)
         if version is None:
@@ -237,17 +267,63 @@ class RunDirLease:
                     self._lose(f"could not renew it for {self.seconds / 2:g} s ({exc})")
                 return
             if version is None:
-                found = read_versioned(self.url)
-                other = _parse(found[0], self.url).describe() if found else "nobody (deleted)"
-                self._lose(f"it was taken over by {other}")
+                self._lose(f"it was taken over by {self._current_holder()}")
                 return
             self.version, self.holder, self._last_renewal = version, holder, time.monotonic()
+
+    @property
+    def generation(self) -> int:
+        """This holder's generation: one more than the holder it took the lease from."""
+        if self.holder is None:
+            raise LeaseLost(f"{storage.redact(self.url)}: this process holds no lease")
+        return self.holder.generation
+
+    def checkpoints(self) -> list[str] | None:
+        """The committed checkpoints' directory names as this holder last recorded them
+        (None: never recorded in this run dir)."""
+        if self.holder is None:
+            raise LeaseLost(f"{storage.redact(self.url)}: this process holds no lease")
+        return None if self.holder.checkpoints is None else list(self.holder.checkpoints)
+
+    def commit(self, **changes: object) -> None:
+        """Record ``changes`` (``checkpoints=[...]``, ``finished={...}``) in the lease by
+        a compare-and-swap on the version this holder last wrote, renewing it too: the
+        commit takes effect only while this job holds the run dir. A job that lost it
+        meanwhile (however long it was frozen before this call) gets :class:`LeaseLost`
+        naming the job that holds the run dir now, and nothing is recorded.
+
+        Example:
+            >>> lease = RunDirLease("/tmp/ssl-train-lease-commit-doc")
+            >>> lease.acquire(); lease.commit(checkpoints=["step-000000001-g1"])
+            >>> read_head("/tmp/ssl-train-lease-commit-doc").checkpoints
+            ['step-000000001-g1']
+            >>> lease.release()
+        """
+        with self._lock:
+            self.check()
+            holder = replace(self.holder, expires=self.clock() + self.seconds, **changes)
+            version = self._put(holder, self.version)
+            if version is None:
+                self._lose(f"it was taken over by {self._current_holder()}")
+                self.check()
+            self.version, self.holder, self._last_renewal = version, holder, time.monotonic()
+
+    def _current_holder(self) -> str:
+        """Who holds the run dir now, for the message of a job that lost it."""
+        try:
+            found = read_versioned(self.url)
+        except ShardsError as exc:
+            return f"another job (the lease could not be read: {exc})"
+        return _parse(found[0], self.url).describe() if found else "nobody (deleted)"
 
     def check(self) -> None:
         """Raise :class:`LeaseLost` unless this process still holds the lease; called
         before every write, so a job that lost it writes nothing more."""
         if self.lost is None and time.monotonic() - self._last_renewal > self.seconds / 2:
-            self._lose(f"not renewed for {self.seconds / 2:g} s")
+            self._lose(
+                f"not renewed for {self.seconds / 2:g} s; the run dir's lease now names "
+                f"{self._current_holder()}"
+            )
         if self.lost is not None:
             raise LeaseLost(
                 f"{storage.redact(self.url)}: this job lost the run dir's lease ({self.lost}); "
@@ -266,14 +342,6 @@ class RunDirLease:
         """Renew now and check: the step right before committing a checkpoint."""
         self.renew()
         self.check()
-
-    def guard(self, commit: bool) -> None:
-        """The checkpoint store's hook: a check before it writes or deletes, and a
-        renewal right before it commits (one small request per checkpoint)."""
-        if commit:
-            self.confirm()
-        else:
-            self.check()
 
     def _lose(self, why: str) -> None:
         if self.lost is None:
@@ -305,6 +373,18 @@ class RunDirLease:
                     self.holder = None
             except ShardsError as exc:
                 log.warning("could not release the run dir's lease (it expires by itself): %s", exc)
+
+
+def read_head(run_dir: str) -> Holder | None:
+    """What the run dir's lease records (holder and commits), for a reader that holds
+    no lease (a check before training, ``ssl-train eval``); None when it has none.
+
+    Example:
+        >>> read_head("/tmp/no-such-run-dir") is None
+        True
+    """
+    found = read_versioned(storage.join(run_dir, LEASE_FILE))
+    return None if found is None else _parse(found[0], storage.join(run_dir, LEASE_FILE))
 
 
 def _parse(data: bytes, url: str) -> Holder:

@@ -379,28 +379,43 @@ def test_async_copies_cuda_tensors_to_the_host(tmp_path: Path) -> None:
     assert torch.equal(torch.rand(3, device="cuda"), first)
 
 
-def test_a_guard_that_refuses_stops_the_save_before_its_commit(tmp_path: Path) -> None:
-    """The run dir's lease guards every save: refused at the commit, the checkpoint stays
-    incomplete (a resume never picks it), and the background writer raises the refusal
-    itself rather than a storage error."""
+def test_a_fence_that_refuses_leaves_the_save_uncommitted(tmp_path: Path) -> None:
+    """The run dir's lease fences every save: a check before writing, and the commit is
+    the fence's own (a compare-and-swap). Refused there, the checkpoint stays uncommitted
+    (a resume never picks it, although its COMPLETE.json was written), and the
+    background writer raises the refusal itself rather than a storage error."""
     from ssl_train.lease import LeaseLost
 
-    calls: list[bool] = []
+    class Fence:
+        generation = 4
 
-    def guard(commit: bool) -> None:
-        calls.append(commit)
-        if commit and len(calls) > 2:
-            raise LeaseLost("taken over")
+        def __init__(self) -> None:
+            self.recorded: list[str] | None = None
+            self.calls: list[str] = []
 
-    store = CheckpointStore(str(tmp_path), guard=guard)
+        def check(self) -> None:
+            self.calls.append("check")
+
+        def checkpoints(self) -> list[str] | None:
+            return self.recorded
+
+        def commit(self, checkpoints: list[str]) -> None:
+            self.calls.append("commit")
+            if self.recorded is not None:
+                raise LeaseLost("taken over")
+            self.recorded = checkpoints
+
+    fence = Fence()
+    store = CheckpointStore(str(tmp_path), fence=fence)
     store.save(1, {"w": torch.zeros(2)})
-    assert calls == [False, True, False]  # before writing, before the commit, before pruning
+    assert fence.calls == ["check", "commit"] and fence.recorded == ["step-000000001-g4"]
     with AsyncCheckpointer(store) as saver:
         saver.save(2, {"w": torch.ones(2)})
         with pytest.raises(LeaseLost, match="taken over"):
             saver.wait()
-    assert store.steps() == [1]
-    assert not (tmp_path / "checkpoints" / "step-000000002" / "COMPLETE.json").exists()
+    assert store.steps() == [1] and fence.recorded == ["step-000000001-g4"]
+    assert (tmp_path / "checkpoints" / "step-000000002-g4" / "COMPLETE.json").exists()
+    assert CheckpointStore(str(tmp_path), fence=fence).load()["w"].tolist() == [0.0, 0.0]
 
 
 def test_a_large_checkpoint_goes_up_in_parallel_parts(

@@ -77,3 +77,39 @@ def test_a_stage_refuses_such_a_run_dir_in_one_line_unless_declared_single_write
     assert "--single-writer-store: s3://" in allowed.stderr
     assert "is not checked for conditional writes" in allowed.stderr
     assert "finished: 1 steps" in allowed.stdout + allowed.stderr
+
+
+MOUNTS = """\
+/dev/sda1 / ext4 rw,relatime 0 0
+filer:/export /shared nfs4 rw,vers=4.2,local_lock=none 0 0
+filer:/old /shared/old nfs rw,vers=3,local_lock=all 0 0
+bucket /shared/bucket fuse.s3fs rw,nosuid 0 0
+mgs@tcp:/fs /lustre lustre rw,localflock 0 0
+mgs@tcp:/fs /lustre2 lustre rw,flock 0 0
+"""
+
+
+@pytest.mark.parametrize(
+    ("folder", "refused_for"),
+    [
+        ("/home/me/runs/a", None),  # a local disk: one machine is all there is
+        ("/shared/runs/a", None),  # NFS whose locks reach the server
+        ("/lustre2/runs/a", None),
+        ("/shared/old/runs/a", "mounted with local_lock=all"),  # the deeper mount decides
+        ("/shared/bucket/runs/a", "an object store or other FUSE mount"),
+        ("/lustre/runs/a", "mounted without -o flock"),
+    ],
+)
+def test_a_run_dir_on_a_mount_whose_locks_stay_on_one_host_is_refused(
+    folder: str, refused_for: str | None
+) -> None:
+    from shards.versioned import check_lock_scope
+
+    if refused_for is None:
+        check_lock_scope(folder, MOUNTS)
+        return
+    with pytest.raises(ConditionalWritesIgnored) as refused:
+        check_lock_scope(folder, MOUNTS)
+    message = str(refused.value)
+    assert message.startswith(folder) and refused_for in message and "\n" not in message
+    assert "s3:// URL" in message and "--single-writer-store" in message

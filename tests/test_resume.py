@@ -283,7 +283,9 @@ def test_killed_while_writing_a_checkpoint_resumes_from_the_previous_one(
     run_dir = f"{s3_bucket.url}/runs/pretrain"
     args = pretrain_args(tiny_shards.train, run_dir, "--checkpoint-every-steps", "4", *CALM)
     env = dict(s3_bucket.env)
-    with FlakyProxy(env["AWS_ENDPOINT_URL"], hold_writes=["step-000000008/COMPLETE.json"]) as proxy:
+    with FlakyProxy(
+        env["AWS_ENDPOINT_URL"], hold_writes=["step-000000008-g1/COMPLETE.json"]
+    ) as proxy:
         job = start(
             command("pretrain", *args),
             tmp_path / "log",
@@ -297,8 +299,8 @@ def test_killed_while_writing_a_checkpoint_resumes_from_the_previous_one(
         Bucket=s3_bucket.name, Prefix="runs/pretrain/checkpoints/"
     )
     names = {obj["Key"].split("checkpoints/")[1] for obj in listing["Contents"]}
-    assert "step-000000008/tensors.safetensors" in names  # the interrupted checkpoint's data...
-    assert "step-000000008/COMPLETE.json" not in names  # ...without its marker
+    assert "step-000000008-g1/tensors.safetensors" in names  # the interrupted checkpoint's data...
+    assert "step-000000008-g1/COMPLETE.json" not in names  # ...without its marker
     # the killed job's lease stays until it expires; then the new one takes it over
     lease = json.loads(read_bytes(join(run_dir, LEASE_FILE)))
     assert not lease["released"] and lease["pid"] == job.proc.pid

@@ -328,7 +328,7 @@ def test_a_crafted_pickle_checkpoint_is_refused_without_running_it(
         def __reduce__(self):
             return (os.system, (f"touch {marker}",))
 
-    checkpoint = tmp_path / "run" / "checkpoints" / "step-000000002"
+    checkpoint = tmp_path / "run" / "checkpoints" / "step-000000002-g1"
     crafted = pickle.dumps({"model": Payload()})
     (checkpoint / "tensors.safetensors").write_bytes(crafted)
     complete = json.loads((checkpoint / "COMPLETE.json").read_text())  # vouch for it, as an

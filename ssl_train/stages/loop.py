@@ -378,6 +378,9 @@ class Trainer:
                     json.dumps(config.to_dict(), indent=2).encode() + b"\n",
                 )
             self.resume()
+            published = self._finish_committed()
+            if published is not None:
+                return published
             if config.trace_samples and runtime.is_main:
                 dropped = trace.rewind(config.trace_samples, self.step)
                 if dropped:
@@ -427,7 +430,7 @@ class Trainer:
             try:
                 lease.acquire()
                 self.lease = lease
-                self.store.guard = lease.guard
+                self.store.fence = lease
             except Exception as exc:  # storage errors too: the other ranks must not wait
                 failure = exc
         (refused,) = _agree([failure is not None], self.runtime)
@@ -667,35 +670,55 @@ class Trainer:
                 self.scalars.write_through(self.step)
         if runtime.is_main:
             if self.lease is not None:
-                self.lease.confirm()
-            result = summary.get("eval")
-            progress.say(
-                config.stage,
-                f"finished: {self.step} steps"
-                + (
-                    f"; top-1 {result['top1']:.4f}, top-5 {result['top5']:.4f} on "
-                    f"{result['samples']} samples of {storage.redact(config.eval_data)}"
-                    if result
-                    else ""
-                )
-                + f"; model in {storage.redact(final_url(config.run_dir))}",
-            )
-            about = {
-                "stage": config.stage,
-                "image_size": config.image_size,
-                "classes": self.classes,
-            }
-            save_model(
-                self.trained.state_dict(),
-                {**self.task.model_config, **about},
-                final_url(config.run_dir),
-            )
-            storage.write_bytes_atomic(
-                summary_url(config.run_dir),
-                json.dumps(summary, indent=2).encode() + b"\n",
-            )
+                # the commit of the finished stage: only while this job holds the run dir;
+                # after it, whichever job writes final/ writes the same bytes
+                self.lease.commit(finished=summary)
+            self._publish(summary)
         _barrier(runtime)
         return summary
+
+    def _publish(self, summary: dict[str, Any]) -> None:
+        """Write the finished stage's model to ``final/``, then its summary (rank 0): what
+        the next stage and ``read_summary`` look for, once the finish is committed."""
+        config = self.config
+        result = summary.get("eval")
+        progress.say(
+            config.stage,
+            f"finished: {self.step} steps"
+            + (
+                f"; top-1 {result['top1']:.4f}, top-5 {result['top5']:.4f} on "
+                f"{result['samples']} samples of {storage.redact(config.eval_data)}"
+                if result
+                else ""
+            )
+            + f"; model in {storage.redact(final_url(config.run_dir))}",
+        )
+        about = {"stage": config.stage, "image_size": config.image_size, "classes": self.classes}
+        save_model(
+            self.trained.state_dict(),
+            {**self.task.model_config, **about},
+            final_url(config.run_dir),
+        )
+        storage.write_bytes_atomic(
+            summary_url(config.run_dir), json.dumps(summary, indent=2).encode() + b"\n"
+        )
+
+    def _finish_committed(self) -> dict[str, Any] | None:
+        """The summary of a finish this run dir's lease records although ``final/`` or
+        the summary were not written (the job that committed it stopped or was frozen
+        right after): written again from the final checkpoint just loaded, the same
+        bytes. None when no finish is recorded. Every rank learns which."""
+        recorded = None
+        if self.lease is not None and self.lease.holder is not None:
+            recorded = self.lease.holder.finished
+        (committed,) = _agree([recorded is not None], self.runtime)
+        if not committed:
+            return None
+        if self.runtime.is_main and recorded is not None:
+            self.trained.eval()
+            self._publish(recorded)
+        _barrier(self.runtime)
+        return recorded if recorded is not None else {"finished": True, "steps": self.step}
 
 
 def in_run_layout(images: torch.Tensor, config: StageConfig) -> torch.Tensor:
