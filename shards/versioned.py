@@ -19,6 +19,7 @@ import errno
 import fcntl
 import hashlib
 import os
+import re
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -195,6 +196,41 @@ class ConditionalWritesIgnored(ShardsError):
     """The store wrote what a condition should have refused: it cannot fence writers."""
 
 
+# The first releases that send the conditions on a PUT: s3fs's pipe_file(mode="create")
+# (If-None-Match: *), and botocore's PutObject IfMatch (s3fs silently drops a keyword
+# botocore does not know). pyproject.toml declares the same floor.
+CLIENT_FLOOR = {"s3fs": (2024, 12, 0), "botocore": (1, 35, 69)}
+
+
+def check_client_floor(url: str, versions: dict[str, str] | None = None) -> None:
+    """Refuse an S3 client too old to send the conditional headers: it would make a
+    store that honours them look as if it did not, or worse, a probe could pass on one
+    request kind while another goes out unconditional. ``versions``: name to version
+    string, for tests (default: the installed ones).
+
+    Example:
+        >>> check_client_floor("s3://b/run", {"s3fs": "2024.12.0", "botocore": "1.35.74"})
+        >>> check_client_floor("s3://b/run", {"s3fs": "2024.10.0", "botocore": "1.35.74"})
+        Traceback (most recent call last):
+        shards.versioned.ConditionalWritesIgnored: s3://b/run: s3fs 2024.10.0 ...
+    """
+    from importlib.metadata import PackageNotFoundError, version
+
+    for name, floor in CLIENT_FLOOR.items():
+        try:
+            found = versions[name] if versions is not None else version(name)
+        except (KeyError, PackageNotFoundError):
+            continue
+        numbers = tuple(int(part) for part in re.findall(r"\d+", found)[:3])
+        if numbers < floor:
+            raise ConditionalWritesIgnored(
+                f"{storage.redact(url)}: {name} {found} is installed, older than "
+                f"{'.'.join(map(str, floor))}, the first that sends the conditional "
+                "headers the run dir's lease relies on (it drops them without a word); "
+                f"upgrade it: pip install '{name}>={'.'.join(map(str, floor))}'"
+            )
+
+
 def check_conditional_writes(folder_url: str) -> None:
     """Make sure the store at ``folder_url`` honours the two conditions every lease and
     commit rely on, by trying them on a probe object of its own: a create-if-absent of a
@@ -210,6 +246,8 @@ def check_conditional_writes(folder_url: str) -> None:
     """
     if storage.is_local(folder_url):
         check_lock_scope(storage.filesystem(folder_url)[1])
+    else:
+        check_client_floor(folder_url)
     probe = storage.join(folder_url, f".conditional-write-probe-{uuid.uuid4().hex}")
     where = storage.redact(folder_url)
     try:

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent
 FLOOR_SITE = ROOT / ".venv-floor" / "site"
 FLOOR_FILE = ROOT / "tests" / "floor_env.txt"
 
-pytestmark = pytest.mark.skipif(
+needs_floor_env = pytest.mark.skipif(
     not (ROOT / ".venv-floor" / ".installed").exists(),
     reason=f"{FLOOR_SITE} is missing: run `make floor-env` (the oldest storage stack) first",
 )
@@ -58,6 +58,7 @@ def _pins() -> dict[str, str]:
     return dict(line.split("==") for line in lines if line)
 
 
+@needs_floor_env
 def test_the_floor_versions_send_the_conditional_headers(s3_bucket) -> None:
     pins = _pins()
     env = {
@@ -89,3 +90,8 @@ def test_the_floor_is_what_pyproject_declares() -> None:
     assert pins["s3fs"] == declared["s3fs"] and pins["fsspec"] == declared["fsspec"]
     botocore = [int(part) for part in pins["botocore"].split(".")]
     assert [int(part) for part in declared["botocore"].split(".")] <= botocore
+    # and the client check before the first write (shards.versioned) refuses below it
+    from shards.versioned import CLIENT_FLOOR
+
+    for name in ("s3fs", "botocore"):
+        assert ".".join(map(str, CLIENT_FLOOR[name])) == declared[name]
