@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -158,15 +159,25 @@ def trace(path: Path) -> list[dict]:
 
 def wait_for_step(path: Path, step: int, run: Run, timeout: float = 90) -> None:
     """Until the trace shows global step ``step`` done (or fail, with the run's output)."""
+
+    def done() -> bool:
+        return any(line["global_step"] >= step for line in trace(path))
+
+    wait_until(done, run, f"step {step}", timeout)
+
+
+def wait_until(holds: Callable[[], bool], run: Run, what: str, timeout: float = 90) -> None:
+    """Until ``holds()``; fail, with the run's output, if the run ends first or ``what``
+    has not happened within ``timeout`` seconds (the run is then killed)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if any(line["global_step"] >= step for line in trace(path)):
+        if holds():
             return
         if run.proc.poll() is not None:
-            raise AssertionError(f"run ended before step {step}:\n{run.output()[-3000:]}")
+            raise AssertionError(f"run ended before {what}:\n{run.output()[-3000:]}")
         time.sleep(0.05)
     run.kill()
-    raise AssertionError(f"no step {step} within {timeout}s:\n{run.output()[-3000:]}")
+    raise AssertionError(f"no {what} within {timeout}s:\n{run.output()[-3000:]}")
 
 
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:

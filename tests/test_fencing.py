@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import time
 from pathlib import Path
 
 import pytest
@@ -22,6 +21,7 @@ from stage_runs import (
     run,
     start,
     wait_for_step,
+    wait_until,
 )
 
 from shards import storage
@@ -57,17 +57,10 @@ def uninterrupted(tiny_shards: TinyShards, tmp_path_factory: pytest.TempPathFact
     return final_weights(run_dir)
 
 
-def _stopped(job: Run, timeout: float = 60) -> None:
+def _stopped(job: Run) -> None:
     """Until the job's process is stopped (it froze itself at the commit hook)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if Path(f"/proc/{job.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T":
-            return
-        if job.proc.poll() is not None:
-            raise AssertionError(f"the job ended instead of freezing:\n{job.output()[-3000:]}")
-        time.sleep(0.05)
-    job.kill()
-    raise AssertionError(f"the job never froze:\n{job.output()[-3000:]}")
+    stat = Path(f"/proc/{job.proc.pid}/stat")
+    wait_until(lambda: stat.read_text().rsplit(")", 1)[1].split()[0] == "T", job, "the freeze")
 
 
 def _snapshot(run_dir: str) -> dict[str, str]:
