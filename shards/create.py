@@ -415,7 +415,9 @@ def create(opts: CreateOptions, log=print) -> Manifest:
     if opts.shard_bytes is not None and opts.shard_bytes < 1024:
         raise ShardsError("--shard-bytes must be at least 1 KiB")
     storage.check_reachable(opts.dest, for_writing=True)
-    source = open_source(opts.src, opts.layout, opts.labels, opts.synsets, opts.classes)
+    source = open_source(
+        opts.src, opts.layout, opts.labels, opts.synsets, opts.classes, index_dir=opts.dest
+    )
     parameters = opts.parameters(source.layout)
 
     existing = _existing_manifest(opts.dest)

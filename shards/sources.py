@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from shards import storage
+from shards.archives import read_member
 from shards.errors import ShardsError
 from shards.labels_file import is_imagenet_val_labels, read_labels, read_text
 from shards.tree import Tree, list_tree, sample_key
@@ -44,11 +45,14 @@ class SourceItem:
     root: str | None
     size: int
     data: bytes | None = None
+    offset: int | None = None  # where its bytes start in the archive ``root`` names
 
     @property
     def location(self) -> str:
-        """Where to read it: a path or a URL."""
+        """Where to read it: a path or a URL (the archive's, for a file inside one)."""
         assert self.root is not None
+        if self.offset is not None:
+            return self.root
         return storage.join(self.root, *self.name.split("/"))
 
     @property
@@ -60,6 +64,8 @@ class SourceItem:
     def read(self) -> bytes:
         if self.data is not None:
             return self.data
+        if self.offset is not None:
+            return read_member(self.location, self.offset, self.size)
         if self.is_local:
             with open(self.location, "rb") as f:
                 return f.read()
@@ -139,8 +145,8 @@ def _examples(names: list[str], count: int = 3) -> str:
 def _empty_class_folders(tree: Tree, folders: set[str]) -> list[str]:
     """First-level folders of a local SRC that hold no image (an object store has no
     empty folders to find)."""
-    if not storage.is_local(tree.root) or "://" in tree.root:
-        return []
+    if not storage.is_local(tree.root) or "://" in tree.root or tree.offsets is not None:
+        return []  # an object store or an archive: no folders without files
     with os.scandir(tree.root) as entries:
         return sorted(
             e.name
@@ -186,7 +192,7 @@ def list_class_folders(tree: Tree, layout: str, classes: list[str] | None) -> So
     index = _class_index(folders, classes, "pass the full list with --classes")
     items: list[SourceItem] = []
     nested: list[str] = []
-    for name, size in tree.images:
+    for position, (name, size) in enumerate(tree.images):
         folder = name.split("/", 1)[0]
         if name.count("/") > 1:
             nested.append(name)
@@ -195,7 +201,8 @@ def list_class_folders(tree: Tree, layout: str, classes: list[str] | None) -> So
             if layout == "imagenet-train"
             else os.path.splitext(name)[0].replace(".", "_")
         )
-        items.append(SourceItem(key, index[folder], name, tree.root, size))
+        offset = tree.offset(position)
+        items.append(SourceItem(key, index[folder], name, tree.root, size, offset=offset))
     notes = []
     if nested:
         notes.append(
@@ -225,7 +232,8 @@ def list_images(
         )
     if labels is None:
         items = [
-            SourceItem(sample_key(name), None, name, tree.root, size) for name, size in tree.images
+            SourceItem(sample_key(name), None, name, tree.root, size, offset=tree.offset(i))
+            for i, (name, size) in enumerate(tree.images)
         ]
         return Source("images", None, items)
     class_of = read_labels(labels, labels_text)
@@ -234,13 +242,14 @@ def list_images(
     )
     items = []
     matched: set[str] = set()
-    for name, size in tree.images:
+    for position, (name, size) in enumerate(tree.images):
         key = sample_key(name)
         entry = name if name in class_of else key if key in class_of else None
         if entry is None:
             continue
         matched.add(entry)
-        items.append(SourceItem(key, index[class_of[entry]], name, tree.root, size))
+        offset = tree.offset(position)
+        items.append(SourceItem(key, index[class_of[entry]], name, tree.root, size, offset=offset))
     missing = sorted(set(class_of) - matched)
     if missing:
         raise ShardsError(
@@ -332,12 +341,13 @@ def list_imagenet_val(
     index = _class_index(sorted(set(wnid_of.values())), classes, "pass the train set's --classes")
     items: list[SourceItem] = []
     refused: list[dict[str, str]] = []
-    for name, size in tree.images:
+    for position, (name, size) in enumerate(tree.images):
         stem = _stem(name)
         if stem not in wnid_of:
             refused.append({"file": name, "reason": f"no label in {os.path.basename(labels)}"})
             continue
-        items.append(SourceItem(stem, index[wnid_of[stem]], name, tree.root, size))
+        offset = tree.offset(position)
+        items.append(SourceItem(stem, index[wnid_of[stem]], name, tree.root, size, offset=offset))
     return Source(layout="imagenet-val", classes=list(classes), items=items, refused=refused)
 
 
@@ -434,9 +444,11 @@ def open_source(
     labels: str | None = None,
     synsets: str | None = None,
     classes: str | None = None,
+    index_dir: str | None = None,
 ) -> Source:
-    """List the dataset at ``src`` (a folder, an ``s3://`` prefix or ``mnist5k:SPLIT``)
-    in the given (or detected) layout.
+    """List the dataset at ``src`` (a folder, an ``s3://`` prefix, a tar archive, or
+    ``mnist5k:SPLIT``) in the given (or detected) layout; an archive's index is kept in
+    ``index_dir`` (``shards create``: DEST).
 
     Example:
         >>> open_source("mnist5k:test").layout
@@ -466,7 +478,7 @@ def open_source(
             f"--labels {storage.redact(labels or '')} is ImageNet's validation ground truth: "
             "use --layout imagenet-val"
         )
-    tree = list_tree(src)
+    tree = list_tree(src, index_dir)
     layout = layout or detect_layout(tree, labels_kind)
     class_list = load_classes(classes)
     if layout == "imagenet-val":
@@ -481,6 +493,7 @@ def open_source(
     ignored = tree.ignored_note()
     if ignored:
         source.notes.insert(0, ignored)
+    source.refused[:0] = tree.refused or []
     return source
 
 

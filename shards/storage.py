@@ -681,10 +681,17 @@ def list_files(url: str) -> list[tuple[str, int]]:
         raise explain(exc, url) from None
     if not found and not with_retries(lambda: fs.exists(path), url):
         raise ShardsError(f"{redact(url)}: nothing is there; check the URL")
-    return sorted(item for item in found if not _in_hidden_folder(item[0]))
+    return sorted(item for item in found if not in_hidden_folder(item[0]))
 
 
-def _in_hidden_folder(name: str) -> bool:
+def in_hidden_folder(name: str) -> bool:
+    """Whether a relative path lies in a hidden folder (one whose name starts with ``.``),
+    which listings do not enter.
+
+    Example:
+        >>> in_hidden_folder(".git/config"), in_hidden_folder("a/.hidden.jpg")
+        (True, False)
+    """
     return any(part.startswith(".") for part in name.split("/")[:-1])
 
 

@@ -9,9 +9,11 @@ in silence.
 from __future__ import annotations
 
 import os
+from array import array
 from dataclasses import dataclass
 
 from shards import storage
+from shards.archives import is_archive, list_archive
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".jpe", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
@@ -19,11 +21,20 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".jpe", ".png", ".bmp", ".gif", ".webp", ".ti
 @dataclass
 class Tree:
     """The files below ``root``: ``images`` as (relative path, size), sorted by path;
-    ``others`` the relative paths of files whose names are not image names."""
+    ``others`` the relative paths of files whose names are not image names. ``root``
+    may be a tar archive (``shards.archives``): the paths are then those the files would
+    have once extracted, ``offsets[i]`` is where image ``i``'s bytes start in it, and
+    ``refused`` names what of it could not be read."""
 
     root: str
     images: list[tuple[str, int]]
     others: list[str]
+    offsets: array | None = None
+    refused: list[dict[str, str]] | None = None
+
+    def offset(self, position: int) -> int | None:
+        """Where image ``position``'s bytes lie in the archive; None in a folder tree."""
+        return None if self.offsets is None else self.offsets[position]
 
     def depths(self) -> set[int]:
         """How many folders deep the images lie (0: directly in the root)."""
@@ -51,14 +62,17 @@ def is_image_name(name: str) -> bool:
     return not base.startswith(".") and os.path.splitext(base)[1].lower() in IMAGE_SUFFIXES
 
 
-def list_tree(src: str) -> Tree:
-    """List every file below ``src`` (a folder or a URL such as ``s3://bucket/photos``).
+def list_tree(src: str, index_dir: str | None = None) -> Tree:
+    """List every file below ``src`` (a folder or a URL such as ``s3://bucket/photos``),
+    or in the tar archive ``src`` names (its index kept in ``index_dir``).
 
     Example:
         >>> tree = list_tree("/data/photos")  # doctest: +SKIP
         >>> tree.images[:2]  # doctest: +SKIP
         [('2024/home/0001.jpg', 183202), ('2024/trip/0001.jpg', 201931)]
     """
+    if is_archive(src):
+        return _archive_tree(src, index_dir)
     images: list[tuple[str, int]] = []
     others: list[str] = []
     for name, size in storage.list_files(src):
@@ -67,6 +81,28 @@ def list_tree(src: str) -> Tree:
         else:
             others.append(name)
     return Tree(src, images, others)
+
+
+def _archive_tree(src: str, index_dir: str | None) -> Tree:
+    """An archive's files as the folder it would extract to would list them: sorted by
+    path, hidden folders left out, a leading ``./`` dropped."""
+    listing = list_archive(src, index_dir)
+    found = []
+    for position, name in enumerate(listing.names):
+        name = name.removeprefix("./")
+        if name and not storage.in_hidden_folder(name):
+            found.append((name, listing.sizes[position], listing.offsets[position]))
+    found.sort()
+    images: list[tuple[str, int]] = []
+    offsets = array("q")
+    others: list[str] = []
+    for name, size, offset in found:
+        if is_image_name(name):
+            images.append((name, size))
+            offsets.append(offset)
+        else:
+            others.append(name)
+    return Tree(src, images, others, offsets, listing.refused)
 
 
 def sample_key(name: str) -> str:
