@@ -96,6 +96,20 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument(
         "--staging", help="local folder for shards before upload (default: system temp)"
     )
+    create.add_argument(
+        "--nodes",
+        type=_positive_int,
+        default=1,
+        help="machines writing this shard set together, each with the same arguments and "
+        "its own --node-rank (default 1)",
+    )
+    create.add_argument(
+        "--node-rank",
+        type=int,
+        default=0,
+        help="this machine's number, 0 to --nodes minus 1: it writes every --nodes-th shard; "
+        "the last to finish writes the manifest",
+    )
 
     verify = sub.add_parser("verify", help="check every shard against the manifest")
     verify.add_argument("url", metavar="URL")
@@ -204,6 +218,8 @@ def run(argv: list[str] | None = None) -> int:
                 strict=args.strict,
                 full_decode=args.full_decode,
                 staging=args.staging,
+                nodes=args.nodes,
+                node_rank=args.node_rank,
             )
         )
         return 0

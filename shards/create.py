@@ -48,6 +48,7 @@ from shards.manifest import (
 from shards.progress import Progress, human_bytes
 from shards.sources import SourceItem, apply_subset, open_source, read_subset
 from shards.tarformat import TarShardWriter
+from shards.versioned import write_if
 
 DEFAULT_SHARD_BYTES = 256 * 1024**2
 _TAR_OVERHEAD_PER_SAMPLE = 3 * 512  # two headers and padding, for size planning
@@ -72,6 +73,10 @@ class CreateOptions:
     strict: bool = False
     full_decode: bool = False
     staging: str | None = None
+    # several machines, one shard set: each writes the shards numbered node_rank modulo
+    # nodes of the same global plan (not recorded: the set is the one-machine set)
+    nodes: int = 1
+    node_rank: int = 0
 
     def parameters(self, layout: str) -> dict[str, object]:
         return {
@@ -403,8 +408,10 @@ def _unique_keys(items: list[SourceItem]) -> None:
         seen[item.key] = item.name
 
 
-def create(opts: CreateOptions, log=print) -> Manifest:
+def create(opts: CreateOptions, log=print) -> Manifest | None:
     """Make the shard set ``opts.dest`` from ``opts.src``; resume if interrupted before.
+    With ``opts.nodes`` > 1 this machine writes its share of the shards, and the manifest
+    if it finishes last (else it returns None).
 
     Example:
         >>> create(CreateOptions(src="mnist5k:test", dest="/tmp/mnist/test"))  # doctest: +SKIP
@@ -414,6 +421,11 @@ def create(opts: CreateOptions, log=print) -> Manifest:
         raise ShardsError("--shard-samples must be at least 1")
     if opts.shard_bytes is not None and opts.shard_bytes < 1024:
         raise ShardsError("--shard-bytes must be at least 1 KiB")
+    if opts.nodes < 1 or not 0 <= opts.node_rank < opts.nodes:
+        raise ShardsError(
+            f"--node-rank {opts.node_rank} with --nodes {opts.nodes}: give --nodes N (at "
+            "least 1) and a --node-rank from 0 to N-1, a different one on each machine"
+        )
     storage.check_reachable(opts.dest, for_writing=True)
     source = open_source(
         opts.src, opts.layout, opts.labels, opts.synsets, opts.classes, index_dir=opts.dest
@@ -452,16 +464,30 @@ def create(opts: CreateOptions, log=print) -> Manifest:
 
     prefix = opts.shard_prefix(source.layout)
     plans = plan_shards(items, prefix, opts.shard_bytes, opts.shard_samples)
+    own = [plan for plan in plans if plan.number % opts.nodes == opts.node_rank]
     total_bytes = sum(item.size for item in items)
     for note in source.notes:
         log(note)
     labels = f"{len(source.classes)} classes" if source.labeled else "unlabeled"
+    node = f"node {opts.node_rank} of {opts.nodes}: " if opts.nodes > 1 else ""
     log(
-        f"sharding {len(items)} images ({human_bytes(total_bytes)}, {labels}, layout "
+        f"{node}sharding {len(items)} images ({human_bytes(total_bytes)}, {labels}, layout "
         f"{source.layout}) "
-        f"into {len(plans)} shards at {storage.redact(opts.dest)} with {min(opts.workers, len(plans))} workers"
+        + (
+            f"into {len(plans)} shards"
+            if not node
+            else f"into {len(plans)} shards, {len(own)} here,"
+        )
+        + f" at {storage.redact(opts.dest)} with {max(1, min(opts.workers, len(own)))} workers"
     )
-    outcomes = _build_all(plans, opts)
+    mine = _build_all(own, opts)
+    outcomes = mine if opts.nodes == 1 else _all_shards_written(plans, opts.dest, mine)
+    if outcomes is None:
+        log(
+            f"{node}its {len(own)} shards are written; other nodes' are not all there yet, "
+            "and the node that finishes last writes the manifest"
+        )
+        return None
     outcomes.sort(key=lambda o: o.entry.name)
 
     skipped = list(source.refused) + [s for o in outcomes for s in o.skipped]
@@ -483,16 +509,48 @@ def create(opts: CreateOptions, log=print) -> Manifest:
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         creator=f"shards {__version__}",
     )
-    storage.write_bytes_atomic(storage.join(opts.dest, MANIFEST_NAME), manifest.to_json().encode())
+    manifest_url = storage.join(opts.dest, MANIFEST_NAME)
+    if opts.nodes == 1:
+        storage.write_bytes_atomic(manifest_url, manifest.to_json().encode())
+    elif write_if(manifest_url, manifest.to_json().encode(), None) is None:
+        log(f"{node}another node wrote the manifest first (the same shards)")
     _print_report(report, manifest, opts.dest, log)
     return manifest
 
 
-def _remove_stale_temporaries(folder: str) -> None:
-    """Delete temporary files left by a killed run (their writer process is gone)."""
+def _all_shards_written(
+    plans: list[ShardPlan], dest: str, mine: list[ShardOutcome]
+) -> list[ShardOutcome] | None:
+    """Every shard's outcome once every node has written its shards (this node's from
+    its run, the others' read from their index files), else None. One listing of DEST
+    decides; only a node that sees every index reads them. Of the nodes finishing
+    together at least one sees the others' shards, since each looks after publishing
+    its own."""
+    present = {name for name, _ in storage.list_files(dest)}
+    if any(plan.index_name not in present for plan in plans):
+        return None
+    by_name = {outcome.entry.name: outcome for outcome in mine}
+    outcomes = []
+    for plan in plans:
+        outcome = by_name.get(plan.name) or _finished_outcome(plan, dest)
+        if outcome is None:  # its index names another plan: a node with other options
+            raise ShardsError(
+                f"{storage.redact(storage.join(dest, plan.index_name))} was written for another "
+                "plan: every node must be given the same SRC, options and --nodes"
+            )
+        if plan.name not in by_name:
+            outcome.resumed = False  # another node's run wrote it, not an earlier one
+        outcomes.append(outcome)
+    return outcomes
+
+
+def _remove_stale_temporaries(folder: str, plans: list[ShardPlan]) -> None:
+    """Delete temporary files of these shards left by a killed run (their writer process
+    is gone); other nodes' shards' are theirs to judge (their pids are another host's)."""
+    ours = {f".{plan.name}" for plan in plans}
     for name in os.listdir(folder):
         pid = name.rsplit(".tmp-", 1)[1] if ".tmp-" in name else ""
-        if not pid.isdigit():
+        if not pid.isdigit() or name.rsplit(".tmp-", 1)[0] not in ours:
             continue
         try:
             os.kill(int(pid), 0)
@@ -508,8 +566,9 @@ def _build_all(plans: list[ShardPlan], opts: CreateOptions) -> list[ShardOutcome
         staging = tempfile.mkdtemp(prefix="shards-staging-", dir=opts.staging)
     else:
         staging = storage.filesystem(opts.dest)[1]
-        _remove_stale_temporaries(staging)
-    progress = Progress("shards create", total=len(plans))
+        _remove_stale_temporaries(staging, plans)
+    node = f"node {opts.node_rank}/{opts.nodes}" if opts.nodes > 1 else None
+    progress = Progress("shards create", total=len(plans), node=node)
     outcomes: list[ShardOutcome] = []
     try:
         for outcome in _run_plans(plans, opts, staging):

@@ -36,12 +36,20 @@ class Progress:
         >>> p.close()
     """
 
-    def __init__(self, what: str, total: int, stream: TextIO | None = None, every_s: float = 10.0):
-        self.what, self.total, self.every_s = what, total, every_s
+    def __init__(
+        self,
+        what: str,
+        total: int,
+        stream: TextIO | None = None,
+        every_s: float = 10.0,
+        node: str | None = None,
+    ):
+        self.total, self.every_s = total, every_s
+        self.what = f"{what} {node}" if node else what
         self.stream = stream if stream is not None else sys.stderr
         self.done = self.samples = self.nbytes = 0
         self.started = self._last_line = time.monotonic()
-        self.metrics = progress_metrics.for_command(what)
+        self.metrics = progress_metrics.for_command(what, node)
         if self.metrics is not None:
             self.metrics.update(0, total, 0, 0)
         self._bar = (
@@ -71,10 +79,13 @@ class Progress:
         now = time.monotonic()
         if now - self._last_line >= self.every_s or self.done == self.total:
             self._last_line = now
-            rate = self.nbytes / max(now - self.started, 1e-9)
+            elapsed = max(now - self.started, 1e-9)
+            rate = self.nbytes / elapsed
+            left = elapsed / self.done * (self.total - self.done)
             print(
                 f"{self.what}: {self.done}/{self.total} shards, {self.samples} samples, "
-                f"{human_bytes(self.nbytes)} ({human_bytes(rate)}/s)",
+                f"{human_bytes(self.nbytes)} ({human_bytes(rate)}/s)"
+                + (f", ETA {_clock(left)}" if self.done < self.total else ""),
                 file=self.stream,
                 flush=True,
             )
@@ -84,3 +95,14 @@ class Progress:
             self.metrics.close()
         if self._bar is not None:
             self._bar.close()
+
+
+def _clock(seconds: float) -> str:
+    """A duration as H:MM:SS.
+
+    Example:
+        >>> _clock(3725.4)
+        '1:02:05'
+    """
+    whole = round(seconds)
+    return f"{whole // 3600}:{whole % 3600 // 60:02d}:{whole % 60:02d}"

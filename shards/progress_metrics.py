@@ -2,7 +2,9 @@
 runs (``--metrics-port``), and/or pushed to a Pushgateway (``--pushgateway URL``) every
 few seconds and once at the end, for runs too short-lived or too firewalled to scrape.
 
-Gauges carry a ``command`` label (create, copy, verify); no URL or credential does.
+Gauges carry a ``command`` label (create, copy, verify) and a ``node`` label (``2/8``
+for one of several machines writing one shard set, else empty); no URL or credential
+does.
 """
 
 from __future__ import annotations
@@ -26,15 +28,19 @@ class ProgressMetrics:
         >>> metrics.close()
     """
 
-    def __init__(self, command: str, port: int | None, pushgateway: str | None) -> None:
+    def __init__(
+        self, command: str, port: int | None, pushgateway: str | None, node: str | None = None
+    ) -> None:
         from prometheus_client import CollectorRegistry, Gauge, start_http_server
 
-        self.command, self.pushgateway = command, pushgateway
+        self.command, self.pushgateway, self.node = command, pushgateway, node or ""
         self.registry = CollectorRegistry()
-        labels = ["command"]
+        labels = ["command", "node"]
 
         def gauge(name: str, text: str):
-            return Gauge(name, text, labels, registry=self.registry).labels(command=command)
+            return Gauge(name, text, labels, registry=self.registry).labels(
+                command=command, node=self.node
+            )
 
         self.shards_done = gauge("shards_progress_shards_done", "Shards finished so far.")
         self.shards_total = gauge("shards_progress_shards", "Shards this command handles.")
@@ -66,7 +72,11 @@ class ProgressMetrics:
             push_to_gateway(
                 self.pushgateway,
                 job="shards",
-                grouping_key={"command": self.command, "instance": socket.gethostname()},
+                grouping_key={
+                    "command": self.command,
+                    "instance": socket.gethostname(),
+                    **({"node": self.node.replace("/", "-of-")} if self.node else {}),
+                },
                 registry=self.registry,
                 timeout=5,
             )
@@ -88,9 +98,9 @@ def configure(port: int | None, pushgateway: str | None) -> None:
         _settings["pushgateway"] = pushgateway
 
 
-def for_command(what: str) -> ProgressMetrics | None:
+def for_command(what: str, node: str | None = None) -> ProgressMetrics | None:
     """The exporter of a command (``shards create`` -> label ``create``), if configured."""
     port, gateway = _settings["port"], _settings["pushgateway"]
     if not port and not gateway:
         return None
-    return ProgressMetrics(what.split()[-1], port, gateway)  # type: ignore[arg-type]
+    return ProgressMetrics(what.split()[-1], port, gateway, node)  # type: ignore[arg-type]
