@@ -31,6 +31,7 @@ from concurrent.futures import (
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from itertools import pairwise
 
 from shards import __version__, storage
 from shards.errors import ShardsError
@@ -398,14 +399,14 @@ def _existing_manifest(dest: str) -> Manifest | None:
 
 
 def _unique_keys(items: list[SourceItem]) -> None:
-    seen: dict[str, str] = {}
-    for item in items:
-        if item.key in seen:
+    """Refuse two items with one key, in ``items`` sorted by key: neighbours compared,
+    no set of 14M keys held beside the items."""
+    for before, item in pairwise(items):
+        if before.key == item.key:
             raise ShardsError(
-                f"two files give the same sample key {item.key!r}: {seen[item.key]} and {item.name}; "
+                f"two files give the same sample key {item.key!r}: {before.name} and {item.name}; "
                 "rename one (a key is the file's path without its suffix; ImageNet's, its stem)"
             )
-        seen[item.key] = item.name
 
 
 def create(opts: CreateOptions, log=print) -> Manifest | None:
@@ -458,8 +459,8 @@ def create(opts: CreateOptions, log=print) -> Manifest | None:
     if opts.strict and source.refused:
         first = source.refused[0]
         raise ShardsError(f"{first['file']}: {first['reason']} (--strict makes this fatal)")
-    _unique_keys(items)
     items = sorted(items, key=lambda item: item.key)
+    _unique_keys(items)
     random.Random(opts.seed).shuffle(items)
 
     prefix = opts.shard_prefix(source.layout)

@@ -85,3 +85,50 @@ def test_two_nodes_one_killed_and_rerun_make_the_one_machine_set(
 def test_a_rank_outside_the_nodes_is_refused(train: Path, tmp_path: Path) -> None:
     with pytest.raises(ShardsError, match=r"--node-rank 2 with --nodes 2: .*0 to N-1"):
         create(CreateOptions(src=str(train), dest=str(tmp_path / "x"), nodes=2, node_rank=2))
+
+
+BIN = Path(sys.executable).parent
+
+
+def test_the_component_is_a_valid_volcano_job_of_one_task_per_machine(tmp_path: Path) -> None:
+    import jsonschema
+    import kubernetes_validate
+    from test_k8s_dryrun import CRD, FAKE_KEY, FAKE_SECRET, dryrun, schema_of
+
+    args = ["--src", "s3://raw/ILSVRC2012_img_train.tar", "--dest", "s3://b/imagenet/train"]
+    common = ["--image", "registry.example.com/ssl-train:1.0", "-j", "3"]
+    output, job = dryrun("shards.create", args, tmp_path, cfg="queue=q,secret=s3", common=common)
+    assert FAKE_KEY not in output and FAKE_SECRET not in output
+    jsonschema.validate(job, schema_of(CRD))
+    tasks = job["spec"]["tasks"]
+    assert len(tasks) == 3
+    for rank, task in enumerate(tasks):
+        pod = {"apiVersion": "v1", "kind": "Pod", **task["template"]}
+        kubernetes_validate.validate(pod, kubernetes_validate.latest_version(), strict=True)
+        (container,) = pod["spec"]["containers"]
+        command = " ".join(container["command"])
+        assert (
+            "-m shards.cli create s3://raw/ILSVRC2012_img_train.tar s3://b/imagenet/train"
+            in command
+        )
+        assert f"--nodes 3 --node-rank {rank}" in command
+        assert {"secretRef": {"name": "s3"}} in container["envFrom"]
+    # a failed machine's pod is replaced alone: its rerun writes only its missing shards
+    assert all(task["maxRetry"] == 3 for task in tasks)
+
+
+@pytest.mark.slow
+def test_torchx_local_cwd_with_two_machines_makes_the_one_machine_set(
+    train: Path, tmp_path: Path
+) -> None:
+    alone = str(tmp_path / "alone")
+    create(CreateOptions(src=str(train), dest=alone, shard_samples=int(SHARD_SAMPLES), workers=1))
+    dest = str(tmp_path / "two")
+    done = subprocess.run(
+        [str(BIN / "torchx"), "run", "-s", "local_cwd", "shards.create", "-j", "2",
+         "--src", str(train), "--dest", dest, "--shard_samples", SHARD_SAMPLES, "--workers", "1"],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+        env={**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert _files(dest) == _files(alone)
