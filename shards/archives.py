@@ -17,12 +17,14 @@ the same archive, does not read its headers again.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import gzip
 import hashlib
 import io
 import json
 import os
+import sys
 import tarfile
 from array import array
 from collections.abc import Iterator
@@ -34,7 +36,7 @@ from shards.errors import ShardsError
 
 ARCHIVE_SUFFIX = ".tar"
 INDEX_DIR = ".archive-index"
-INDEX_FORMAT = 1
+INDEX_FORMAT = 1  # names newline-joined, offsets and sizes packed int64 (little-endian)
 # S3 reads of the headers go through one sequential stream in blocks this large: at
 # ImageNet's ~110 kB per image, reading only the 512-byte headers by ranged requests
 # would be one request per image; streaming the archive once is the cheaper of the two
@@ -178,6 +180,9 @@ def _read_headers(stream: IO[bytes], total: int, src: str) -> ArchiveListing:
     refused: list[dict[str, str]] = []
 
     def add(name: str, offset: int, size: int) -> None:
+        if "\n" in name:  # no extracted tree has it either; the index joins names by it
+            refused.append({"file": name, "reason": "a line break in its name"})
+            return
         names.append(name)
         offsets.append(offset)
         sizes.append(size)
@@ -246,20 +251,38 @@ def _read_index(index_dir: str, identity: str) -> ArchiveListing | None:
         body = json.loads(gzip.decompress(storage.read_bytes(url)))
         if body.get("format") != INDEX_FORMAT:
             return None
-        return ArchiveListing(
-            body["names"], array("q", body["offsets"]), array("q", body["sizes"]), body["refused"]
-        )
-    except (OSError, ValueError, KeyError, TypeError):
+        offsets, sizes = array("q"), array("q")
+        offsets.frombytes(base64.b64decode(body["offsets"]))
+        sizes.frombytes(base64.b64decode(body["sizes"]))
+        if sys.byteorder == "big":  # the index is little-endian, whoever wrote it
+            offsets.byteswap()
+            sizes.byteswap()
+        names = body["names"].split("\n") if body["names"] else []
+        if not len(names) == len(offsets) == len(sizes):
+            return None
+        return ArchiveListing(names, offsets, sizes, body["refused"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None  # a damaged index is read again from the archive
 
 
 def _write_index(index_dir: str, identity: str, listing: ArchiveListing) -> None:
+    """One JSON document, gzipped: the names as one newline-joined string and the offsets
+    and sizes as packed 64-bit integers, so that ImageNet-21k's 14M entries load as 14M
+    strings and two flat arrays rather than 42M JSON values."""
     body = {
         "format": INDEX_FORMAT,
-        "names": listing.names,
-        "offsets": listing.offsets.tolist(),
-        "sizes": listing.sizes.tolist(),
+        "names": "\n".join(listing.names),
+        "offsets": _packed(listing.offsets),
+        "sizes": _packed(listing.sizes),
         "refused": listing.refused,
     }
     data = gzip.compress(json.dumps(body, separators=(",", ":")).encode(), mtime=0)
     storage.write_bytes_atomic(_index_url(index_dir, identity), data)
+
+
+def _packed(values: array) -> str:
+    """Little-endian int64s, base64: the same index on any machine."""
+    if sys.byteorder == "big":
+        values = array("q", values)
+        values.byteswap()
+    return base64.b64encode(values.tobytes()).decode()
