@@ -4,8 +4,9 @@ is still that version (or still absent). Two writers racing cannot both win.
 On S3 the version is the object's ETag and the conditions are the service's own
 (``If-None-Match: *`` and ``If-Match`` on PUT), so the check and the write are one atomic
 request. Local files (one machine, or a shared POSIX file system with working locks)
-take an exclusive ``flock`` on a lock file beside the object around read-check-replace;
-their version is the content's sha256.
+take an exclusive ``flock`` on a lock file beside the object around read-check-replace,
+and create-if-absent by hard-linking a finished temporary file (no lock file); their
+version is the content's sha256.
 
 A conditional PUT whose answer is lost is retried by the caller's retry loop and then
 fails its own condition; callers that need to know whether they won read the object
@@ -20,6 +21,7 @@ import fcntl
 import hashlib
 import os
 import re
+import tempfile
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -144,6 +146,8 @@ def write_if(url: str, data: bytes, expected: str | None) -> str | None:
     fs, path = storage.filesystem(url)
     if storage.is_local(url):
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        if expected is None:
+            return _create_local(path, data)
         with _locked(path):
             current = read_versioned(path)
             if (None if current is None else current[1]) != expected:
@@ -165,6 +169,28 @@ def write_if(url: str, data: bytes, expected: str | None) -> str | None:
         return str(etag) if etag else version_of(url)
 
     return storage.with_retries(put, url)
+
+
+def _create_local(path: str, data: bytes) -> str | None:
+    """Create-if-absent on a file system: the bytes go to a temporary file, which is then
+    hard-linked to ``path`` (refused when ``path`` exists, atomically, NFS included), so
+    the create needs no lock file beside its object. It cannot interleave with a locked
+    replace: that one only writes over an object that exists."""
+    fd, tmp = tempfile.mkstemp(
+        prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=os.path.dirname(path)
+    )
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return None
+    finally:
+        os.unlink(tmp)
+    return _digest(data)
 
 
 def _digest(data: bytes) -> str:
