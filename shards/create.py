@@ -130,10 +130,11 @@ class ShardOutcome:
 
 
 def _fingerprint(items: tuple[SourceItem, ...]) -> str:
-    digest = hashlib.sha256(f"v1 q{JPEG_QUALITY}".encode())
-    for item in items:
-        digest.update(json.dumps([item.key, item.cls, item.name, item.size]).encode())
-    return digest.hexdigest()
+    """What a shard is made from: its items' keys, classes, files and sizes. One string
+    per shard (fields split by NUL, which no path holds), not a JSON document per item:
+    at 14M items that was 25 s of planning."""
+    text = "".join(f"{i.key}\0{i.cls}\0{i.name}\0{i.size}\n" for i in items)
+    return hashlib.sha256(f"v2 q{JPEG_QUALITY}\n{text}".encode()).hexdigest()
 
 
 def plan_shards(
