@@ -411,12 +411,16 @@ def _existing_manifest(dest: str) -> Manifest | None:
 def _planning() -> Iterator[None]:
     """Listing and planning without the cyclic garbage collector: they make one object
     per image and free none (no cycles to find), and the collector's passes over them
-    were 19 of the 85 s of planning 14M images (bench/shards_plan.py)."""
+    were 19 of the 85 s of planning 14M images (bench/shards_plan.py). What they made is
+    then frozen (``gc.freeze``: left out of later collections, freed as usual when no
+    longer referenced), or the first collection after would traverse all of it: 12 to
+    17 s at 14M images, and as much again at each later full collection."""
     was_enabled = gc.isenabled()
     gc.disable()
     try:
         yield
     finally:
+        gc.freeze()
         if was_enabled:
             gc.enable()
 
