@@ -89,3 +89,17 @@ def report_ab(
             }
         )
     )
+
+
+def status_kib(field: str) -> int:
+    """A field of this process's /proc/self/status in KiB (VmRSS, VmHWM: the peak RSS).
+
+    Example:
+        >>> status_kib("VmRSS") > 0
+        True
+    """
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)

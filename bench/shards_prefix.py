@@ -93,6 +93,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import status_kib
 
 BUCKET = "bench"
 CASES = ("list", "plan", "find_baseline")
@@ -157,14 +158,6 @@ def tree_cpu(pid: int) -> float:
                 members.add(p)
                 changed = True
     return sum(stats[p][1] for p in members if p in stats)
-
-
-def status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise KeyError(field)
 
 
 def reset_peak_rss() -> bool:

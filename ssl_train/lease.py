@@ -339,7 +339,7 @@ class RunDirLease:
         return False
 
     def confirm(self) -> None:
-        """Renew now and check: the step right before committing a checkpoint."""
+        """Renew now and check (commits renew by their own compare-and-swap)."""
         self.renew()
         self.check()
 
