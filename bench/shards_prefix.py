@@ -25,11 +25,12 @@ a FRESH subprocess (imports, S3 client creation and connection set-up happen bef
 timed window, so they are not counted):
 
   list           ``shards.tree.list_tree(url)`` (``storage.list_files``: one flat
-                 ListObjectsV2 listing through s3fs's ``_iterdir``, tuples at once)
+                 ListObjectsV2 listing through s3fs's ``_iterdir``, then the tree's
+                 columns)
   plan           ``shards.sources.open_source(url, layout="images")``, then what
-                 ``shards.create.create`` does before building: ``_unique_keys``, sort by
-                 key, ``random.Random(0).shuffle``, ``plan_shards(items, "shard", None,
-                 None)`` (default 256 MiB shards); the CPU and wall time after
+                 ``shards.create.create`` does before building: ``plan_set`` (sort by
+                 key with the duplicate check, ``random.Random(0).shuffle``, the cut into
+                 256 MiB shards); the CPU and wall time after
                  ``open_source`` returned are recorded apart
   find_baseline  ``fs.find(path, detail=True, withdirs=False)`` turned into the same
                  (name, size) tuples, sorted, hidden folders dropped, split into images
@@ -194,28 +195,22 @@ def case_list(url: str) -> dict:
     from shards.tree import list_tree
 
     tree = list_tree(url)
-    return {"items": len(tree.images), "others": len(tree.others), "_keep": tree}
+    return {"items": len(tree), "others": len(tree.others), "_keep": tree}
 
 
 def case_plan(url: str) -> dict:
-    import random
-
-    from shards.create import _unique_keys, plan_shards
+    from shards.create import plan_set
     from shards.sources import open_source
 
     source = open_source(url, layout="images")
     listed = (time.perf_counter(), _cpu())
-    items = source.items
-    _unique_keys(items)
-    items = sorted(items, key=lambda item: item.key)
-    random.Random(0).shuffle(items)
-    plans = plan_shards(items, "shard", None, None)
+    plan = plan_set(source.items, 0, "shard", None, None)
     return {
-        "items": len(items),
-        "shards": len(plans),
+        "items": len(source.items),
+        "shards": len(plan),
         "after_open_source_wall_s": time.perf_counter() - listed[0],
         "after_open_source_cpu_s": _cpu() - listed[1],
-        "_keep": (source, items, plans),
+        "_keep": (source, plan),
     }
 
 
@@ -239,8 +234,8 @@ def case_find_baseline(url: str) -> dict:
             images.append((name, size))
         else:
             others.append(name)
-    tree = Tree(url, images, others)
-    return {"items": len(tree.images), "others": len(tree.others), "_keep": tree}
+    tree = Tree.of(url, images, others)
+    return {"items": len(tree), "others": len(tree.others), "_keep": tree}
 
 
 CASE_FUNCTIONS = {"list": case_list, "plan": case_plan, "find_baseline": case_find_baseline}
@@ -590,7 +585,7 @@ def main() -> int:
     for size in sizes:
         f = figures["plan"][str(size)]
         print(
-            f"plan at {size}, after open_source (unique keys, sort, shuffle, plan_shards): "
+            f"plan at {size}, after open_source (plan_set: key order, shuffle, cut): "
             f"wall {fmt(f['after_open_source_wall_s'])} s, CPU {fmt(f['after_open_source_cpu_s'])} s"
         )
     if marginal:

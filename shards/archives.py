@@ -36,7 +36,9 @@ from shards.errors import ShardsError
 
 ARCHIVE_SUFFIX = ".tar"
 INDEX_DIR = ".archive-index"
-INDEX_FORMAT = 1  # names newline-joined, offsets and sizes packed int64 (little-endian)
+# names newline-joined, offsets and sizes packed int64 (little-endian); 2: sorted by
+# path, with the inner tars' folders, so that an empty one is known
+INDEX_FORMAT = 2
 # S3 reads of the headers go through one sequential stream in blocks this large: at
 # ImageNet's ~110 kB per image, reading only the 512-byte headers by ranged requests
 # would be one request per image; streaming the archive once is the cheaper of the two
@@ -46,15 +48,18 @@ STREAM_BLOCK_BYTES = 16 * 1024**2
 
 @dataclass
 class ArchiveListing:
-    """An archive's files under their extracted paths, in archive order: ``names`` with
+    """An archive's files under their extracted paths, sorted by path: ``names`` with
     ``offsets`` (of each file's first data byte in the outer archive) and ``sizes``;
     ``refused`` the parts that could not be listed (an inner tar cut short), in the
-    form ``shards create`` reports skipped files."""
+    form ``shards create`` reports skipped files; ``folders`` the folders the inner tars
+    would extract to, one per inner tar, so that an empty one is seen as its empty
+    folder would be."""
 
     names: list[str]
     offsets: array
     sizes: array
     refused: list[dict[str, str]] = field(default_factory=list)
+    folders: list[str] = field(default_factory=list)
 
 
 def is_archive(src: str) -> bool:
@@ -94,7 +99,7 @@ def list_archive(src: str, index_dir: str | None = None) -> ArchiveListing:
     if cached is not None:
         return cached
     with _open(src) as stream:
-        listing = _read_headers(stream, int(info["size"]), src)
+        listing = _in_path_order(_read_headers(stream, int(info["size"]), src))
     if index_dir:
         _write_index(index_dir, identity, listing)
     return listing
@@ -178,6 +183,7 @@ def _read_headers(stream: IO[bytes], total: int, src: str) -> ArchiveListing:
     names: list[str] = []
     offsets, sizes = array("q"), array("q")
     refused: list[dict[str, str]] = []
+    folders: list[str] = []
 
     def add(name: str, offset: int, size: int) -> None:
         if "\n" in name:  # no extracted tree has it either; the index joins names by it
@@ -198,6 +204,7 @@ def _read_headers(stream: IO[bytes], total: int, src: str) -> ArchiveListing:
                 add(member.name, member.offset_data, member.size)
                 continue
             folder = member.name[: -len(ARCHIVE_SUFFIX)]
+            folders.append(folder)
             window = _Window(stream, member.offset_data, member.size)
             listed = 0
             try:
@@ -225,7 +232,22 @@ def _read_headers(stream: IO[bytes], total: int, src: str) -> ArchiveListing:
         refused.append(
             {"file": os.path.basename(src), "reason": f"archive unreadable past this point ({exc})"}
         )
-    return ArchiveListing(names, offsets, sizes, refused)
+    return ArchiveListing(names, offsets, sizes, refused, folders)
+
+
+def _in_path_order(listing: ArchiveListing) -> ArchiveListing:
+    """The listing under extracted paths (a leading ``./`` dropped), sorted by path as a
+    folder's listing is: sorted once here, after the pass over the headers, so that a
+    rerun or another node reading the kept index need not sort 14M names again."""
+    names = [name.removeprefix("./") for name in listing.names]
+    order = sorted(range(len(names)), key=names.__getitem__)
+    return ArchiveListing(
+        [names[position] for position in order],
+        array("q", [listing.offsets[position] for position in order]),
+        array("q", [listing.sizes[position] for position in order]),
+        listing.refused,
+        [folder.removeprefix("./") for folder in listing.folders],
+    )
 
 
 # --- the index kept beside the output -----------------------------------------------------
@@ -260,7 +282,7 @@ def _read_index(index_dir: str, identity: str) -> ArchiveListing | None:
         names = body["names"].split("\n") if body["names"] else []
         if not len(names) == len(offsets) == len(sizes):
             return None
-        return ArchiveListing(names, offsets, sizes, body["refused"])
+        return ArchiveListing(names, offsets, sizes, body["refused"], body["folders"])
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None  # a damaged index is read again from the archive
 
@@ -268,16 +290,28 @@ def _read_index(index_dir: str, identity: str) -> ArchiveListing | None:
 def _write_index(index_dir: str, identity: str, listing: ArchiveListing) -> None:
     """One JSON document, gzipped: the names as one newline-joined string and the offsets
     and sizes as packed 64-bit integers, so that ImageNet-21k's 14M entries load as 14M
-    strings and two flat arrays rather than 42M JSON values."""
-    body = {
-        "format": INDEX_FORMAT,
-        "names": "\n".join(listing.names),
-        "offsets": _packed(listing.offsets),
-        "sizes": _packed(listing.sizes),
-        "refused": listing.refused,
-    }
-    data = gzip.compress(json.dumps(body, separators=(",", ":")).encode(), mtime=0)
-    storage.write_bytes_atomic(_index_url(index_dir, identity), data)
+    strings and two flat arrays rather than 42M JSON values. Written through the
+    compressor in chunks of names: the whole document as one string would be 0.8 GB,
+    held twice while encoded, beside the listing."""
+    buffer = io.BytesIO()
+    with gzip.GzipFile(fileobj=buffer, mode="wb", mtime=0) as out:
+        out.write(b'{"format":%d,"names":"' % INDEX_FORMAT)
+        for start in range(0, len(listing.names), _NAMES_PER_CHUNK):
+            if start:
+                out.write(b"\\n")
+            chunk = "\n".join(listing.names[start : start + _NAMES_PER_CHUNK])
+            out.write(json.dumps(chunk)[1:-1].encode())
+        rest = {
+            "offsets": _packed(listing.offsets),
+            "sizes": _packed(listing.sizes),
+            "refused": listing.refused,
+            "folders": listing.folders,
+        }
+        out.write(b'",' + json.dumps(rest, separators=(",", ":"))[1:].encode())
+    storage.write_bytes_atomic(_index_url(index_dir, identity), buffer.getvalue())
+
+
+_NAMES_PER_CHUNK = 100_000
 
 
 def _packed(values: array) -> str:

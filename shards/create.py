@@ -22,6 +22,7 @@ import random
 import shutil
 import signal
 import tempfile
+from array import array
 from collections.abc import Iterator
 from concurrent.futures import (
     FIRST_COMPLETED,
@@ -50,7 +51,7 @@ from shards.manifest import (
     sha256_hex,
 )
 from shards.progress import Progress, human_bytes
-from shards.sources import SourceItem, apply_subset, open_source, read_subset
+from shards.sources import Items, SourceItem, apply_subset, open_source, read_subset
 from shards.tarformat import TarShardWriter
 from shards.versioned import write_if
 
@@ -145,34 +146,96 @@ def _fingerprint(items: tuple[SourceItem, ...]) -> str:
     return hashlib.sha256(f"v2 q{JPEG_QUALITY}\n{text}".encode()).hexdigest()
 
 
-def plan_shards(
-    items: list[SourceItem], prefix: str, shard_bytes: int | None, shard_samples: int | None
-) -> list[ShardPlan]:
-    """Cut the (already shuffled) items into shards by sample count or target size.
+@dataclass
+class SetPlan:
+    """The whole shard set's plan: which items each shard takes, as positions into the
+    source's columns (``order``: sorted by key, then shuffled by the seed; shard ``k``
+    takes ``order[bounds[k]:bounds[k + 1]]``). A shard's :class:`ShardPlan`, one object
+    per image, is made only when that shard is built or checked, so planning 14M images
+    holds 16 bytes per image beside the listing rather than a plan object each."""
+
+    items: Items
+    order: array
+    bounds: array
+    prefix: str
+
+    def __len__(self) -> int:
+        return len(self.bounds) - 1
+
+    def name(self, number: int) -> str:
+        return f"{self.prefix}-{number:06d}.tar"
+
+    def index_name(self, number: int) -> str:
+        return self.name(number) + INDEX_SUFFIX
+
+    def shard(self, number: int) -> ShardPlan:
+        positions = self.order[self.bounds[number] : self.bounds[number + 1]]
+        items = tuple(self.items.item(position) for position in positions)
+        return ShardPlan(number, self.name(number), items)
+
+
+def plan_set(
+    items: Items, seed: int, prefix: str, shard_bytes: int | None, shard_samples: int | None
+) -> SetPlan:
+    """Order the items by key (two files with one key are refused), shuffle them by the
+    seed, and cut them into shards by sample count or target size. The result depends
+    only on the listing and these options, never on the machine or ``--workers``.
 
     Example:
-        >>> items = [SourceItem(str(i), 0, f"{i}.jpg", None, 100) for i in range(5)]
-        >>> [len(p.items) for p in plan_shards(items, "train", None, 2)]
-        [2, 2, 1]
+        >>> items = Items(None, [f"{i}.jpg" for i in range(5)], array("q", [100] * 5), None)
+        >>> plan = plan_set(items, 0, "train", None, 2)
+        >>> [len(plan.shard(k).items) for k in range(len(plan))], plan.name(0)
+        ([2, 2, 1], 'train-000000.tar')
     """
-    groups: list[list[SourceItem]] = []
-    current: list[SourceItem] = []
-    current_bytes = 0
+    order = _key_order(items)
+    random.Random(seed).shuffle(order)
+    bounds = array("q", [0])
+    count = current_bytes = 0
     limit = shard_bytes or DEFAULT_SHARD_BYTES
-    for item in items:
-        cost = item.size + _TAR_OVERHEAD_PER_SAMPLE
-        full = len(current) >= shard_samples if shard_samples else current_bytes + cost > limit
-        if current and full:
-            groups.append(current)
-            current, current_bytes = [], 0
-        current.append(item)
+    sizes = items.sizes
+    for position in order:
+        cost = sizes[position] + _TAR_OVERHEAD_PER_SAMPLE
+        full = count >= shard_samples if shard_samples else current_bytes + cost > limit
+        if count and full:
+            bounds.append(bounds[-1] + count)
+            count = current_bytes = 0
+        count += 1
         current_bytes += cost
-    if current:
-        groups.append(current)
-    return [
-        ShardPlan(number, f"{prefix}-{number:06d}.tar", tuple(group))
-        for number, group in enumerate(groups)
-    ]
+    if count:
+        bounds.append(bounds[-1] + count)
+    return SetPlan(items, order, bounds, prefix)
+
+
+def _key_order(items: Items) -> array:
+    """The positions of the items sorted by key, after refusing two items with one key.
+
+    Keys are made from the names one pair at a time: a listing whose keys already rise
+    with its (sorted) names, as ImageNet's do, needs no sort and holds no key. Otherwise
+    the keys are made and sorted through positions, as ``sorted(key=...)`` would order
+    the items (stable)."""
+    count = len(items)
+    keys = items.keys
+    if keys is None:
+        rising = True
+        before = items.key(0) if count else ""
+        for position in range(1, count):
+            key = items.key(position)
+            if key <= before:
+                rising = False
+                break
+            before = key
+        if rising:
+            return array("q", range(count))
+        keys = [items.key(position) for position in range(count)]
+    order = sorted(range(count), key=keys.__getitem__)
+    for first, second in pairwise(order):
+        if keys[first] == keys[second]:
+            raise ShardsError(
+                f"two files give the same sample key {keys[first]!r}: {items.names[first]} and "
+                f"{items.names[second]}; rename one (a key is the file's path without its "
+                "suffix; ImageNet's, its stem)"
+            )
+    return array("q", order)
 
 
 def _finished_outcome(plan: ShardPlan, dest: str) -> ShardOutcome | None:
@@ -212,8 +275,8 @@ def build_shard(
     if it is already complete at ``dest``. ``publish`` then moves it to ``dest``.
 
     Example:
-        >>> plans = plan_shards(open_source("mnist5k:test").items, "test", None, 500)  # doctest: +SKIP
-        >>> publish(build_shard(plans[0], "/tmp/out", "/tmp/out", False, False), "/tmp/out").entry.samples  # doctest: +SKIP
+        >>> plan = plan_set(open_source("mnist5k:test").items, 0, "test", None, 500)  # doctest: +SKIP
+        >>> publish(build_shard(plan.shard(0), "/tmp/out", "/tmp/out", False, False), "/tmp/out").entry.samples  # doctest: +SKIP
         500
     """
     done = _finished_outcome(plan, dest)
@@ -333,13 +396,15 @@ def _worker_init() -> None:
     faulthandler.register(signal.SIGUSR1)  # `kill -USR1 <pid>`: where is this worker stuck?
 
 
-def _run_plans(plans: list[ShardPlan], opts: CreateOptions, staging: str) -> Iterator[ShardOutcome]:
+def _run_plans(
+    plans: Iterator[ShardPlan], count: int, opts: CreateOptions, staging: str
+) -> Iterator[ShardOutcome]:
     """Build shards in worker processes and publish them from threads of this process,
     so that a worker goes on to its next shard while the last one uploads: with the
     upload inside the worker, each worker waited on the network for about as long as it
     built (bench/object_store.py). At most two shards per worker are in staging at once."""
-    jobs = [(plan, opts.dest, staging, opts.strict, opts.full_decode) for plan in plans]
-    workers = max(1, min(opts.workers, len(plans)))
+    jobs = ((plan, opts.dest, staging, opts.strict, opts.full_decode) for plan in plans)
+    workers = max(1, min(opts.workers, count))
     uploads = ThreadPoolExecutor(workers, thread_name_prefix="shards-publish")
     if workers == 1:
         builder = None  # build in this process; publishing still overlaps the next build
@@ -425,17 +490,6 @@ def _planning() -> Iterator[None]:
             gc.enable()
 
 
-def _unique_keys(items: list[SourceItem]) -> None:
-    """Refuse two items with one key, in ``items`` sorted by key: neighbours compared,
-    no set of 14M keys held beside the items."""
-    for before, item in pairwise(items):
-        if before.key == item.key:
-            raise ShardsError(
-                f"two files give the same sample key {item.key!r}: {before.name} and {item.name}; "
-                "rename one (a key is the file's path without its suffix; ImageNet's, its stem)"
-            )
-
-
 def create(opts: CreateOptions, log=print) -> Manifest | None:
     """Make the shard set ``opts.dest`` from ``opts.src``; resume if interrupted before.
     With ``opts.nodes`` > 1 this machine writes its share of the shards, and the manifest
@@ -489,12 +543,9 @@ def create(opts: CreateOptions, log=print) -> Manifest | None:
         raise ShardsError(f"{first['file']}: {first['reason']} (--strict makes this fatal)")
     prefix = opts.shard_prefix(source.layout)
     with _planning():
-        items = sorted(items, key=lambda item: item.key)
-        _unique_keys(items)
-        random.Random(opts.seed).shuffle(items)
-        plans = plan_shards(items, prefix, opts.shard_bytes, opts.shard_samples)
-    own = [plan for plan in plans if plan.number % opts.nodes == opts.node_rank]
-    total_bytes = sum(item.size for item in items)
+        plan = plan_set(items, opts.seed, prefix, opts.shard_bytes, opts.shard_samples)
+    own = [number for number in range(len(plan)) if number % opts.nodes == opts.node_rank]
+    total_bytes = sum(items.sizes)
     for note in source.notes:
         log(note)
     labels = f"{len(source.classes)} classes" if source.labeled else "unlabeled"
@@ -502,15 +553,11 @@ def create(opts: CreateOptions, log=print) -> Manifest | None:
     log(
         f"{node}sharding {len(items)} images ({human_bytes(total_bytes)}, {labels}, layout "
         f"{source.layout}) "
-        + (
-            f"into {len(plans)} shards"
-            if not node
-            else f"into {len(plans)} shards, {len(own)} here,"
-        )
+        + (f"into {len(plan)} shards" if not node else f"into {len(plan)} shards, {len(own)} here,")
         + f" at {storage.redact(opts.dest)} with {max(1, min(opts.workers, len(own)))} workers"
     )
-    mine = _build_all(own, opts)
-    outcomes = mine if opts.nodes == 1 else _all_shards_written(plans, opts.dest, mine)
+    mine = _build_all(plan, own, opts)
+    outcomes = mine if opts.nodes == 1 else _all_shards_written(plan, opts.dest, mine)
     if outcomes is None:
         log(
             f"{node}its {len(own)} shards are written; other nodes' are not all there yet, "
@@ -548,7 +595,7 @@ def create(opts: CreateOptions, log=print) -> Manifest | None:
 
 
 def _all_shards_written(
-    plans: list[ShardPlan], dest: str, mine: list[ShardOutcome]
+    plan: SetPlan, dest: str, mine: list[ShardOutcome]
 ) -> list[ShardOutcome] | None:
     """Every shard's outcome once every node has written its shards (this node's from
     its run, the others' read from their index files), else None. One listing of DEST
@@ -556,27 +603,28 @@ def _all_shards_written(
     together at least one sees the others' shards, since each looks after publishing
     its own."""
     present = {name for name, _ in storage.list_files(dest)}
-    if any(plan.index_name not in present for plan in plans):
+    if any(plan.index_name(number) not in present for number in range(len(plan))):
         return None
     by_name = {outcome.entry.name: outcome for outcome in mine}
     outcomes = []
-    for plan in plans:
-        outcome = by_name.get(plan.name) or _finished_outcome(plan, dest)
+    for number in range(len(plan)):
+        name = plan.name(number)
+        outcome = by_name.get(name) or _finished_outcome(plan.shard(number), dest)
         if outcome is None:  # its index names another plan: a node with other options
             raise ShardsError(
-                f"{storage.redact(storage.join(dest, plan.index_name))} was written for another "
-                "plan: every node must be given the same SRC, options and --nodes"
+                f"{storage.redact(storage.join(dest, plan.index_name(number)))} was written for "
+                "another plan: every node must be given the same SRC, options and --nodes"
             )
-        if plan.name not in by_name:
+        if name not in by_name:
             outcome.resumed = False  # another node's run wrote it, not an earlier one
         outcomes.append(outcome)
     return outcomes
 
 
-def _remove_stale_temporaries(folder: str, plans: list[ShardPlan]) -> None:
+def _remove_stale_temporaries(folder: str, names: list[str]) -> None:
     """Delete temporary files of these shards left by a killed run (their writer process
     is gone); other nodes' shards' are theirs to judge (their pids are another host's)."""
-    ours = {f".{plan.name}" for plan in plans}
+    ours = {f".{name}" for name in names}
     for name in os.listdir(folder):
         pid = name.rsplit(".tmp-", 1)[1] if ".tmp-" in name else ""
         if not pid.isdigit() or name.rsplit(".tmp-", 1)[0] not in ours:
@@ -589,18 +637,20 @@ def _remove_stale_temporaries(folder: str, plans: list[ShardPlan]) -> None:
             pass  # alive, owned by someone else
 
 
-def _build_all(plans: list[ShardPlan], opts: CreateOptions) -> list[ShardOutcome]:
+def _build_all(plan: SetPlan, numbers: list[int], opts: CreateOptions) -> list[ShardOutcome]:
+    """Build shards ``numbers`` of the plan (this node's)."""
     remote = not storage.is_local(opts.dest)
     if remote:
         staging = tempfile.mkdtemp(prefix="shards-staging-", dir=opts.staging)
     else:
         staging = storage.filesystem(opts.dest)[1]
-        _remove_stale_temporaries(staging, plans)
+        _remove_stale_temporaries(staging, [plan.name(number) for number in numbers])
     node = f"node {opts.node_rank}/{opts.nodes}" if opts.nodes > 1 else None
-    progress = Progress("shards create", total=len(plans), node=node)
+    progress = Progress("shards create", total=len(numbers), node=node)
     outcomes: list[ShardOutcome] = []
+    shards = (plan.shard(number) for number in numbers)  # made as the workers take them
     try:
-        for outcome in _run_plans(plans, opts, staging):
+        for outcome in _run_plans(shards, len(numbers), opts, staging):
             outcomes.append(outcome)
             progress.advance(outcome.entry.samples, outcome.entry.bytes)
     finally:

@@ -1,20 +1,25 @@
 """Where samples come from: ImageNet train/val trees, class folders, your own images
 (unlabeled, or labelled by a labels file), and MNIST-5000.
 
-Each layout lists its files as :class:`SourceItem` (key, class index, where to read the
-bytes) without reading any image, so planning a million-file dataset takes seconds.
+Each layout lists its files as :class:`Items` (the columns: where to read each image's
+bytes, its size and class index; its key derived from its path by the layout's rule)
+without reading any image, so planning ImageNet-21k's 14M files takes seconds and fits
+a node; a builder gets one :class:`SourceItem` per image of its shard.
 Trees are local folders or object-store prefixes alike (``shards.tree``). Class index =
 position of the class name in the sorted class list.
 """
 
 from __future__ import annotations
 
+import bisect
 import csv
 import gzip
 import importlib.util
 import os
 import random
 import re
+from array import array
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -76,13 +81,93 @@ class SourceItem:
 
 
 @dataclass
+class Items:
+    """A source's samples as columns: ``names`` (paths relative to ``root``), ``sizes``,
+    ``classes`` (class indices; None in an unlabeled set), ``offsets`` (in the archive
+    ``root`` names; None for a folder), and ``data`` (inline bytes, for generated
+    sources). Keys are ``keys`` where given, else made from each name by ``key_rule``
+    when asked for, so 14M of them are never held at once.
+
+    At 14M images a :class:`SourceItem` per image was 2.5 GB of a planning peak of 5.5 GB;
+    the columns cost a list slot, the name shared with the listing, and 20 bytes of
+    packed arrays per image.
+
+    Example:
+        >>> items = Items("/data", ["a/1.jpg", "b/2.jpg"], array("q", [10, 20]),
+        ...               array("i", [0, 1]), key_rule="folder")
+        >>> len(items), items.key(1), items.item(0).location
+        (2, 'b/2', '/data/a/1.jpg')
+    """
+
+    root: str | None
+    names: list[str]
+    sizes: array
+    classes: array | None
+    offsets: array | None = None
+    keys: list[str] | None = None
+    key_rule: str = "path"
+    data: list[bytes] | None = None
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __iter__(self) -> Iterator[SourceItem]:
+        """Each item, made as it is reached."""
+        return (self.item(position) for position in range(len(self)))
+
+    def key(self, position: int) -> str:
+        if self.keys is not None:
+            return self.keys[position]
+        return KEY_RULES[self.key_rule](self.names[position])
+
+    def item(self, position: int) -> SourceItem:
+        """Everything a builder needs of one sample (what a worker is sent)."""
+        return SourceItem(
+            self.key(position),
+            None if self.classes is None else self.classes[position],
+            self.names[position],
+            self.root,
+            self.sizes[position],
+            None if self.data is None else self.data[position],
+            None if self.offsets is None else self.offsets[position],
+        )
+
+    def select(self, positions: array | list[int]) -> Items:
+        """The items at ``positions``, in that order.
+
+        Example:
+            >>> items = Items(None, ["a.jpg", "b.jpg"], array("q", [1, 2]), None)
+            >>> items.select([1]).names
+            ['b.jpg']
+        """
+
+        def pick(column):
+            if column is None:
+                return None
+            if isinstance(column, array):
+                return array(column.typecode, [column[p] for p in positions])
+            return [column[p] for p in positions]
+
+        return Items(
+            self.root,
+            pick(self.names),
+            pick(self.sizes),
+            pick(self.classes),
+            pick(self.offsets),
+            pick(self.keys),
+            self.key_rule,
+            pick(self.data),
+        )
+
+
+@dataclass
 class Source:
     """A listed dataset: its classes (None: unlabeled), its items, files refused before
     reading, and what the listing decided that the user should be told."""
 
     layout: str
     classes: list[str] | None
-    items: list[SourceItem]
+    items: Items
     refused: list[dict[str, str]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -138,6 +223,20 @@ def _stem(name: str) -> str:
     return name[start:end] if end > start else name[start:]
 
 
+def _folder_key(name: str) -> str:
+    """A class-folder image's key: its path without the suffix, dots as ``_``.
+
+    Example:
+        >>> _folder_key("cats/1.jpg"), _folder_key("a.b/c.d.png")
+        ('cats/1', 'a_b/c_d')
+    """
+    return os.path.splitext(name)[0].replace(".", "_")
+
+
+# how each layout makes a sample's key from its relative path (Items.key_rule)
+KEY_RULES = {"stem": _stem, "folder": _folder_key, "path": sample_key}
+
+
 def _class_index(names: list[str], classes: list[str] | None, flag_hint: str) -> dict[str, int]:
     if classes is None:
         classes = sorted(names)
@@ -155,16 +254,50 @@ def _examples(names: list[str], count: int = 3) -> str:
 
 
 def _empty_class_folders(tree: Tree, folders: set[str]) -> list[str]:
-    """First-level folders of a local SRC that hold no image (an object store has no
-    empty folders to find)."""
-    if not storage.is_local(tree.root) or "://" in tree.root or tree.offsets is not None:
-        return []  # an object store or an archive: no folders without files
+    """First-level folders of SRC that hold no image: in a local folder, or an archive's
+    inner tars without images (an object store has no empty folders to find)."""
+    if tree.offsets is not None:
+        return sorted(set(tree.folders or []) - folders)
+    if not storage.is_local(tree.root) or "://" in tree.root:
+        return []
     with os.scandir(tree.root) as entries:
         return sorted(
             e.name
             for e in entries
             if e.is_dir() and not e.name.startswith(".") and e.name not in folders
         )
+
+
+def _all_items(tree: Tree, classes: array | None, key_rule: str) -> Items:
+    """Every image of the tree as items, sharing the tree's columns."""
+    return Items(tree.root, tree.names, tree.sizes, classes, tree.offsets, key_rule=key_rule)
+
+
+def _folder_runs(names: list[str]) -> tuple[list[tuple[str, int, int]], list[str], list[str]]:
+    """In sorted ``names``: each first-level folder with the run of positions it holds
+    (found by bisection: the names under ``f/`` are those from ``f/`` up to ``f0``), the
+    names in no folder, and those in a sub-folder of theirs.
+
+    Example:
+        >>> _folder_runs(["a.jpg", "cat/1.jpg", "cat/x/2.jpg", "dog/1.jpg"])
+        ([('cat', 1, 3), ('dog', 3, 4)], ['a.jpg'], ['cat/x/2.jpg'])
+    """
+    runs: list[tuple[str, int, int]] = []
+    loose: list[str] = []
+    nested: list[str] = []
+    position = 0
+    while position < len(names):
+        name = names[position]
+        slash = name.find("/")
+        if slash < 0:
+            loose.append(name)
+            position += 1
+            continue
+        end = bisect.bisect_left(names, name[:slash] + "0", position)  # "0" follows "/"
+        nested.extend(n for n in names[position:end] if n.find("/", slash + 1) > 0)
+        runs.append((name[:slash], position, end))
+        position = end
+    return runs, loose, nested
 
 
 def list_class_folders(tree: Tree, layout: str, classes: list[str] | None) -> Source:
@@ -175,24 +308,35 @@ def list_class_folders(tree: Tree, layout: str, classes: list[str] | None) -> So
 
     Example:
         >>> src = list_class_folders(list_tree("/data/imagenet/train"), "imagenet-train", None)  # doctest: +SKIP
-        >>> src.items[0].key  # doctest: +SKIP
+        >>> src.items.key(0)  # doctest: +SKIP
         'n01440764_10026'
     """
-    loose = [name for name, _ in tree.images if "/" not in name]
+    runs, loose, nested = _folder_runs(tree.names)
     if loose:
         raise ShardsError(
             f"{storage.redact(tree.root)}: {len(loose)} image(s) lie outside any class folder "
             f"({_examples(loose)}); move them into a class folder, or pass --layout images "
             "to shard the whole tree unlabeled"
         )
-    folders = sorted({name.split("/", 1)[0] for name, _ in tree.images})
+    folders = [folder for folder, _, _ in runs]
     if not folders:
         raise ShardsError(f"{storage.redact(tree.root)}: no images in class folders; check SRC")
     empty = _empty_class_folders(tree, set(folders))
-    if empty:
+    unlisted = [name for name in empty if classes is None or name not in set(classes)]
+    if unlisted:
+        what = f"class folder(s) {_examples(unlisted)}"
+        if tree.offsets is not None:
+            what = f"inner tar(s) {_examples([f'{name}.tar' for name in unlisted])}"
         raise ShardsError(
-            f"{storage.redact(tree.root)}: class folder(s) {_examples(empty)} hold no images; "
-            "add images to them or remove them (a class without images cannot be learnt)"
+            f"{storage.redact(tree.root)}: {what} hold no images; add "
+            "images to them or remove them (a class without images cannot be learnt), or "
+            "pass --classes with the full class list to keep them as classes without samples"
+        )
+    notes = []
+    if empty:  # each named by --classes: the user's list decides the classes
+        notes.append(
+            f"{len(empty)} class(es) of --classes have an empty folder and no samples "
+            f"({_examples(empty)})"
         )
     if layout == "imagenet-train":
         bad = [f for f in folders if not _WNID.match(f)]
@@ -202,22 +346,16 @@ def list_class_folders(tree: Tree, layout: str, classes: list[str] | None) -> So
                 "(n########); use --layout folders for generic class folders"
             )
     index = _class_index(folders, classes, "pass the full list with --classes")
-    items: list[SourceItem] = []
-    nested: list[str] = []
-    root, offsets, stems = tree.root, tree.offsets, layout == "imagenet-train"
-    for position, (name, size) in enumerate(tree.images):  # 14M times for ImageNet-21k
-        slash = name.find("/")
-        if name.find("/", slash + 1) > 0:
-            nested.append(name)
-        key = _stem(name) if stems else os.path.splitext(name)[0].replace(".", "_")
-        offset = None if offsets is None else offsets[position]
-        items.append(SourceItem(key, index[name[:slash]], name, root, size, None, offset))
-    notes = []
+    class_of = array("i")
+    for folder, start, end in runs:
+        class_of.extend(array("i", [index[folder]]) * (end - start))
     if nested:
         notes.append(
             f"{len(nested)} image(s) in sub-folders of their class folder taken with that "
             f"class ({_examples(nested)})"
         )
+    rule = "stem" if layout == "imagenet-train" else "folder"
+    items = _all_items(tree, class_of, rule)
     return Source(layout, list(classes if classes is not None else folders), items, notes=notes)
 
 
@@ -232,33 +370,30 @@ def list_images(
 
     Example:
         >>> src = list_images(list_tree("/data/photos"), None, None)  # doctest: +SKIP
-        >>> src.classes is None, src.items[0].key  # doctest: +SKIP
+        >>> src.classes is None, src.items.key(0)  # doctest: +SKIP
         (True, '2024/home/0001')
     """
-    if not tree.images:
+    if not tree.names:
         raise ShardsError(
             f"{storage.redact(tree.root)}: no images found (SRC is searched recursively)"
         )
     if labels is None:
-        items = [
-            SourceItem(sample_key(name), None, name, tree.root, size, offset=tree.offset(i))
-            for i, (name, size) in enumerate(tree.images)
-        ]
-        return Source("images", None, items)
+        return Source("images", None, _all_items(tree, None, "path"))
     class_of = read_labels(labels, labels_text)
     index = _class_index(
         sorted(set(class_of.values())), classes, "pass a --classes list that has them all"
     )
-    items = []
+    positions = array("q")
+    numbers = array("i")
     matched: set[str] = set()
-    for position, (name, size) in enumerate(tree.images):
+    for position, name in enumerate(tree.names):
         key = sample_key(name)
         entry = name if name in class_of else key if key in class_of else None
         if entry is None:
             continue
         matched.add(entry)
-        offset = tree.offset(position)
-        items.append(SourceItem(key, index[class_of[entry]], name, tree.root, size, offset=offset))
+        positions.append(position)
+        numbers.append(index[class_of[entry]])
     missing = sorted(set(class_of) - matched)
     if missing:
         raise ShardsError(
@@ -266,10 +401,10 @@ def list_images(
             f"name no image in {storage.redact(tree.root)} ({_examples(missing)}); give paths "
             "relative to SRC (or sample keys), and check SRC is the tree the file labels"
         )
+    items = _all_items(tree, None, "path").select(positions)
+    items.classes = numbers
     final = classes if classes is not None else sorted(index)
-    notes = [
-        f"{len(items)} of the {len(tree.images)} images are labelled by {os.path.basename(labels)}"
-    ]
+    notes = [f"{len(items)} of the {len(tree)} images are labelled by {os.path.basename(labels)}"]
     return Source("images", list(final), items, notes=notes)
 
 
@@ -338,7 +473,7 @@ def list_imagenet_val(
     Example:
         >>> src = list_imagenet_val(list_tree("val"), "LOC_val_solution.csv", None, None)  # doctest: +SKIP
     """
-    nested = [name for name, _ in tree.images if "/" in name]
+    nested = [name for name in tree.names if "/" in name]
     if nested:
         raise ShardsError(
             f"{storage.redact(tree.root)}: --layout imagenet-val reads a flat folder, and "
@@ -348,15 +483,18 @@ def list_imagenet_val(
     wnid_of = read_val_labels(labels, synsets)
     classes = classes if classes is not None else imagenet_wnids()
     index = _class_index(sorted(set(wnid_of.values())), classes, "pass the train set's --classes")
-    items: list[SourceItem] = []
+    positions = array("q")
+    numbers = array("i")
     refused: list[dict[str, str]] = []
-    for position, (name, size) in enumerate(tree.images):
+    for position, name in enumerate(tree.names):
         stem = _stem(name)
         if stem not in wnid_of:
             refused.append({"file": name, "reason": f"no label in {os.path.basename(labels)}"})
             continue
-        offset = tree.offset(position)
-        items.append(SourceItem(stem, index[wnid_of[stem]], name, tree.root, size, offset=offset))
+        positions.append(position)
+        numbers.append(index[wnid_of[stem]])
+    items = _all_items(tree, None, "stem").select(positions)
+    items.classes = numbers
     return Source(layout="imagenet-val", classes=list(classes), items=items, refused=refused)
 
 
@@ -396,21 +534,16 @@ def mnist5k(split: str) -> Source:
         test_rows.update(rows[:MNIST5K_TEST_PER_CLASS])
     from PIL import Image
 
-    items = []
+    items = Items(None, [], array("q"), array("i"), keys=[], data=[])
     for row in range(len(labels)):
         if (row in test_rows) != (split == "test"):
             continue
         data = encode_jpeg(Image.fromarray(pixels[row], mode="L"))
-        items.append(
-            SourceItem(
-                f"mnist5k_{row:04d}",
-                int(labels[row]),
-                f"mnist_5k.csv.gz#{row}",
-                None,
-                len(data),
-                data,
-            )
-        )
+        items.keys.append(f"mnist5k_{row:04d}")  # type: ignore[union-attr]
+        items.classes.append(int(labels[row]))  # type: ignore[union-attr]
+        items.names.append(f"mnist_5k.csv.gz#{row}")
+        items.sizes.append(len(data))
+        items.data.append(data)  # type: ignore[union-attr]
     return Source(layout="mnist5k", classes=[str(d) for d in range(10)], items=items)
 
 
@@ -421,9 +554,9 @@ def detect_layout(tree: Tree, labels_kind: str | None) -> str:
     class folders with sub-folders or unlabeled photos: refused, naming both choices.
 
     Example:
-        >>> detect_layout(Tree("photos", [("a.jpg", 1), ("b.jpg", 1)], []), None)
+        >>> detect_layout(Tree.of("photos", [("a.jpg", 1), ("b.jpg", 1)]), None)
         'images'
-        >>> detect_layout(Tree("pets", [("cat/1.jpg", 1), ("dog/1.jpg", 1)], []), None)
+        >>> detect_layout(Tree.of("pets", [("cat/1.jpg", 1), ("dog/1.jpg", 1)]), None)
         'folders'
     """
     if labels_kind == "imagenet-val":
@@ -436,10 +569,10 @@ def detect_layout(tree: Tree, labels_kind: str | None) -> str:
     if depths == {0}:
         return "images"
     if depths == {1}:
-        folders = {name.split("/", 1)[0] for name, _ in tree.images}
+        folders = {name[: name.find("/")] for name in tree.names}
         return "imagenet-train" if all(_WNID.match(f) for f in folders) else "folders"
-    deepest = max(tree.images, key=lambda item: item[0].count("/"))[0]
-    shallowest = min(tree.images, key=lambda item: item[0].count("/"))[0]
+    deepest = max(tree.names, key=lambda name: name.count("/"))
+    shallowest = min(tree.names, key=lambda name: name.count("/"))
     raise ShardsError(
         f"{storage.redact(tree.root)}: images lie at several depths ({shallowest}, {deepest}); "
         "pass --layout images to shard them all unlabeled (keys from their paths), or "
@@ -532,26 +665,28 @@ def read_subset(spec: str) -> tuple[list[str], str]:
 
 
 def apply_subset(
-    items: list[SourceItem], names: list[str], where: str, strict: bool
-) -> tuple[list[SourceItem], list[str]]:
+    items: Items, names: list[str], where: str, strict: bool
+) -> tuple[Items, list[str]]:
     """Keep the items a subset list names (by file name, relative path or key).
 
     Returns the kept items and the names that matched no file; with ``strict`` such
     names are an error.
 
     Example:
-        >>> item = SourceItem("n1_1", 0, "n1/n1_1.JPEG", "/x", 10)
-        >>> apply_subset([item], ["n1_1.JPEG"], "list.txt", strict=True)[0] == [item]
-        True
+        >>> items = Items("/x", ["n1/n1_1.JPEG", "n1/n1_2.JPEG"], array("q", [10, 10]),
+        ...               array("i", [0, 0]), key_rule="stem")
+        >>> kept, unmatched = apply_subset(items, ["n1_1.JPEG", "n9_9"], "list.txt", strict=False)
+        >>> kept.names, unmatched
+        (['n1/n1_1.JPEG'], ['n9_9'])
     """
     wanted = set(names)
-    kept: list[SourceItem] = []
+    positions = array("q")
     matched: set[str] = set()
-    for item in items:
-        base = os.path.basename(item.name)
-        hits = {item.name, base, item.key, _stem(base)} & wanted
+    for position, name in enumerate(items.names):
+        base = os.path.basename(name)
+        hits = {name, base, items.key(position), _stem(base)} & wanted
         if hits:
-            kept.append(item)
+            positions.append(position)
             matched |= hits
     unmatched = [n for n in names if n not in matched]
     if unmatched and strict:
@@ -559,4 +694,4 @@ def apply_subset(
             f"--subset {where}: {len(unmatched)} name(s) match no file in SRC, e.g. "
             f"{', '.join(unmatched[:5])}; fix the list or drop --strict"
         )
-    return kept, unmatched
+    return items.select(positions), unmatched

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import random
 import shutil
 import tarfile
 from pathlib import Path
@@ -33,12 +34,19 @@ def _tar_bytes(members: list[tuple[str, bytes]]) -> bytes:
     return buffer.getvalue()
 
 
-def _train_archive(folder: Path, out: Path, cut_short: str | None = None) -> None:
+def _train_archive(
+    folder: Path, out: Path, cut_short: str | None = None, unsorted: bool = False
+) -> None:
     """ImageNet's train tar: one tar per class folder, holding its files without folder
-    names; ``cut_short`` names a class whose inner tar ends halfway through its last file."""
+    names; ``cut_short`` names a class whose inner tar ends halfway through its last file;
+    ``unsorted`` puts the inner tars and their files in a shuffled order (a tar keeps
+    whatever order it was written in)."""
     inner = []
-    for class_dir in sorted(p for p in folder.iterdir() if p.is_dir()):
-        data = _tar_bytes([(p.name, p.read_bytes()) for p in sorted(class_dir.iterdir())])
+    order = random.Random(5).sample if unsorted else lambda paths, count: sorted(paths)
+    classes = [p for p in folder.iterdir() if p.is_dir()]
+    for class_dir in order(classes, len(classes)):
+        files = list(class_dir.iterdir())
+        data = _tar_bytes([(p.name, p.read_bytes()) for p in order(files, len(files))])
         if class_dir.name == cut_short:
             with tarfile.open(fileobj=io.BytesIO(data)) as tar:
                 last = tar.getmembers()[-1]
@@ -160,3 +168,77 @@ def test_a_file_that_is_no_tar_is_refused_in_one_line(tmp_path: Path) -> None:
     with pytest.raises(ShardsError, match=r"not a readable tar archive") as refused:
         _create(str(fake), str(tmp_path / "out"))
     assert "\n" not in str(refused.value)
+
+
+def test_an_archive_in_any_member_order_shards_as_its_folders(
+    imagenet: Path, tmp_path: Path
+) -> None:
+    """The inner tars and their files in a shuffled order (ImageNet's are not sorted):
+    the listing is sorted as a folder's is, so the shard set is the same."""
+    shuffled = tmp_path / "train.tar"
+    _train_archive(imagenet / "train", shuffled, unsorted=True)
+    with tarfile.open(shuffled) as tar:
+        names = tar.getnames()
+    assert names != sorted(names)
+    _create(str(imagenet / "train"), str(tmp_path / "folders"))
+    _create(str(shuffled), str(tmp_path / "archive"))
+    assert _shard_set(str(tmp_path / "archive")) == _shard_set(str(tmp_path / "folders"))
+
+
+def test_an_empty_inner_tar_is_refused_as_its_empty_folder_unless_classes_name_it(
+    imagenet: Path, tmp_path: Path
+) -> None:
+    """An inner tar without images is the empty class folder it would extract to: both
+    are refused in one line naming it, and both shard alike (the class kept, without
+    samples) when --classes lists it."""
+    folder = tmp_path / "train"
+    shutil.copytree(imagenet / "train", folder)
+    (folder / "n09999999").mkdir()
+    archive = tmp_path / "train.tar"
+    _train_archive(folder, archive)
+    with pytest.raises(ShardsError, match=r"inner tar\(s\) n09999999\.tar hold no images"):
+        _create(str(archive), str(tmp_path / "refused-archive"))
+    with pytest.raises(ShardsError, match=r"class folder\(s\) n09999999 hold no images"):
+        _create(str(folder), str(tmp_path / "refused-folder"))
+
+    classes = tmp_path / "classes.txt"
+    classes.write_text("\n".join(sorted(p.name for p in folder.iterdir())) + "\n")
+    _create(str(archive), str(tmp_path / "archive"), classes=str(classes))
+    _create(str(folder), str(tmp_path / "folders"), classes=str(classes))
+    made = _shard_set(str(tmp_path / "archive"))
+    assert made == _shard_set(str(tmp_path / "folders"))
+    assert made["manifest.json"]["classes"][-1] == "n09999999"  # type: ignore[index]
+    report = json.loads((tmp_path / "archive" / "report.json").read_text())
+    assert any("n09999999" in note and "no samples" in note for note in report["notes"])
+
+
+def test_the_headers_pass_on_s3_skips_a_member_larger_than_its_block(
+    s3_bucket: S3Bucket, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Reading the headers streams the archive in blocks and seeks over a member larger
+    than a block with a ranged request: at ImageNet's 110 kB per image one pass is the
+    cheaper, for a large member the ranged read. Counted on the S3 file's fetches."""
+    import s3fs
+
+    block = 64 * 1024
+    monkeypatch.setattr(archives, "STREAM_BLOCK_BYTES", block)
+    rng = random.Random(0)
+    small = [(f"a/{i}.jpg", rng.randbytes(2_000)) for i in range(20)]
+    big = ("a/video.bin", rng.randbytes(4 * 1024 * 1024))
+    archive = tmp_path / "mixed.tar"
+    archive.write_bytes(_tar_bytes([*small[:10], big, *small[10:]]))
+    fs, _ = storage.filesystem(s3_bucket.url)
+    fs.put_file(str(archive), f"{s3_bucket.name}/mixed.tar")
+    fetched: list[int] = []
+    original = s3fs.core.S3File._fetch_range
+
+    def counting(self: s3fs.core.S3File, start: int, end: int) -> bytes:
+        data = original(self, start, end)
+        fetched.append(len(data))
+        return data
+
+    monkeypatch.setattr(s3fs.core.S3File, "_fetch_range", counting)
+    listing = archives.list_archive(f"{s3_bucket.url}/mixed.tar")
+    assert listing.names == sorted(name for name, _ in [*small, big])
+    assert sum(fetched) < archive.stat().st_size - len(big[1]) + 3 * block
+    assert len(fetched) <= 4
