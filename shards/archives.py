@@ -294,7 +294,9 @@ def _write_index(index_dir: str, identity: str, listing: ArchiveListing) -> None
     compressor in chunks of names: the whole document as one string would be 0.8 GB,
     held twice while encoded, beside the listing."""
     buffer = io.BytesIO()
-    with gzip.GzipFile(fileobj=buffer, mode="wb", mtime=0) as out:
+    # level 6: 2% larger than level 9 at a sixth of its CPU (a 200,000-entry index here:
+    # 0.18 s against 1.03 s; 14M entries scale that to 13 s against 72 s)
+    with gzip.GzipFile(fileobj=buffer, mode="wb", compresslevel=6, mtime=0) as out:
         out.write(b'{"format":%d,"names":"' % INDEX_FORMAT)
         for start in range(0, len(listing.names), _NAMES_PER_CHUNK):
             if start:
