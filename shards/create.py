@@ -151,8 +151,8 @@ class SetPlan:
     """The whole shard set's plan: which items each shard takes, as positions into the
     source's columns (``order``: sorted by key, then shuffled by the seed; shard ``k``
     takes ``order[bounds[k]:bounds[k + 1]]``). A shard's :class:`ShardPlan`, one object
-    per image, is made only when that shard is built or checked, so planning 14M images
-    holds 16 bytes per image beside the listing rather than a plan object each."""
+    per image, is made only when that shard is built or checked, so the plan of 14M
+    images holds one 8-byte position per image beside the listing, not an object each."""
 
     items: Items
     order: array

@@ -3,7 +3,7 @@
 
 Each layout lists its files as :class:`Items` (the columns: where to read each image's
 bytes, its size and class index; its key derived from its path by the layout's rule)
-without reading any image, so planning ImageNet-21k's 14M files takes seconds and fits
+without reading any image, so planning ImageNet-21k's 14M files takes half a minute and fits
 a node; a builder gets one :class:`SourceItem` per image of its shard.
 Trees are local folders or object-store prefixes alike (``shards.tree``). Class index =
 position of the class name in the sorted class list.
