@@ -713,7 +713,11 @@ def _walk_local(folder: str, relative: str) -> list[tuple[str, int]]:
                     if not entry.name.startswith("."):
                         pending.append((entry.path, name + "/"))
                 elif entry.is_file():
-                    out.append((name, entry.stat().st_size))
+                    try:
+                        size = entry.stat().st_size
+                    except FileNotFoundError:
+                        continue  # gone since the folder was read (another node's temporary)
+                    out.append((name, size))
     return out
 
 

@@ -8,6 +8,8 @@ import math
 from datetime import datetime
 from pathlib import Path
 
+import pytest
+
 from shards import storage
 
 
@@ -61,3 +63,45 @@ def test_timestamps_are_parsed_as_botocore_parses_them() -> None:
         ours, theirs = storage.parse_s3_timestamp(text), DEFAULT_TIMESTAMP_PARSER(text)
         assert isinstance(ours, datetime) and ours == theirs, text
         assert ours.utcoffset() == theirs.utcoffset(), text
+
+
+def test_a_file_removed_while_its_folder_is_listed_is_left_out(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Several `shards create --nodes` write one local DEST: a node's temporary shard can
+    be renamed away between another node's reading of the folder and its asking for the
+    file's size. The listing leaves it out instead of failing (seen in the two-machine
+    local_cwd test)."""
+    import os
+
+    (tmp_path / "kept.tar").write_bytes(b"x" * 3)
+    (tmp_path / ".train-000001.tar.tmp-123").write_bytes(b"y")
+    real_scandir = os.scandir
+
+    class Vanishing:
+        def __init__(self, entry: os.DirEntry) -> None:
+            self.entry, self.name, self.path = entry, entry.name, entry.path
+
+        def is_dir(self) -> bool:
+            return self.entry.is_dir()
+
+        def is_file(self) -> bool:
+            return self.entry.is_file()
+
+        def stat(self) -> os.stat_result:
+            if ".tmp-" in self.name:
+                os.remove(self.path)  # renamed by its writer just now
+            return self.entry.stat()
+
+    class Listing:
+        def __init__(self, path: str) -> None:
+            self.inner = real_scandir(path)
+
+        def __enter__(self) -> list[Vanishing]:
+            return [Vanishing(entry) for entry in self.inner.__enter__()]
+
+        def __exit__(self, *exc: object) -> None:
+            self.inner.__exit__(*exc)
+
+    monkeypatch.setattr(os, "scandir", Listing)
+    assert storage.list_files(str(tmp_path)) == [("kept.tar", 3)]
