@@ -24,24 +24,34 @@ from conftest import TinyShards
 BIN = Path(sys.executable).parent
 
 
-@pytest.mark.slow
-def test_pipeline_runs_every_stage_and_a_rerun_skips_finished_ones(
-    tiny_shards: TinyShards, tmp_path: Path
-) -> None:
+def _tiny_recipe(
+    tiny_shards: TinyShards, tmp_path: Path, root: Path, *extra: str
+) -> tuple[list[str], dict[str, str]]:
+    """The command and environment of a tiny recipe on local_cwd (pretrain, finetune on
+    an eighth of the labels, distill; 4 steps each), its leases 4 s long so that a
+    killed job's is waited out quickly."""
     keys = sorted(tiny_shards.keys)
     small_file = tmp_path / "eighth.txt"
     small_file.write_text("".join(f"{k}.JPEG\n" for k in keys[::8]))
-    root = tmp_path / "runs"
     cmd = [
         str(BIN / "ssl-train"), "pipeline", "-s", "local_cwd", "--data", str(tiny_shards.train),
         "--eval-data", str(tiny_shards.test), "--root", str(root), "--subset", str(small_file),
         "--preset", "tiny", "--student", "tiny_student",
         "--arg", "j=1x1", "--arg", "image_size=16", "--arg", "precision=fp32",
         "--arg", "workers=0", "--arg", "metrics_port=0", "--arg", "channels_last=False",
-        "--arg", "global_batch_size=8", "--arg", "max_steps=4",
+        "--arg", "global_batch_size=8", "--arg", "max_steps=4", *extra,
     ]  # fmt: skip
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "OMP_NUM_THREADS": "1"}
-    env["SSL_TRAIN_LEASE_SECONDS"] = "4"  # the killed stage's lease: waited out on the rerun
+    env["SSL_TRAIN_LEASE_SECONDS"] = "4"
+    return cmd, env
+
+
+@pytest.mark.slow
+def test_pipeline_runs_every_stage_and_a_rerun_skips_finished_ones(
+    tiny_shards: TinyShards, tmp_path: Path
+) -> None:
+    root = tmp_path / "runs"
+    cmd, env = _tiny_recipe(tiny_shards, tmp_path, root)
     log = open(tmp_path / "first.log", "wb")  # noqa: SIM115
     first = subprocess.Popen(
         cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp_path, start_new_session=True
@@ -92,21 +102,14 @@ def test_a_killed_driver_leaves_its_job_running_and_the_next_driver_follows_it(
     and the recipe completes with every stage's run dir written by one job."""
     from ssl_train.lease import live_holder, read_head
 
-    keys = sorted(tiny_shards.keys)
-    small_file = tmp_path / "eighth.txt"
-    small_file.write_text("".join(f"{k}.JPEG\n" for k in keys[::8]))
     root = tmp_path / "runs"
-    cmd = [
-        str(BIN / "ssl-train"), "pipeline", "-s", "local_cwd", "--data", str(tiny_shards.train),
-        "--eval-data", str(tiny_shards.test), "--root", str(root), "--subset", str(small_file),
-        "--preset", "tiny", "--student", "tiny_student",
-        "--arg", "j=1x1", "--arg", "image_size=16", "--arg", "precision=fp32",
-        "--arg", "workers=0", "--arg", "metrics_port=0", "--arg", "channels_last=False",
-        "--arg", "global_batch_size=8", "--arg", "max_steps=4",
-        "--stage-arg", "pretrain:max_steps=200", "--stage-arg", "pretrain:log_every_steps=1",
-    ]  # fmt: skip
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "OMP_NUM_THREADS": "1"}
-    env["SSL_TRAIN_LEASE_SECONDS"] = "4"
+    long_pretrain = [
+        "--stage-arg",
+        "pretrain:max_steps=200",
+        "--stage-arg",
+        "pretrain:log_every_steps=1",
+    ]
+    cmd, env = _tiny_recipe(tiny_shards, tmp_path, root, *long_pretrain)
     log = open(tmp_path / "first.log", "wb")  # noqa: SIM115
     first = subprocess.Popen(
         cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp_path, start_new_session=True
