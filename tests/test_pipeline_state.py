@@ -215,3 +215,51 @@ def test_a_run_dirs_lease_is_written_without_the_drivers_field(tmp_path: Path) -
         assert "stages" not in json.loads((tmp_path / "lease.json").read_text())
     finally:
         lease.release()
+
+
+def test_ssl_train_pipeline_refuses_in_one_line_while_another_driver_runs(
+    tmp_path: Path,
+) -> None:
+    """The real command: refused before it submits anything, naming the driver."""
+    holder = _holding_driver(tmp_path)
+    try:
+        began = time.monotonic()
+        result = subprocess.run(
+            [str(Path(sys.executable).parent / "ssl-train"), "pipeline", "-s", "local_cwd",
+             "--data", str(tmp_path / "train"), "--root", str(tmp_path), "--preset", "tiny"],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert time.monotonic() - began < 60
+    finally:
+        holder.kill()
+        holder.wait()
+    assert result.returncode == 2, result.stderr
+    [line] = result.stderr.strip().splitlines()
+    assert "another pipeline driver is running this recipe" in line and f"pid {holder.pid}" in line
+    assert "submitted" not in result.stdout and not (tmp_path / "pretrain").exists()
+
+
+def test_a_restarted_driver_pod_takes_its_own_lease_back_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The driver component gives every pod of its job one job id: a pod that replaces a
+    lost one (on another node, the old one maybe not even dead yet) takes the lease at
+    once instead of waiting out the period, and keeps the stages' records."""
+    monkeypatch.setenv("SSL_TRAIN_JOB_ID", "pipeline-ssl-pipeline-abc")
+    code = HOLD.replace(
+        "DriverLease(sys.argv[1], seconds=60)", "DriverLease(sys.argv[1], seconds=600)"
+    )
+    holder = subprocess.Popen(
+        [sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        began = time.monotonic()
+        lease = DriverLease(str(tmp_path), seconds=60)
+        lease.acquire(patience_s=0)
+        assert time.monotonic() - began < 5 and lease.job == "pipeline-ssl-pipeline-abc"
+        assert (lease.holder.stages or {})["pretrain"]["state"] == "RUNNING"  # type: ignore[union-attr]
+        lease.release()
+    finally:
+        holder.kill()
+        holder.wait()
