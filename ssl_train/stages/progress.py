@@ -81,6 +81,7 @@ class ProgressRecord:
         self, step: int, total_steps: int, epoch: int, eta_s: float, now: float | None = None
     ) -> None:
         from shards import storage
+        from shards.errors import ShardsError
 
         now = time.time() if now is None else now
         if now - self.written < PROGRESS_EVERY_S and step < total_steps:
@@ -93,9 +94,13 @@ class ProgressRecord:
             "eta_s": eta_s if math.isfinite(eta_s) else None,
             "updated": now,
         }
-        storage.write_bytes_atomic(
-            storage.join(self.run_dir, PROGRESS_FILE), json.dumps(body).encode() + b"\n"
-        )
+        try:
+            storage.write_bytes_atomic(
+                storage.join(self.run_dir, PROGRESS_FILE), json.dumps(body).encode() + b"\n"
+            )
+        except (OSError, ShardsError) as exc:  # a record for readers: never stops training
+            logging.getLogger(__name__).warning("could not write %s: %s", PROGRESS_FILE, exc)
+            return
         self.written = now
 
 
