@@ -263,3 +263,20 @@ def test_a_restarted_driver_pod_takes_its_own_lease_back_at_once(
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_a_progress_record_that_cannot_be_written_never_stops_training(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from ssl_train.stages.progress import ProgressRecord, read_progress
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    ProgressRecord(str(blocker / "run"), "pretrain").update(1, 10, 0, 5.0)  # no exception
+    assert "could not write progress.json" in caplog.text
+    record = ProgressRecord(str(tmp_path / "run"), "pretrain")
+    record.update(1, 10, 0, 5.0, now=100.0)
+    record.update(2, 10, 0, 4.0, now=110.0)  # within 30 s of the last write: not written
+    assert read_progress(str(tmp_path / "run"))["step"] == 1  # type: ignore[index]
+    record.update(10, 10, 1, 0.0, now=111.0)  # the last step is always written
+    assert read_progress(str(tmp_path / "run"))["step"] == 10  # type: ignore[index]
