@@ -87,6 +87,16 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run the SimCLRv2 recipe stage by stage as TorchX jobs. Stage run dirs "
         "are ROOT/<stage>; finished stages are skipped, an unfinished one resumes.",
     )
+    pipeline.add_argument(
+        "action",
+        nargs="?",
+        choices=["status"],
+        help="status: print where the recipe in --root stands (each stage, its job, its "
+        "state and progress) and submit nothing; from any machine that can read --root",
+    )
+    pipeline.add_argument(
+        "--json", action="store_true", help="with status: the same as one JSON document"
+    )
     pipeline.add_argument("-s", "--scheduler", default="local_cwd", help="TorchX scheduler")
     pipeline.add_argument(
         "-cfg",
@@ -216,7 +226,14 @@ def add_stage_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def run_pipeline_command(args: argparse.Namespace) -> None:
-    """``ssl-train pipeline``: the flags as a PipelinePlan, then run it."""
+    """``ssl-train pipeline``: the flags as a PipelinePlan, then run it; or, with
+    ``status``, where the recipe in ``--root`` stands."""
+    if args.action == "status":
+        from ssl_train.pipeline_state import pipeline_status, status_lines
+
+        status = pipeline_status(args.root)
+        print(json.dumps(status, indent=1) if args.json else "\n".join(status_lines(status)))
+        return
     from ssl_train.pipeline import PipelinePlan, parse_assignments, run_pipeline
 
     per_stage: dict[str, dict[str, str]] = {}

@@ -24,6 +24,7 @@ import torchx.specs as specs
 
 from ssl_train.jobs import DEFAULT_IMAGE, JobOptions, command_job, stage_job
 from ssl_train.metrics import DEFAULT_PORT
+from ssl_train.pipeline_job import driver_app
 from ssl_train.stages import registry
 
 
@@ -602,3 +603,32 @@ def eval(
     values = {"data": data, "eval_batch_size": eval_batch_size, "image_size": image_size, "workers": workers, "device": device}
     options = JobOptions(name=name, image=image, j=j, h=h, cpu=cpu, gpu=gpu, memMB=memMB, max_retries=max_retries, env=env, mounts=mounts, max_restarts=0, metrics_port=0)
     return command_job(registry.EVAL, run_dir, values, options)
+
+
+def pipeline(
+    *pipeline_args: str,
+    root: str,
+    name: str = "ssl-pipeline",
+    image: str = DEFAULT_IMAGE,
+    service_account: str = "ssl-train-pipeline",
+    cpu: int = 1,
+    memMB: int = 2048,
+    max_retries: int = 100,
+) -> specs.AppDef:
+    """The SimCLRv2 recipe's driver in the cluster: ``ssl-train pipeline -s kubernetes
+    --root ROOT PIPELINE_ARGS`` in one small CPU pod, as a ServiceAccount allowed to
+    submit and follow the stage jobs (k8s/pipeline-rbac.yaml); it outlives the machine
+    that submitted it, and a restarted driver follows the stage jobs already running.
+
+    Args:
+        pipeline_args: the pipeline's own flags, after ``--`` (--data, --subset, --arg,
+            and -cfg with the stage jobs' queue, namespace and secret)
+        root: URL under which every stage's run dir goes (and pipeline.json)
+        name: job name
+        image: container image with ssl-train installed
+        service_account: the driver pod's ServiceAccount (k8s/pipeline-rbac.yaml's)
+        cpu: CPUs of the driver's pod
+        memMB: memory of the driver's pod in MB
+        max_retries: times the scheduler restarts a lost or preempted driver
+    """
+    return driver_app(pipeline_args, root, name, image, service_account, cpu, memMB, max_retries)

@@ -16,8 +16,14 @@ options on top of TorchX's (``-cfg`` or ``.torchxconfig``):
   torchrun's shutdown window (``TORCH_ELASTIC_SHUTDOWN_TIMEOUT``) is set from it, less a
   margin for torchrun's own exit, so the workers' preemption checkpoint has all of it.
 - ``shm_size``: size limit of the memory-backed ``/dev/shm`` (default ``16Gi``).
+
+Also: a job whose component names a ServiceAccount (the pipeline's driver,
+``ssl_train.pipeline_job``) runs as it unless ``-cfg service_account`` says otherwise;
+and inside the cluster, where there is no kubeconfig (the driver's pod), the client
+takes the pod's own ServiceAccount credentials (in-cluster configuration).
 """
 
+import os
 from typing import Any, Optional
 
 from torchx.schedulers.api import AppDryRunInfo
@@ -29,6 +35,7 @@ from torchx.schedulers.kubernetes_scheduler import (
 from torchx.specs import AppDef, runopts
 
 from ssl_train.jobs import CHECK_FAILED_EXIT_CODE, CHECKPOINT_BYTES_METADATA
+from ssl_train.pipeline_job import SERVICE_ACCOUNT_METADATA
 from ssl_train.preemption import (
     MIN_GRACE_PERIOD_S,
     SHUTDOWN_TIMEOUT_ENV,
@@ -55,9 +62,24 @@ class SSLKubernetesScheduler(KubernetesScheduler):
         opts.add("shm_size", type_=str, default=DEFAULT_SHM_SIZE, help="size limit of /dev/shm")
         return opts
 
+    def _api_client(self) -> Any:
+        """TorchX's client, from the kubeconfig; in a pod without one (the pipeline's
+        driver), from the pod's ServiceAccount, which TorchX 0.7 does not try."""
+        if self._client is None and os.environ.get("KUBERNETES_SERVICE_HOST"):
+            from kubernetes import client, config
+
+            configuration = client.Configuration()
+            try:
+                config.load_kube_config(client_configuration=configuration)
+            except config.ConfigException:
+                config.load_incluster_config(client_configuration=configuration)
+            self._client = client.ApiClient(configuration)
+        return super()._api_client()
+
     def _submit_dryrun(self, app: AppDef, cfg: KubernetesOpts) -> AppDryRunInfo[KubernetesJob]:
         info = super()._submit_dryrun(app, cfg)
         options: dict[str, Any] = dict(cfg)
+        account = options.get("service_account") or app.metadata.get(SERVICE_ACCOUNT_METADATA)
         grace = options.get("grace_period_s") or default_grace_period_s(app)
         for task in info.request.resource["spec"]["tasks"]:  # type: ignore[index]
             # the check before torchrun failed (ssl_train.jobs): no retry can fix it; listed
@@ -66,6 +88,8 @@ class SSLKubernetesScheduler(KubernetesScheduler):
                 {"exitCode": CHECK_FAILED_EXIT_CODE, "action": "TerminateJob"},
                 *task.get("policies", []),
             ]
+            if account:
+                task["template"].spec.service_account_name = account
             patch_pod(
                 task["template"],
                 secret=options.get("secret"),

@@ -87,6 +87,9 @@ class Holder:
     # one would take a lease renewed at the holder's slower pace); None in leases of
     # older versions, which count as the default period
     seconds: float | None = None
+    # a pipeline driver's lease (``pipeline.json`` in the recipe's root, not a run dir's):
+    # each stage's job as the drivers recorded it (``ssl_train.pipeline_state``)
+    stages: dict | None = None
 
     def describe(self) -> str:
         return (
@@ -135,10 +138,11 @@ class RunDirLease:
         job: str | None = None,
         clock: Callable[[], float] = time.time,
         single_writer_store: bool = False,
+        file: str = LEASE_FILE,
     ) -> None:
         self.run_dir = run_dir
         self.single_writer_store = single_writer_store
-        self.url = storage.join(run_dir, LEASE_FILE)
+        self.url = storage.join(run_dir, file)
         self.seconds = lease_seconds() if seconds is None else seconds
         self.job = job_id() if job is None else job
         self.clock = clock
@@ -175,7 +179,9 @@ class RunDirLease:
             # against the holder's period
             age = found.age_s
             period = holder.seconds or max(self.seconds, DEFAULT_LEASE_SECONDS)
-            takeable = holder.released or holder.job == self.job or age > period
+            takeable = (
+                holder.released or holder.job == self.job or age > period or self._gone(holder)
+            )
             if takeable:
                 if self._write(version, holder):
                     if not holder.released and holder.job != self.job:
@@ -196,6 +202,11 @@ class RunDirLease:
                 )
             watched = version
             time.sleep(min(max(period - age, 0.0) + 0.05, self.seconds / 8))
+
+    def _gone(self, holder: Holder) -> bool:
+        """Whether the holder is known to be dead before its lease expires (a run dir's
+        writer never is: its lease is waited out)."""
+        return False
 
     def check_store(self) -> None:
         """Refuse a run dir whose store ignores conditional writes (a second job would
@@ -233,6 +244,7 @@ class RunDirLease:
             checkpoints=None if previous is None else previous.checkpoints,
             finished=None if previous is None else previous.finished,
             seconds=self.seconds,
+            stages=None if previous is None else previous.stages,
         )
         version = self._put(holder, expected)
         if version is None:
@@ -243,7 +255,10 @@ class RunDirLease:
         return True
 
     def _put(self, holder: Holder, expected: str | None) -> str | None:
-        data = json.dumps(asdict(holder), indent=2).encode() + b"\n"
+        fields = asdict(holder)
+        if fields["stages"] is None:  # a run dir's lease: as versions before the field wrote it
+            del fields["stages"]
+        data = json.dumps(fields, indent=2).encode() + b"\n"
         version = write_if(self.url, data, expected)
         if version is None:
             # a retried PUT whose first answer was lost fails its own condition: did we win?
@@ -375,7 +390,7 @@ class RunDirLease:
                 log.warning("could not release the run dir's lease (it expires by itself): %s", exc)
 
 
-def read_head(run_dir: str) -> Holder | None:
+def read_head(run_dir: str, file: str = LEASE_FILE) -> Holder | None:
     """What the run dir's lease records (holder and commits), for a reader that holds
     no lease (a check before training, ``ssl-train eval``); None when it has none.
 
@@ -383,8 +398,27 @@ def read_head(run_dir: str) -> Holder | None:
         >>> read_head("/tmp/no-such-run-dir") is None
         True
     """
-    found = read_versioned(storage.join(run_dir, LEASE_FILE))
-    return None if found is None else _parse(found[0], storage.join(run_dir, LEASE_FILE))
+    url = storage.join(run_dir, file)
+    found = read_versioned(url)
+    return None if found is None else _parse(found[0], url)
+
+
+def live_holder(run_dir: str, file: str = LEASE_FILE) -> Holder | None:
+    """The job holding the lease now, by the store's clock (renewed within its period
+    and not released), or None: how a process that holds no lease tells whether a job
+    is still writing the run dir (a pipeline driver following a job it did not start).
+
+    Example:
+        >>> live_holder("/tmp/no-such-run-dir") is None
+        True
+    """
+    url = storage.join(run_dir, file)
+    found = read_stamped(url)
+    if found is None:
+        return None
+    holder = _parse(found.data, url)
+    period = holder.seconds or DEFAULT_LEASE_SECONDS
+    return None if holder.released or found.age_s > period else holder
 
 
 def _parse(data: bytes, url: str) -> Holder:

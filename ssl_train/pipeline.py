@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from shards import storage
 from ssl_train import components
 from ssl_train.errors import UserError
+from ssl_train.lease import live_holder
+from ssl_train.pipeline_state import DriverLease, now_iso, record_stage
 from ssl_train.stages import registry
 from ssl_train.stages.progress import PROGRESS_PATTERN
 from ssl_train.stages.summary import read_summary
@@ -215,42 +217,163 @@ def _run_stages(
     poll_seconds: float = 2.0,
 ) -> list[str]:
     from torchx.runner import get_runner
-    from torchx.specs import AppState
 
     started, ran = time.monotonic(), []
     cfg = with_log_dir(scheduler, cfg, plan.root)
-    with get_runner() as runner:
-        for stage in plan.stages():
-            run_dir = plan.run_dir(stage.name)
-            summary = read_summary(run_dir)
-            if summary is not None and summary.get("finished"):
+    stages = plan.stages()
+    lease = DriverLease(plan.root)
+    lease.acquire(patience_s=0)  # a live driver on this root: refused at once, named
+    try:
+        records = dict(lease.holder.stages or {}) if lease.holder else {}
+        for stage in stages:  # the plan first, so that `pipeline status` lists every stage
+            records.setdefault(
+                stage.name,
+                {"kind": stage.kind, "run_dir": plan.run_dir(stage.name), "state": NOT_STARTED},
+            )
+        lease.commit(stages=records)
+        with get_runner() as runner:
+            for stage in stages:
+                run_dir = plan.run_dir(stage.name)
+                summary = read_summary(run_dir)
+                if summary is not None and summary.get("finished"):
+                    print(
+                        f"[pipeline] {stage.name}: finished earlier ({storage.redact(run_dir)}), skipped",
+                        flush=True,
+                    )
+                    record_stage(lease, stage.name, state="SUCCEEDED")
+                    continue
+                record = (lease.holder.stages or {}).get(stage.name, {}) if lease.holder else {}
+                state = _follow_recorded_job(runner, record, run_dir, stage, follow, poll_seconds)
+                if state is not None:
+                    record_stage(lease, stage.name, state=state)
+                if state != "SUCCEEDED":
+                    args = plan.component_args(stage)
+                    handle = runner.run_component(f"ssl.{stage.component}", args, scheduler, cfg)
+                    record_stage(
+                        lease,
+                        stage.name,
+                        handle=handle,
+                        scheduler=scheduler,
+                        submitted=now_iso(),
+                        state="SUBMITTED",
+                    )
+                    print(f"[pipeline] {stage.name}: submitted {handle}", flush=True)
+                    print(
+                        f"[pipeline]   follow it: {how_to_follow(handle, scheduler, cfg, stage)}",
+                        flush=True,
+                    )
+                    state = _wait_for(runner, handle, run_dir, stage, follow, poll_seconds)
+                    record_stage(lease, stage.name, state=state)
+                    if state != "SUCCEEDED":
+                        raise PipelineError(
+                            f"{stage.name} ended {state}: see "
+                            f"{where_its_log_is(handle, scheduler, cfg, stage)}; run the "
+                            "pipeline again to resume it"
+                        )
                 print(
-                    f"[pipeline] {stage.name}: finished earlier ({storage.redact(run_dir)}), skipped",
+                    f"[pipeline] {stage.name}: done ({time.monotonic() - started:.0f} s so far)",
                     flush=True,
                 )
-                continue
-            args = plan.component_args(stage)
-            handle = runner.run_component(f"ssl.{stage.component}", args, scheduler, cfg)
-            print(f"[pipeline] {stage.name}: submitted {handle}", flush=True)
-            print(
-                f"[pipeline]   follow it: {how_to_follow(handle, scheduler, cfg, stage)}",
-                flush=True,
-            )
-            if follow is not None:
-                _follow_log(runner, handle, stage, follow)
-            status = runner.wait(handle, wait_interval=poll_seconds)
-            state = status.state if status is not None else AppState.UNKNOWN
-            if state != AppState.SUCCEEDED:
-                raise PipelineError(
-                    f"{stage.name} ended {state}: see {where_its_log_is(handle, scheduler, cfg, stage)}; "
-                    "run the pipeline again to resume it"
-                )
-            print(
-                f"[pipeline] {stage.name}: done ({time.monotonic() - started:.0f} s so far)",
-                flush=True,
-            )
-            ran.append(stage.name)
+                ran.append(stage.name)
+    finally:
+        lease.release()
     return ran
+
+
+NOT_STARTED = "NOT_STARTED"
+_RUNNING_STATES = frozenset({"SUBMITTED", "PENDING", "RUNNING"})
+# a job submitted this recently may not have taken its run dir's lease yet (torchrun
+# starting, imports): a driver started again waits this long for it before submitting
+STARTUP_GRACE_S = 180.0
+
+
+def _follow_recorded_job(
+    runner: object,
+    record: dict,
+    run_dir: str,
+    stage: Stage,
+    follow: Callable[[str, str], None] | None,
+    poll_seconds: float,
+) -> str | None:
+    """Follow the stage's job an earlier driver submitted, if it is still pending or
+    running, to its end: its final state (``SUCCEEDED``, or another state, after which
+    the stage is submitted again and resumes from its checkpoint); None if there is no
+    such job to follow."""
+    handle = _still_running(runner, record, run_dir, poll_seconds)
+    if handle is None:
+        return None
+    print(
+        f"[pipeline] {stage.name}: its job {handle} is still running; following it (not "
+        "submitted again)",
+        flush=True,
+    )
+    state = _wait_for(runner, handle, run_dir, stage, follow, poll_seconds)
+    if state != "SUCCEEDED":
+        print(
+            f"[pipeline] {stage.name}: {handle} ended {state}; submitting the stage again "
+            "(it resumes from its newest checkpoint)",
+            flush=True,
+        )
+    return state
+
+
+def _still_running(runner: object, record: dict, run_dir: str, poll_seconds: float) -> str | None:
+    """The handle of the stage's recorded job if that job is pending or running, else
+    None (never submitted, failed, or gone). A job on a scheduler that forgets its jobs
+    with the process that submitted them (local_cwd) is judged by its run dir's lease:
+    held and renewed by that job means it runs."""
+    handle = record.get("handle")
+    if not handle:
+        return None
+    if record.get("scheduler") not in IN_PROCESS_SCHEDULERS:
+        status = runner.status(handle)  # type: ignore[attr-defined]
+        return handle if status is not None and status.state.name in _RUNNING_STATES else None
+    from torchx.specs import parse_app_handle
+
+    app_id = parse_app_handle(handle)[2]
+    submitted = _seconds_since(record.get("submitted"))
+    while True:
+        holder = live_holder(run_dir)
+        if holder is not None:
+            return handle if holder.job == app_id else None
+        if read_summary(run_dir) is not None or submitted is None:
+            return None
+        if _seconds_since(record["submitted"]) > STARTUP_GRACE_S:  # type: ignore[operator]
+            return None
+        time.sleep(poll_seconds)
+
+
+def _seconds_since(iso: str | None) -> float | None:
+    if not iso:
+        return None
+    from datetime import datetime
+
+    return time.time() - datetime.fromisoformat(iso).timestamp()
+
+
+def _wait_for(
+    runner: object,
+    handle: str,
+    run_dir: str,
+    stage: Stage,
+    follow: Callable[[str, str], None] | None,
+    poll_seconds: float,
+) -> str:
+    """Wait for the stage's job to end; its final state's name. A job this process's
+    runner does not know (submitted by a driver that is gone, on local_cwd) is followed
+    through its run dir's lease: it has ended when the lease is released or expires."""
+    from torchx.specs import AppState
+
+    if runner.status(handle) is None:  # type: ignore[attr-defined]
+        while live_holder(run_dir) is not None:
+            time.sleep(poll_seconds)
+        summary = read_summary(run_dir)
+        return "SUCCEEDED" if summary is not None and summary.get("finished") else "FAILED"
+    if follow is not None:
+        _follow_log(runner, handle, stage, follow)
+    status = runner.wait(handle, wait_interval=poll_seconds)  # type: ignore[attr-defined]
+    state = status.state if status is not None else AppState.UNKNOWN
+    return state.name
 
 
 def dryrun_pipeline(plan: PipelinePlan, scheduler: str, cfg: dict[str, str]) -> list[str]:

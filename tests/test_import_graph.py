@@ -155,9 +155,18 @@ ROOMS: list[tuple[str, tuple[str, ...]]] = [
             "ssl_train.k8s_scheduler",
             "ssl_train.docker_scheduler",
             "ssl_train.stages.codegen",
+            "ssl_train.pipeline_job",
         ),
     ),
-    ("drivers", ("ssl_train.pipeline", "ssl_train.demo", "ssl_train.local_prometheus")),
+    (
+        "drivers",
+        (
+            "ssl_train.pipeline",
+            "ssl_train.pipeline_state",
+            "ssl_train.demo",
+            "ssl_train.local_prometheus",
+        ),
+    ),
     ("cli", ("ssl_train.cli",)),
 ]
 

@@ -232,3 +232,71 @@ def test_a_missing_kubernetes_client_is_one_line(tmp_path: Path) -> None:
     assert result.returncode != 0
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
     assert "pip install 'kubernetes" in result.stderr.strip().splitlines()[-1]
+
+
+def test_the_pipeline_driver_is_a_valid_job_running_as_its_service_account(
+    tmp_path: Path,
+) -> None:
+    """Issue 36: ``ssl.pipeline`` submits the recipe's driver as one small CPU pod that
+    runs ``ssl-train pipeline -s kubernetes`` as k8s/pipeline-rbac.yaml's ServiceAccount,
+    with a job id that a restarted pod keeps (it takes its own lease back at once)."""
+    import kubernetes_validate
+
+    rbac = yaml.safe_load_all((CRD.parent.parent / "pipeline-rbac.yaml").read_text())
+    (account,) = [d["metadata"]["name"] for d in rbac if d["kind"] == "ServiceAccount"]
+    args = ["--root", "s3://b/runs/r50", "--", "--data", "s3://b/train", "--subset",
+            "1percent", "-cfg", "queue=ssl-train,namespace=ml,secret=s3-credentials"]  # fmt: skip
+    output, job = dryrun("ssl.pipeline", args, tmp_path, cfg=CFG, common=COMMON[:2])
+    assert FAKE_KEY not in output and FAKE_SECRET not in output
+    jsonschema.validate(job, schema_of(CRD))
+    (task,) = job["spec"]["tasks"]
+    assert task["maxRetry"] == 100 and task["replicas"] == 1
+    pod = {"apiVersion": "v1", "kind": "Pod", **task["template"]}
+    kubernetes_validate.validate(pod, kubernetes_validate.latest_version(), strict=True)
+    assert pod["spec"]["serviceAccountName"] == account == "ssl-train-pipeline"
+    (container,) = pod["spec"]["containers"]
+    assert container["command"] == [
+        "ssl-train", "pipeline", "-s", "kubernetes", "--root", "s3://b/runs/r50",
+        "--data", "s3://b/train", "--subset", "1percent",
+        "-cfg", "queue=ssl-train,namespace=ml,secret=s3-credentials",
+    ]  # fmt: skip
+    assert {"secretRef": {"name": "s3-credentials"}} in container["envFrom"]
+    env = {item["name"]: item.get("value") for item in container["env"]}
+    assert env["SSL_TRAIN_JOB_ID"] == f"pipeline-{job['metadata']['name']}"
+    limits = container["resources"]["limits"]
+    assert limits["cpu"] == "1000m" and not any("gpu" in key for key in limits)
+
+    _, other = dryrun(
+        "ssl.pipeline", args, tmp_path, cfg=f"{CFG},service_account=mine", common=COMMON[:2]
+    )
+    assert other["spec"]["tasks"][0]["template"]["spec"]["serviceAccountName"] == "mine"
+
+
+def test_inside_the_cluster_the_scheduler_uses_the_pods_service_account(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The driver's pod has no kubeconfig: the scheduler's client takes the pod's own
+    credentials (the token and CA Kubernetes mounts, the API server from the
+    environment), which TorchX's scheduler alone does not try. The files stand in for
+    what Kubernetes mounts at /var/run/secrets/kubernetes.io/serviceaccount."""
+    from kubernetes.config import incluster_config
+
+    from ssl_train.k8s_scheduler import create_scheduler
+
+    token, ca = tmp_path / "token", tmp_path / "ca.crt"
+    token.write_text("the-pods-token")
+    ca.write_text("-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n")
+    monkeypatch.setattr(incluster_config, "SERVICE_TOKEN_FILENAME", str(token))
+    monkeypatch.setattr(incluster_config, "SERVICE_CERT_FILENAME", str(ca))
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.96.0.1")
+    monkeypatch.setenv("KUBERNETES_SERVICE_PORT", "443")
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "none"))
+    client = create_scheduler("test")._api_client()
+    assert client.configuration.host == "https://10.96.0.1:443"
+    assert client.configuration.api_key["authorization"].lower() == "bearer the-pods-token"
+    assert client.configuration.ssl_ca_cert == str(ca)
+
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST")  # outside: the kubeconfig, as TorchX does
+    with pytest.warns(UserWarning, match="failed to load kube config"):
+        outside = create_scheduler("test")._api_client()
+    assert outside.configuration.host != "https://10.96.0.1:443"

@@ -46,9 +46,48 @@ def test_kustomization_renders_every_resource_in_the_namespace() -> None:
     assert result.returncode == 0, result.stderr
     documents = [d for d in yaml.safe_load_all(result.stdout) if d]
     kinds = {d["kind"] for d in documents}
-    assert kinds == {"Queue", "PodMonitor", "PrometheusRule"}
+    assert kinds == {
+        "Queue", "PodMonitor", "PrometheusRule", "ServiceAccount", "Role", "RoleBinding"
+    }  # fmt: skip
     namespaced = [d for d in documents if d["kind"] != "Queue"]
     assert all(d["metadata"]["namespace"] == "ml" for d in namespaced)
+    (binding,) = [d for d in documents if d["kind"] == "RoleBinding"]
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": "ssl-train-pipeline", "namespace": "ml"}
+    ]
+
+
+def test_the_pipeline_drivers_role_grants_exactly_what_torchx_needs() -> None:
+    """The driver's ServiceAccount, Role and RoleBinding validate against Kubernetes'
+    schemas, and the Role allows Volcano jobs' create, get, list and delete, and pods'
+    and their logs' get and list: nothing else (no other verb, resource or group, no
+    wildcard)."""
+    import kubernetes_validate
+
+    documents = list(yaml.safe_load_all((K8S / "pipeline-rbac.yaml").read_text()))
+    for document in documents:
+        kubernetes_validate.validate(document, kubernetes_validate.latest_version(), strict=True)
+    by_kind = {d["kind"]: d for d in documents}
+    assert set(by_kind) == {"ServiceAccount", "Role", "RoleBinding"}
+    granted = {
+        (group, resource, verb)
+        for rule in by_kind["Role"]["rules"]
+        for group in rule["apiGroups"]
+        for resource in rule["resources"]
+        for verb in rule["verbs"]
+    }
+    jobs = {("batch.volcano.sh", "jobs", v) for v in ("create", "get", "list", "delete")}
+    pods = {("", r, v) for r in ("pods", "pods/log") for v in ("get", "list")}
+    assert granted == jobs | pods
+    assert all(
+        set(rule) == {"apiGroups", "resources", "verbs"} for rule in by_kind["Role"]["rules"]
+    )
+    binding = by_kind["RoleBinding"]
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "ssl-train-pipeline"
+    }  # fmt: skip
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "ssl-train-pipeline"}]
+    assert by_kind["ServiceAccount"]["metadata"]["name"] == "ssl-train-pipeline"
 
 
 def test_torchxconfig_example_names_real_options() -> None:

@@ -24,24 +24,34 @@ from conftest import TinyShards
 BIN = Path(sys.executable).parent
 
 
-@pytest.mark.slow
-def test_pipeline_runs_every_stage_and_a_rerun_skips_finished_ones(
-    tiny_shards: TinyShards, tmp_path: Path
-) -> None:
+def _tiny_recipe(
+    tiny_shards: TinyShards, tmp_path: Path, root: Path, *extra: str
+) -> tuple[list[str], dict[str, str]]:
+    """The command and environment of a tiny recipe on local_cwd (pretrain, finetune on
+    an eighth of the labels, distill; 4 steps each), its leases 4 s long so that a
+    killed job's is waited out quickly."""
     keys = sorted(tiny_shards.keys)
     small_file = tmp_path / "eighth.txt"
     small_file.write_text("".join(f"{k}.JPEG\n" for k in keys[::8]))
-    root = tmp_path / "runs"
     cmd = [
         str(BIN / "ssl-train"), "pipeline", "-s", "local_cwd", "--data", str(tiny_shards.train),
         "--eval-data", str(tiny_shards.test), "--root", str(root), "--subset", str(small_file),
         "--preset", "tiny", "--student", "tiny_student",
         "--arg", "j=1x1", "--arg", "image_size=16", "--arg", "precision=fp32",
         "--arg", "workers=0", "--arg", "metrics_port=0", "--arg", "channels_last=False",
-        "--arg", "global_batch_size=8", "--arg", "max_steps=4",
+        "--arg", "global_batch_size=8", "--arg", "max_steps=4", *extra,
     ]  # fmt: skip
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "OMP_NUM_THREADS": "1"}
-    env["SSL_TRAIN_LEASE_SECONDS"] = "4"  # the killed stage's lease: waited out on the rerun
+    env["SSL_TRAIN_LEASE_SECONDS"] = "4"
+    return cmd, env
+
+
+@pytest.mark.slow
+def test_pipeline_runs_every_stage_and_a_rerun_skips_finished_ones(
+    tiny_shards: TinyShards, tmp_path: Path
+) -> None:
+    root = tmp_path / "runs"
+    cmd, env = _tiny_recipe(tiny_shards, tmp_path, root)
     log = open(tmp_path / "first.log", "wb")  # noqa: SIM115
     first = subprocess.Popen(
         cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp_path, start_new_session=True
@@ -81,6 +91,62 @@ def test_pipeline_runs_every_stage_and_a_rerun_skips_finished_ones(
     assert (
         json.loads((root / "distill-eighth" / "summary.json").read_text())["eval"]["samples"] == 40
     )
+
+
+@pytest.mark.slow
+def test_a_killed_driver_leaves_its_job_running_and_the_next_driver_follows_it(
+    tiny_shards: TinyShards, tmp_path: Path
+) -> None:
+    """Issue 36: the driver SIGKILLed while pretraining runs; the pretraining job goes
+    on; the pipeline started again follows that job instead of submitting a second one,
+    and the recipe completes with every stage's run dir written by one job."""
+    from ssl_train.lease import live_holder, read_head
+
+    root = tmp_path / "runs"
+    long_pretrain = [
+        "--stage-arg",
+        "pretrain:max_steps=200",
+        "--stage-arg",
+        "pretrain:log_every_steps=1",
+    ]
+    cmd, env = _tiny_recipe(tiny_shards, tmp_path, root, *long_pretrain)
+    log = open(tmp_path / "first.log", "wb")  # noqa: SIM115
+    first = subprocess.Popen(
+        cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp_path, start_new_session=True
+    )
+    pretrain = root / "pretrain"
+    deadline = time.monotonic() + 180
+    while not (pretrain / "progress.json").exists():  # pretraining is under way
+        assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+        assert time.monotonic() < deadline, "pretrain did not start in time"
+        time.sleep(0.2)
+    first.kill()  # the driver alone: its job runs on
+    first.wait(timeout=10)
+    time.sleep(5)  # more than a lease period: a job that died with it would have lost it
+    holder = live_holder(str(pretrain))
+    assert holder is not None and not (pretrain / "summary.json").exists(), "pretrain stopped"
+
+    second = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert_clean(second.stdout + second.stderr)
+    first_out = (tmp_path / "first.log").read_text()
+    assert first_out.count("pretrain: submitted") == 1
+    assert "pretrain: submitted" not in second.stdout
+    assert re.search(
+        r"pretrain: its job local_cwd://\S+ is still running; following it", second.stdout
+    )
+    for stage in ("pretrain", "finetune-eighth", "distill-eighth"):
+        summary = json.loads((root / stage / "summary.json").read_text())
+        assert summary["finished"], stage
+        head = read_head(str(root / stage))
+        assert head is not None and head.generation == 1, (stage, head)  # one job only
+    assert json.loads((pretrain / "summary.json").read_text())["steps"] == 200
+    status = subprocess.run(
+        [str(BIN / "ssl-train"), "pipeline", "status", "--root", str(root), "--json"],
+        capture_output=True, text=True, env=env, timeout=60,
+    )  # fmt: skip
+    states = {s["name"]: s["state"] for s in json.loads(status.stdout)["stages"]}
+    assert states == dict.fromkeys(("pretrain", "finetune-eighth", "distill-eighth"), "finished")
 
 
 def test_plan_adds_the_supervised_baseline_and_passes_stage_flags_through() -> None:

@@ -51,6 +51,7 @@ import torchx.specs as specs
 
 from ssl_train.jobs import DEFAULT_IMAGE, JobOptions, command_job, stage_job
 from ssl_train.metrics import DEFAULT_PORT
+from ssl_train.pipeline_job import driver_app
 from ssl_train.stages import registry
 '''
 
@@ -212,6 +213,37 @@ def _command_component(spec: registry.CommandSpec) -> str:
     )
 
 
+# The recipe's driver: not a stage, so written here (TorchX reads a component's signature
+# from the module's source, so the function itself must be in ssl_train/components.py).
+PIPELINE_COMPONENT = '''def pipeline(
+    *pipeline_args: str,
+    root: str,
+    name: str = "ssl-pipeline",
+    image: str = DEFAULT_IMAGE,
+    service_account: str = "ssl-train-pipeline",
+    cpu: int = 1,
+    memMB: int = 2048,
+    max_retries: int = 100,
+) -> specs.AppDef:
+    """The SimCLRv2 recipe's driver in the cluster: ``ssl-train pipeline -s kubernetes
+    --root ROOT PIPELINE_ARGS`` in one small CPU pod, as a ServiceAccount allowed to
+    submit and follow the stage jobs (k8s/pipeline-rbac.yaml); it outlives the machine
+    that submitted it, and a restarted driver follows the stage jobs already running.
+
+    Args:
+        pipeline_args: the pipeline's own flags, after ``--`` (--data, --subset, --arg,
+            and -cfg with the stage jobs' queue, namespace and secret)
+        root: URL under which every stage's run dir goes (and pipeline.json)
+        name: job name
+        image: container image with ssl-train installed
+        service_account: the driver pod's ServiceAccount (k8s/pipeline-rbac.yaml's)
+        cpu: CPUs of the driver's pod
+        memMB: memory of the driver's pod in MB
+        max_retries: times the scheduler restarts a lost or preempted driver
+    """
+    return driver_app(pipeline_args, root, name, image, service_account, cpu, memMB, max_retries)'''
+
+
 def render_components() -> str:
     """The text of ``ssl_train/components.py`` for today's declarations.
 
@@ -222,6 +254,7 @@ def render_components() -> str:
     parts = [HEADER.rstrip("\n")]
     parts += [_stage_component(spec) for spec in registry.STAGES.values()]
     parts.append(_command_component(registry.EVAL))
+    parts.append(PIPELINE_COMPONENT)
     return "\n\n\n".join(parts) + "\n"
 
 

@@ -271,6 +271,7 @@ class Trainer:
         self.lease: RunDirLease | None = None  # rank 0's, while it runs
         self.clock = _Clock(time.monotonic(), 0)  # set again when training starts
         self.scalars = ScalarLog(config.run_dir)  # written by rank 0
+        self.progress_record = progress.ProgressRecord(config.run_dir, config.stage)  # rank 0's
         if config.channels_last:
             self.task.to_memory_format(torch.channels_last)
         if runtime.distributed:
@@ -556,12 +557,16 @@ class Trainer:
             {**{f"train/{k}": v for k, v in means.items()}, "train/samples_per_s": samples_per_s},
         )
         others = " ".join(f"{k} {v:.3f}" for k, v in means.items() if k not in ("loss", "lr"))
+        remaining = position.total_steps - self.step
         progress.say(
             config.stage,
             f"step {self.step}/{position.total_steps} epoch {batch.epoch} "
             f"loss {means['loss']:.4f} {others} lr {means['lr']:.4g} "
             f"{samples_per_s:.1f} samples/s "
-            f"eta {progress.eta(position.total_steps - self.step, elapsed / done)}",
+            f"eta {progress.eta(remaining, elapsed / done)}",
+        )
+        self.progress_record.update(
+            self.step, position.total_steps, batch.epoch, remaining * elapsed / done
         )
 
     def _record_step(

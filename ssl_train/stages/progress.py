@@ -12,9 +12,11 @@ format around them:
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import re
+import time
 
 PROGRESS_LOGGER = "ssl_train.progress"
 PROGRESS_PATTERN = r"\[ssl-train [a-z-]+\] "  # what `ssl-train pipeline --follow` echoes
@@ -52,3 +54,61 @@ def eta(remaining_steps: int, seconds_per_step: float) -> str:
         return "?"
     seconds = round(max(0, remaining_steps) * seconds_per_step)
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+PROGRESS_FILE = "progress.json"
+PROGRESS_EVERY_S = 30.0  # one small write per half minute at most, whatever the step rate
+
+
+class ProgressRecord:
+    """Where a running stage stands, for readers elsewhere (``ssl-train pipeline
+    status``): ``RUN_DIR/progress.json`` with the step, total steps, epoch and ETA of
+    rank 0's last progress line, written at most every ``PROGRESS_EVERY_S`` seconds.
+    Not part of what a resume reads, and so not fenced by the run dir's lease.
+
+    Example:
+        >>> record = ProgressRecord("/tmp/ssl-train-progress-doc", "pretrain")
+        >>> record.update(10, 100, 0, 45.0, now=1000.0)
+        >>> read_progress("/tmp/ssl-train-progress-doc")["step"]
+        10
+    """
+
+    def __init__(self, run_dir: str, stage: str) -> None:
+        self.run_dir, self.stage = run_dir, stage
+        self.written = -math.inf
+
+    def update(
+        self, step: int, total_steps: int, epoch: int, eta_s: float, now: float | None = None
+    ) -> None:
+        from shards import storage
+        from shards.errors import ShardsError
+
+        now = time.time() if now is None else now
+        if now - self.written < PROGRESS_EVERY_S and step < total_steps:
+            return
+        body = {
+            "stage": self.stage,
+            "step": step,
+            "total_steps": total_steps,
+            "epoch": epoch,
+            "eta_s": eta_s if math.isfinite(eta_s) else None,
+            "updated": now,
+        }
+        try:
+            storage.write_bytes_atomic(
+                storage.join(self.run_dir, PROGRESS_FILE), json.dumps(body).encode() + b"\n"
+            )
+        except (OSError, ShardsError) as exc:  # a record for readers: never stops training
+            logging.getLogger(__name__).warning("could not write %s: %s", PROGRESS_FILE, exc)
+            return
+        self.written = now
+
+
+def read_progress(run_dir: str) -> dict | None:
+    """A run dir's last progress record, or None (not started, or an older version)."""
+    from shards import storage
+
+    url = storage.join(run_dir, PROGRESS_FILE)
+    if storage.size_or_none(url) is None:
+        return None
+    return json.loads(storage.read_bytes(url))
