@@ -59,9 +59,9 @@ def test_kustomization_renders_every_resource_in_the_namespace() -> None:
 
 def test_the_pipeline_drivers_role_grants_exactly_what_torchx_needs() -> None:
     """The driver's ServiceAccount, Role and RoleBinding validate against Kubernetes'
-    schemas, and the Role allows Volcano jobs' create, get, list and delete, and pods'
-    and their logs' get and list: nothing else (no other verb, resource or group, no
-    wildcard)."""
+    schemas, and the Role allows Volcano jobs' create, get, list and delete (and get of
+    their status, which TorchX reads a job's state through), and pods' and their logs'
+    get and list: nothing else (no other verb, resource or group, no wildcard)."""
     import kubernetes_validate
 
     documents = list(yaml.safe_load_all((K8S / "pipeline-rbac.yaml").read_text()))
@@ -77,6 +77,7 @@ def test_the_pipeline_drivers_role_grants_exactly_what_torchx_needs() -> None:
         for verb in rule["verbs"]
     }
     jobs = {("batch.volcano.sh", "jobs", v) for v in ("create", "get", "list", "delete")}
+    jobs.add(("batch.volcano.sh", "jobs/status", "get"))  # get_namespaced_custom_object_status
     pods = {("", r, v) for r in ("pods", "pods/log") for v in ("get", "list")}
     assert granted == jobs | pods
     assert all(
