@@ -1,269 +1,338 @@
 #!/usr/bin/env python
-"""Benchmark ssl-train's S3 paths against local disk on a real local S3 server (SeaweedFS,
-what ``shards serve`` runs) and, beside it, on moto (the Python mock used before), in one
-run (issue 18).
+"""What ssl-train's own S3 client costs: ``shards create`` into a real S3 server against
+into a local folder, and one pretraining epoch streamed from each (issues 18 and 37).
 
-Run from the repository root (moto is optional; without it its columns are left out):
+Run from the repository root (about 4 minutes with the defaults):
 
-    .venv/bin/pip install 'moto[server]'
-    .venv/bin/python bench/object_store.py [--work /tmp/ssl-train-bench] [--repeats 5]
+    .venv/bin/python bench/object_store.py [--repeats 5] [--sizes 500 2000]
 
-It reuses (or generates, once) the 2,000-JPEG 500x375 tree of ``bench/shards_create.py``
-and times, round-robin for --repeats rounds (each case once per round, in this order):
+Data: the 2,000-JPEG 500x375 photo-like tree of ``bench/shards_create.py`` (generated
+once under --work), and a tree of its first --sizes[0] images (hard links). Server:
+SeaweedFS (``weed mini``, what ``shards serve`` runs), on this machine's cores.
 
-  create_local   ``shards create TREE DIR --workers 2 --shard-bytes 16MiB`` (console script)
-  create_<s>     the same into s3://bench/create<i> on server <s> (then deleted, untimed)
-  epoch_local    one epoch of the pretraining stream (``run_data_bench``: TrainStream in 2
-                 DataLoader workers, 224 px two-view crops, global batch 256, 4 partitions,
-                 every step of the epoch) over a local 16MiB shard set of the same tree
-  epoch_<s>      the same epoch over the same shard set on server <s>
+Each round runs every case once, in this order (interleaved), --repeats rounds:
 
-where <s> is seaweedfs and moto. Before each timed case the script waits up to a few
-seconds for other processes to leave the CPUs alone. Targets, on SeaweedFS: create to S3
-at least 0.8x the speed of create to local disk; the S3 epoch at least 0.9x the samples/s
-of the local one. The ratio is taken per round (both sides from the same round) and
-reported as the median with its min-max over rounds. Besides wall time, each case's
-CPU-seconds are recorded: of ``shards create`` and its workers (rusage of waited-for
-children), of the stream's workers (their ``batch`` calls), and of the server process
-(/proc), since on this machine the server shares the cores with the work. The last line
-printed is one JSON object with every figure.
+  create   ``shards create TREE DEST --workers 2 --shard-bytes 16MiB`` (the console
+           script and its two spawned workers), for each tree size, into a local folder
+           and into s3://bench/<fresh prefix>; counted: the CPU-seconds of that process
+           tree (rusage of waited-for children), and apart from it the server's
+           (/proc of ``weed``). The client's cost per JPEG is the marginal cost
+           between the two sizes, (CPU(large) - CPU(small)) / (large - small), so the
+           fixed cost of a run (imports, spawning workers, listing, the manifest) drops
+           out as it does at ImageNet's 1.28M images; the fixed cost is reported apart.
+  epoch    one epoch of the pretraining stream (``run_data_bench``: TrainStream in 2
+           DataLoader workers, 224 px two-view crops, global batch 256, 4 partitions,
+           every step after the first) over the large tree's 16MiB shard set, on local
+           disk and on the server; samples/s and the workers' CPU-seconds.
+
+Ratios are taken per round (both sides from the same round): S3 / local client CPU per
+JPEG (target at most 1.5), S3 / local epoch samples/s (target at least 0.9). The rows go
+to ``bench/results/object_store.jsonl`` (``bench/results.py``); BENCHMARKS.md's tables
+are rendered from them by :func:`render`. The last line printed is the rendered tables.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import moto_server
 from data_pipeline import make_shards
-from shards_create import SHARDS, Machine, delete_prefix, ensure_tree
+from fencing_overhead import baseline_checkout
+from machine import machine_info, process_cpu_seconds
+from results import latest_run, record
+from shards_create import Machine, delete_prefix, ensure_tree
 
 from shards.local_s3 import LocalS3Server
-from ssl_train.machine import cpu_model
 
-TARGETS = {"create_s3_vs_local": 0.8, "epoch_s3_vs_local": 0.9}
+TARGETS = {"create_client_cpu_per_jpeg_s3_vs_local": 1.5, "epoch_s3_vs_local": 0.9}
 EPOCH = {"global_batch_size": 256, "partitions": 4, "image_size": 224, "workers": 2}
+CREATE_FLAGS = ["--workers", "2", "--shard-bytes", "16MiB"]
+REPO = Path(__file__).resolve().parent.parent
+# The commit before issue 37's changes to the S3 client: the "before" side.
+BASELINE = "d903f7f"
+SIDES = ("local", "s3", "s3-before")
 
 
 def children_cpu() -> float:
+    """CPU-seconds of every child this process has waited for (and their children)."""
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     return usage.ru_utime + usage.ru_stime
 
 
-def process_cpu(pid: int | None) -> float:
-    if pid is None:
-        return 0.0
-    with open(f"/proc/{pid}/stat") as f:
-        stat = f.read().rsplit(")", 1)[1].split()
-    return (int(stat[11]) + int(stat[12])) / os.sysconf("SC_CLK_TCK")
+def subset_tree(tree: Path, count: int, classes: int) -> Path:
+    """The first ``count / classes`` images of each class of ``tree``, as hard links."""
+    out = tree.with_name(f"{tree.name}-first{count}")
+    if (out / ".complete").exists():
+        return out
+    shutil.rmtree(out, ignore_errors=True)
+    folders = sorted(p for p in tree.iterdir() if p.is_dir())[:classes]
+    for folder in folders:
+        (out / folder.name).mkdir(parents=True)
+        for image in sorted(folder.iterdir())[: count // classes]:
+            os.link(image, out / folder.name / image.name)
+    (out / ".complete").write_text(str(count))
+    return out
 
 
-def shards_create(tree: Path, dest: str, env: dict[str, str]) -> None:
-    cmd = [SHARDS, "create", str(tree), dest, "--workers", "2", "--shard-bytes", "16MiB"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+def shards_create(tree: Path, dest: str, env: dict[str, str], code: Path = REPO) -> float:
+    """Run ``shards create`` of the checkout ``code``; its process tree's CPU-seconds."""
+    before = children_cpu()
+    proc = subprocess.run(
+        [sys.executable, "-c", "import sys; from shards.cli import main; sys.exit(main())",
+         "create", str(tree), dest, *CREATE_FLAGS],
+        capture_output=True, text=True, env={**env, "PYTHONPATH": str(code)}, cwd=code,
+    )  # fmt: skip
     if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+        raise SystemExit(f"shards create {tree} {dest} failed:\n{proc.stderr[-3000:]}")
+    return children_cpu() - before
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    return {
+        "median": round(statistics.median(values), 4),
+        "min": round(min(values), 4),
+        "max": round(max(values), 4),
+    }
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--work", default="/tmp/ssl-train-bench")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--sizes", type=int, nargs=2, default=[500, 2000], metavar=("SMALL", "LARGE")
+    )
     parser.add_argument("--quiet-wait", type=float, default=5.0)
-    parser.add_argument("--no-moto", action="store_true", help="leave moto out")
+    parser.add_argument("--baseline", default=BASELINE, help="the S3 client before issue 37")
+    parser.add_argument("--results-dir", type=Path, default=None, help="default: bench/results")
     args = parser.parse_args()
+    small_n, large_n = args.sizes
+    if not 0 < small_n < large_n <= 2000 or small_n % 20 or large_n % 20:
+        raise SystemExit("--sizes: two multiples of 20, small < large <= 2000")
 
-    import fsspec
-
-    from shards.manifest import read_manifest
     from ssl_train.data.bench import run_data_bench
 
     work = Path(args.work)
-    tree = ensure_tree(work, 2000, 20)
-    tree_bytes = sum(p.stat().st_size for p in tree.rglob("*") if p.is_file())
-    local_set = make_shards(tree, str(work / "data-pipeline" / "16MiB"), "16MiB")
-    samples = read_manifest(local_set).num_samples
-    steps = samples // EPOCH["global_batch_size"]
+    full = ensure_tree(work, 2000, 20)
+    trees = {small_n: subset_tree(full, small_n, 20), large_n: subset_tree(full, large_n, 20)}
+    local_set = make_shards(
+        trees[large_n], str(work / "object-store" / f"epoch-{large_n}"), "16MiB"
+    )
+    codes = {"local": REPO, "s3": REPO, "s3-before": baseline_checkout(args.baseline)}
     machine = Machine()
-    servers: dict[str, object] = {"seaweedfs": LocalS3Server()}
-    if not args.no_moto and moto_server.available():
-        servers["moto"] = moto_server.MotoServer()
-    elif not args.no_moto:
-        print("moto is not installed: its columns are left out", file=sys.stderr)
-
+    server = LocalS3Server()
     base_env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
-    wall: dict[str, list[float]] = {}
-    cpu: dict[str, list[float]] = {}
-    server_cpu: dict[str, list[float]] = {}
-    rates: dict[str, list[float]] = {}
+    rows: list[dict[str, Any]] = []
 
-    def record(name: str, seconds: float, work_cpu: float, store_cpu: float) -> None:
-        wall.setdefault(name, []).append(seconds)
-        cpu.setdefault(name, []).append(work_cpu)
-        server_cpu.setdefault(name, []).append(store_cpu)
-        print(
-            f"  {name:<16} {seconds:7.3f} s  work {work_cpu:6.2f} CPU-s  server "
-            f"{store_cpu:5.2f} CPU-s",
-            file=sys.stderr,
-            flush=True,
-        )
+    def measured(case: str, store: str, images: int, round_: int, run: Callable[[], dict]) -> None:
+        machine.wait_for_quiet(args.quiet_wait)
+        remote = store != "local"
+        before_server = process_cpu_seconds(server.pid) if remote else 0.0
+        start = time.perf_counter()
+        figures = run()
+        row = {
+            "case": case,
+            "store": store,
+            "images": images,
+            "round": round_,
+            "wall_s": round(time.perf_counter() - start, 4),
+            "server_cpu_s": round(process_cpu_seconds(server.pid) - before_server, 3)
+            if remote
+            else 0.0,
+            **figures,
+        }
+        rows.append(row)
+        print(f"  {row}", file=sys.stderr, flush=True)
 
-    def use(env: dict[str, str]) -> None:
-        for key in [k for k in os.environ if k.startswith("AWS_")]:
-            del os.environ[key]
-        os.environ.update(env)
-        fsspec.AbstractFileSystem.clear_instance_cache()
-
-    for server in servers.values():
-        server.start()
+    server.start()
     try:
-        epoch_urls = {"local": local_set}
-        for name, server in servers.items():
-            server.create_bucket("bench")
-            env = {**base_env, **server.env}
-            epoch_urls[name] = make_shards(tree, "s3://bench/epoch16", "16MiB", env)
-            shards_create(tree, "s3://bench/warmup", env)  # untimed: first requests, volumes
-            delete_prefix(server, "bench", "warmup")
+        server.create_bucket("bench")
+        s3_env = {**base_env, **server.env}
+        epoch_s3 = make_shards(trees[large_n], "s3://bench/epoch", "16MiB", s3_env)
+        shards_create(trees[small_n], "s3://bench/warmup", s3_env)  # untimed: first requests
+        delete_prefix(server, "bench", "warmup")
 
-        def create_case(where: str) -> Callable[[int], None]:
-            def run(round_: int) -> None:
-                server = servers.get(where)
-                env = {**base_env, **(server.env if server else {})}
-                dest = (
-                    str(work / "object-store" / f"create{round_}")
-                    if server is None
-                    else f"s3://bench/create{round_}"
-                )
-                machine.wait_for_quiet(args.quiet_wait)
-                before_store = process_cpu(server.pid if server else None)
-                before_cpu = children_cpu()
-                start = time.perf_counter()
-                shards_create(tree, dest, env)
-                seconds = time.perf_counter() - start
-                store = process_cpu(server.pid if server else None) - before_store
-                record(f"create_{where}", seconds, children_cpu() - before_cpu, store)
-                if server is None:
-                    subprocess.run(["rm", "-rf", dest], check=True)
-                else:
-                    delete_prefix(server, "bench", f"create{round_}")
+        def create(store: str, images: int, round_: int) -> dict:
+            if store == "local":
+                dest, env = str(work / "object-store" / "out"), base_env
+                shutil.rmtree(dest, ignore_errors=True)
+            else:
+                dest, env = f"s3://bench/{store}-{round_}-{images}", s3_env
+            cpu = shards_create(trees[images], dest, env, codes[store])
+            return {"client_cpu_s": round(cpu, 3)}
 
-            return run
+        def epoch(store: str) -> dict:
+            for key in [k for k in os.environ if k.startswith("AWS_")]:
+                del os.environ[key]
+            if store == "s3":
+                os.environ.update(server.env)
+            import fsspec
 
-        def epoch_case(where: str) -> Callable[[int], None]:
-            def run(round_: int) -> None:
-                server = servers.get(where)
-                use(server.env if server else {})
-                machine.wait_for_quiet(args.quiet_wait)
-                before_store = process_cpu(server.pid if server else None)
-                start = time.perf_counter()
-                result = run_data_bench(
-                    epoch_urls[where],
-                    batches=steps - 1,  # the first batch is the warm-up: every step of the epoch
-                    device_repeats=0,
-                    **EPOCH,
-                )
-                seconds = time.perf_counter() - start
-                store = process_cpu(server.pid if server else None) - before_store
-                record(f"epoch_{where}", seconds, result.worker_cpu_s, store)
-                rates.setdefault(f"epoch_{where}", []).append(result.samples_per_s)
+            fsspec.AbstractFileSystem.clear_instance_cache()
+            result = run_data_bench(
+                epoch_s3 if store == "s3" else local_set,
+                batches=large_n // 256 - 1,
+                device_repeats=0,
+                **EPOCH,
+            )
+            return {
+                "samples_per_s": round(result.samples_per_s, 2),
+                "worker_cpu_s": round(result.worker_cpu_s, 3),
+            }
 
-            return run
-
-        places = ["local", *servers]
-        cases = [create_case(p) for p in places] + [epoch_case(p) for p in places]
         for round_ in range(args.repeats):
-            for case in cases:
-                case(round_)
+            for store in SIDES:
+                for images in (small_n, large_n):
+                    measured(
+                        "create", store, images, round_, partial(create, store, images, round_)
+                    )
+                    if store != "local":  # untimed: every run starts from an empty prefix
+                        delete_prefix(server, "bench", f"{store}-{round_}-{images}")
+            for store in ("local", "s3"):
+                measured("epoch", store, large_n, round_, partial(epoch, store))
             print(f"round {round_ + 1} of {args.repeats} done", file=sys.stderr, flush=True)
     finally:
-        for server in servers.values():
-            server.stop()
+        server.stop()
 
-    def spread(values: list[float]) -> dict[str, float]:
-        return {
-            "median": round(statistics.median(values), 3),
-            "min": round(min(values), 3),
-            "max": round(max(values), 3),
-        }
-
-    ratios = {}
-    for name in servers:
-        create = [
-            local / s3
-            for local, s3 in zip(wall["create_local"], wall[f"create_{name}"], strict=True)
-        ]
-        epoch = [
-            s3 / local
-            for local, s3 in zip(rates["epoch_local"], rates[f"epoch_{name}"], strict=True)
-        ]
-        ratios[name] = {"create_s3_vs_local": spread(create), "epoch_s3_vs_local": spread(epoch)}
-    figures = {
-        name: {
-            "wall_s": spread(wall[name]),
-            "work_cpu_s": spread(cpu[name]),
-            "server_cpu_s": spread(server_cpu[name]),
-            **(
-                {"mb_per_s": round(tree_bytes / 1e6 / statistics.median(wall[name]), 1)}
-                if name.startswith("create")
-                else {"samples_per_s": spread(rates[name])}
-            ),
-        }
-        for name in wall
-    }
-    verdicts = {
-        target: "PASS" if ratios["seaweedfs"][target]["median"] >= bound else "FAIL"
-        for target, bound in TARGETS.items()
-    }
-
-    print()
-    print(
-        f"{'case':<18} {'wall s':>8} {'MB/s or samples/s':>18} {'work CPU-s':>11} {'server CPU-s':>13}"
+    rows.insert(0, {"case": "settings", "sizes": [small_n, large_n], "create_flags": CREATE_FLAGS,
+                    "baseline": args.baseline,
+                    "epoch": EPOCH, "repeats": args.repeats, "server": "seaweedfs (weed mini)",
+                    "tree_bytes": {str(n): sum(p.stat().st_size for p in t.rglob("*.JPEG")) for n, t in trees.items()}})  # fmt: skip
+    info = machine_info()
+    path = record(
+        "object_store", rows, info, **({"directory": args.results_dir} if args.results_dir else {})
     )
-    for name, fig in figures.items():
-        rate = fig.get("mb_per_s") or fig["samples_per_s"]["median"]
-        print(
-            f"{name:<18} {fig['wall_s']['median']:>8.3f} {rate:>18.1f} "
-            f"{fig['work_cpu_s']['median']:>11.2f} {fig['server_cpu_s']['median']:>13.2f}"
-        )
-    print()
-    for name, by_target in ratios.items():
-        for target, values in by_target.items():
-            bound = TARGETS[target]
-            verdict = verdicts[target] if name == "seaweedfs" else "(info)"
-            print(
-                f"{name:<10} {target:<20} median {values['median']:.3f} "
-                f"({values['min']:.3f}-{values['max']:.3f})  target >= {bound}  {verdict}"
-            )
-    summary = {
-        "bench": "object_store",
-        "machine": {
-            "nproc": os.cpu_count(),
-            "cpu": cpu_model(),
-            "arch": platform.machine(),
-            "python": platform.python_version(),
-        },
-        "repeats": args.repeats,
-        "tree": {"files": 2000, "bytes": tree_bytes},
-        "epoch": {**EPOCH, "samples": samples, "steps": steps, "timed_steps": steps - 1},
-        "servers": list(servers),
-        "figures": figures,
-        "ratios": ratios,
-        "targets": {k: f">= {v}" for k, v in TARGETS.items()},
-        "verdicts": verdicts,
-    }
-    print(json.dumps(summary))
+    print(f"rows appended to {path}", file=sys.stderr)
+    print(render(latest_run("object_store", directory=path.parent)))
     return 0
+
+
+def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per-round marginal costs and ratios, and their medians, from one run's rows."""
+    data = [line["row"] for line in rows]
+    settings = next(row for row in data if row["case"] == "settings")
+    small_n, large_n = settings["sizes"]
+    by = {
+        (r["case"], r["store"], r["images"], r["round"]): r for r in data if r["case"] != "settings"
+    }
+    rounds = sorted({r["round"] for r in data if r["case"] == "create"})
+
+    def marginal_ms(store: str, field: str, round_: int) -> float:
+        small, large = by["create", store, small_n, round_], by["create", store, large_n, round_]
+        return 1000 * (large[field] - small[field]) / (large_n - small_n)
+
+    per_round: dict[str, list[float]] = {}
+    for round_ in rounds:
+        for store in SIDES:
+            client = marginal_ms(store, "client_cpu_s", round_)
+            per_round.setdefault(f"client_ms_per_jpeg_{store}", []).append(client)
+            fixed = by["create", store, small_n, round_]["client_cpu_s"] - client * small_n / 1000
+            per_round.setdefault(f"client_fixed_cpu_s_{store}", []).append(fixed)
+            wall = by["create", store, large_n, round_]["wall_s"]
+            per_round.setdefault(f"create_wall_s_{store}", []).append(wall)
+            server_ms = marginal_ms(store, "server_cpu_s", round_)
+            per_round.setdefault(f"server_ms_per_jpeg_{store}", []).append(server_ms)
+            if store == "s3-before":
+                continue
+            epoch = by["epoch", store, large_n, round_]
+            per_round.setdefault(f"epoch_samples_per_s_{store}", []).append(epoch["samples_per_s"])
+            per_round.setdefault(f"epoch_worker_cpu_s_{store}", []).append(epoch["worker_cpu_s"])
+        per_round.setdefault("server_ms_per_jpeg", []).append(
+            marginal_ms("s3", "server_cpu_s", round_)
+        )
+        per_round.setdefault("server_cpu_s_epoch", []).append(
+            by["epoch", "s3", large_n, round_]["server_cpu_s"]
+        )
+        local, s3 = (
+            per_round["client_ms_per_jpeg_local"][-1],
+            per_round["client_ms_per_jpeg_s3"][-1],
+        )
+        per_round.setdefault("ratio_client_cpu_per_jpeg", []).append(s3 / local)
+        per_round.setdefault("ratio_epoch", []).append(
+            per_round["epoch_samples_per_s_s3"][-1] / per_round["epoch_samples_per_s_local"][-1]
+        )
+    return {
+        "settings": settings,
+        "per_round": per_round,
+        "spread": {k: spread(v) for k, v in per_round.items()},
+    }
+
+
+def render(rows: list[dict[str, Any]]) -> str:
+    """BENCHMARKS.md's tables for one run of this bench (``bench/results.py``)."""
+    summary = summarise(rows)
+    s, settings = summary["spread"], summary["settings"]
+    small_n, large_n = settings["sizes"]
+    machine = rows[0]["machine"]
+    ratio, epoch = s["ratio_client_cpu_per_jpeg"], s["ratio_epoch"]
+    create_ok = ratio["median"] <= TARGETS["create_client_cpu_per_jpeg_s3_vs_local"]
+    epoch_ok = epoch["median"] >= TARGETS["epoch_s3_vs_local"]
+
+    def cell(key: str, digits: int = 3) -> str:
+        v = s[key]
+        return f"{v['median']:.{digits}f} ({v['min']:.{digits}f}-{v['max']:.{digits}f})"
+
+    before_rev = settings["baseline"]
+    ratio_before, gain = (
+        s["ratio_client_cpu_per_jpeg_before"],
+        s["ratio_client_cpu_per_jpeg_now_vs_before"],
+    )
+
+    def ratio_row(label: str, v: dict[str, float], target: str) -> str:
+        return f"| {label} | {v['median']:.2f} | {v['min']:.2f} | {v['max']:.2f} | {target} |"
+
+    lines = [
+        f"Run {rows[0].get('run', '')} at commit `{str(rows[0]['commit'])[:10]}`"
+        f"{' (uncommitted changes)' if rows[0].get('dirty') else ''}, {machine['cpu']}, "
+        f"{machine['nproc']} cores, load average {machine.get('loadavg_before', '?')} at the start; "
+        f"{settings['repeats']} interleaved rounds, medians with min-max over rounds.",
+        "",
+        f"| `shards create`, {small_n} and {large_n} JPEGs | local folder | S3 | S3, client at `{before_rev}` |",
+        "|---|---:|---:|---:|",
+        "| client CPU per JPEG, ms (marginal) | "
+        + " | ".join(cell(f"client_ms_per_jpeg_{side}") for side in SIDES)
+        + " |",
+        "| client fixed CPU per run, s | "
+        + " | ".join(cell(f"client_fixed_cpu_s_{side}", 2) for side in SIDES)
+        + " |",
+        f"| wall time at {large_n} JPEGs, s (server on the same cores) | "
+        + " | ".join(cell(f"create_wall_s_{side}", 2) for side in SIDES)
+        + " |",
+        "| server CPU per JPEG, ms (marginal; in no ratio) | - | "
+        + " | ".join(cell(f"server_ms_per_jpeg_{side}") for side in SIDES[1:])
+        + " |",
+        "",
+        "| ratio (per round) | median | min | max | target |",
+        "|---|---:|---:|---:|---|",
+        ratio_row(
+            "**client CPU per JPEG, S3 / local**",
+            ratio,
+            f"<= 1.5: **{'PASS' if create_ok else 'FAIL'}**",
+        ),
+        ratio_row(f"client CPU per JPEG, S3 at `{before_rev}` / local", ratio_before, "(before)"),
+        ratio_row(f"client CPU per JPEG, S3 / S3 at `{before_rev}`", gain, "(this issue's change)"),
+        ratio_row(
+            "epoch samples/s, S3 / local", epoch, f">= 0.9: {'PASS' if epoch_ok else 'FAIL'}"
+        ),
+        "",
+        f"Epoch ({large_n} samples, {settings['epoch']['workers']} workers, every step after the first): local "
+        f"{cell('epoch_samples_per_s_local', 0)} samples/s, workers {cell('epoch_worker_cpu_s_local', 2)} CPU-s; "
+        f"S3 {cell('epoch_samples_per_s_s3', 0)} samples/s, workers {cell('epoch_worker_cpu_s_s3', 2)} CPU-s, "
+        f"server {cell('server_cpu_s_epoch', 2)} CPU-s.",
+    ]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

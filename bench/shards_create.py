@@ -14,7 +14,7 @@ It generates (once, cached under --work) an ImageNet-layout tree of photo-like J
   c. ours local   `shards create TREE OUT --workers W --shard-bytes 16MiB` (console script,
                   a fresh OUT every repeat, default checking mode)
   d. ours S3      the same into s3://bench-bucket/run<i> on a local S3 server (SeaweedFS,
-                  ``shards.local_s3``; bench/object_store.py sets it beside moto)
+                  ``shards.local_s3``; bench/object_store.py measures its client CPU)
   +  ours local with the default shard size (once), to show the effect of shard count
 
 and, for information only (not in the ratios):

@@ -23,7 +23,7 @@ import shutil
 import signal
 import tempfile
 from array import array
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from concurrent.futures import (
     FIRST_COMPLETED,
     Future,
@@ -238,20 +238,28 @@ def _key_order(items: Items) -> array:
     return array("q", order)
 
 
-def _finished_outcome(plan: ShardPlan, dest: str) -> ShardOutcome | None:
-    """The outcome of an earlier run's shard, if that shard is complete and current."""
+def _finished_outcome(
+    plan: ShardPlan, dest: str, sizes: Mapping[str, int] | None = None
+) -> ShardOutcome | None:
+    """The outcome of an earlier run's shard, if that shard is complete and current.
+
+    ``sizes``: DEST's listing (name to size), when one was taken: then only a shard whose
+    index is listed costs a request (its GET), instead of two HEADs for every shard."""
+
+    def size(name: str) -> int | None:
+        if sizes is not None:
+            return sizes.get(name)
+        return storage.size_or_none(storage.join(dest, name))
+
     index_url = storage.join(dest, plan.index_name)
-    if storage.size_or_none(index_url) is None:
+    if size(plan.index_name) is None:
         return None
-    data = storage.read_bytes(index_url)
+    data = storage.read_bytes(index_url, sizes.get(plan.index_name) if sizes else None)
     try:
         index = ShardIndex.from_json(data, index_url)
     except ShardsError:
         return None
-    if (
-        index.plan != plan.fingerprint
-        or storage.size_or_none(storage.join(dest, plan.name)) != index.bytes
-    ):
+    if index.plan != plan.fingerprint or size(plan.name) != index.bytes:
         return None
     entry = ShardEntry(
         plan.name, plan.index_name, len(index.samples), index.bytes, index.sha256, sha256_hex(data)
@@ -268,20 +276,17 @@ class BuiltShard:
     index: ShardIndex
 
 
-def build_shard(
-    plan: ShardPlan, dest: str, staging: str, strict: bool, full_decode: bool
-) -> ShardOutcome | BuiltShard:
-    """Write one shard into ``staging``, or return the outcome of an earlier run's shard
-    if it is already complete at ``dest``. ``publish`` then moves it to ``dest``.
+def build_shard(plan: ShardPlan, staging: str, strict: bool, full_decode: bool) -> BuiltShard:
+    """Write one shard into ``staging``; ``publish`` then moves it to DEST. It never
+    touches DEST: a worker process that builds shards from local files then needs no
+    object-store client, whose imports and set-up every spawned worker paid once per run
+    (the fixed cost in BENCHMARKS.md, issue 37).
 
     Example:
         >>> plan = plan_set(open_source("mnist5k:test").items, 0, "test", None, 500)  # doctest: +SKIP
-        >>> publish(build_shard(plan.shard(0), "/tmp/out", "/tmp/out", False, False), "/tmp/out").entry.samples  # doctest: +SKIP
+        >>> publish(build_shard(plan.shard(0), "/tmp/out", False, False), "/tmp/out").entry.samples  # doctest: +SKIP
         500
     """
-    done = _finished_outcome(plan, dest)
-    if done is not None:
-        return done
     local_path = os.path.join(staging, f".{plan.name}.tmp-{os.getpid()}")
     skipped: list[dict[str, str]] = []
     converted: list[dict[str, str]] = []
@@ -368,14 +373,12 @@ def _unreadable_reason(exc: BaseException) -> str:
     return f"cannot read ({getattr(exc, 'strerror', None) or exc})"
 
 
-def publish(built: ShardOutcome | BuiltShard, dest: str) -> ShardOutcome:
+def publish(built: BuiltShard, dest: str) -> ShardOutcome:
     """Move a built shard to ``dest``, then write its index: an index at ``dest`` always
     means its shard is complete there (what a resumed run checks)."""
-    if isinstance(built, ShardOutcome):
-        return built
     plan, index = built.plan, built.index
     try:
-        storage.put_file_atomic(built.local_path, storage.join(dest, plan.name))
+        storage.put_file_atomic(built.local_path, storage.join(dest, plan.name), index.sha256)
     finally:
         if os.path.exists(built.local_path):
             os.remove(built.local_path)
@@ -402,8 +405,13 @@ def _run_plans(
     """Build shards in worker processes and publish them from threads of this process,
     so that a worker goes on to its next shard while the last one uploads: with the
     upload inside the worker, each worker waited on the network for about as long as it
-    built (bench/object_store.py). At most two shards per worker are in staging at once."""
-    jobs = ((plan, opts.dest, staging, opts.strict, opts.full_decode) for plan in plans)
+    built (bench/object_store.py). At most two shards per worker are in staging at once.
+
+    Shards an earlier run finished are found here, from one listing of DEST, and never
+    sent to a worker: at ImageNet's 1,000-odd shards that is a few LIST requests instead
+    of two HEADs per shard, and workers never need a client for DEST."""
+    listed = dict(storage.list_files(opts.dest)) if storage.holds_anything(opts.dest) else {}
+    jobs = ((plan, staging, opts.strict, opts.full_decode) for plan in plans)
     workers = max(1, min(opts.workers, count))
     uploads = ThreadPoolExecutor(workers, thread_name_prefix="shards-publish")
     if workers == 1:
@@ -412,24 +420,38 @@ def _run_plans(
         # Spawned, not forked: this process runs fsspec's event-loop thread with live S3
         # connections, and a forked child inherits its locks, sockets and epoll set mid-use
         # (the demo's sharding stalled on CI's machine after its last shard while using
-        # forked workers). A spawned worker costs about 0.7 s of imports, once per run.
+        # forked workers). A spawned worker pays its imports once per run.
         builder = ProcessPoolExecutor(
             workers, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_init
         )
     pending = iter(jobs)
     building: set[Future] = set()
     publishing: set[Future] = set()
+    finished: list[ShardOutcome] = []  # resumed from an earlier run, not yet yielded
+
+    def next_job() -> tuple | None:
+        """The next shard to build; shards already complete at DEST go to ``finished``."""
+        for job in pending:
+            done = _finished_outcome(job[0], opts.dest, listed) if listed else None
+            if done is None:
+                return job
+            finished.append(done)
+        return None
 
     def start_builds() -> None:
         while len(building) + len(publishing) < 2 * workers:
-            job = next(pending, None)
+            job = next_job()
             if job is None:
                 return
             building.add(builder.submit(build_shard, *job))
 
     try:
         if builder is None:
-            for job in jobs:
+            while (job := next_job()) is not None or finished:
+                yield from finished
+                finished.clear()
+                if job is None:
+                    break
                 built = build_shard(*job)
                 while len(publishing) >= workers:
                     done, _ = wait(publishing, return_when=FIRST_COMPLETED)
@@ -439,7 +461,11 @@ def _run_plans(
                 publishing.add(uploads.submit(publish, built, opts.dest))
         else:
             start_builds()
-            while building or publishing:
+            while building or publishing or finished:
+                yield from finished
+                finished.clear()
+                if not (building or publishing):
+                    break
                 done, _ = wait(building | publishing, return_when=FIRST_COMPLETED)
                 for future in done:
                     if future in building:

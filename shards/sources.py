@@ -77,7 +77,7 @@ class SourceItem:
         if self.is_local:
             with open(self.location, "rb") as f:
                 return f.read()
-        return storage.read_bytes(self.location)
+        return storage.read_bytes(self.location, self.size)
 
 
 @dataclass

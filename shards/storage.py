@@ -8,8 +8,10 @@ roles); nothing here reads or prints them. Storage failures become one-line
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import copy
+import mimetypes
 import os
 import posixpath
 import shutil
@@ -31,11 +33,18 @@ T = TypeVar("T")
 # Short connect timeout and few botocore retries: a wrong endpoint must fail within
 # seconds, not after minutes of silent backoff. Transient errors during long uploads
 # are retried by `with_retries`, which knows what it is retrying.
+#
+# Bodies are not hashed into the request signature (UNSIGNED-PAYLOAD), on http:// as
+# botocore already does on https://: a PUT's body is checked by its checksum header (a
+# shard's is the manifest's own sha256, see put_file_atomic; botocore adds a CRC32 to
+# other writes), so a second SHA-256 pass over every uploaded byte bought nothing but
+# client CPU (BENCHMARKS.md, issue 37). Headers, URL and credentials are still signed.
 _S3_OPTIONS = {
     "config_kwargs": {
         "connect_timeout": 5,
         "read_timeout": 120,
         "retries": {"max_attempts": 2, "mode": "standard"},
+        "s3": {"payload_signing_enabled": False},
     },
 }
 
@@ -478,7 +487,9 @@ def with_retries(
             ) from exc
 
 
-def _read_retried(url: str, start: int | None = None, end: int | None = None) -> bytes:
+def _read_retried(
+    url: str, start: int | None = None, end: int | None = None, one_request: bool = False
+) -> bytes:
     """Read ``url`` (or bytes ``[start, end)``), retrying until the read deadline.
 
     Each try is bounded by the time left: async file systems (s3fs) get it as their
@@ -493,6 +504,8 @@ def _read_retried(url: str, start: int | None = None, end: int | None = None) ->
         options: dict[str, float] = {}
         if isinstance(fs, AsyncFileSystem):
             options["timeout"] = max(ends_at - time.monotonic(), 1.0)
+        if one_request and hasattr(fs, "call_s3"):
+            options["max_concurrency"] = 1  # s3fs: a plain GET, no HEAD first
         _emit("requests")
         if start is None:
             return fs.cat_file(path, **options)
@@ -540,17 +553,27 @@ def check_reachable(url: str, for_writing: bool) -> None:
         raise explain(exc, url) from None
 
 
-def read_bytes(url: str) -> bytes:
-    """Read a whole (small) object, retrying transient errors up to the read deadline.
+def read_bytes(url: str, size: int | None = None) -> bytes:
+    """Read a whole object, retrying transient errors up to the read deadline.
 
     Errors name ``url``; one that stays unreadable past :func:`read_deadline_s` ends
     the read with a :class:`ShardsError` instead of hanging the run.
+
+    ``size``: the object's size where a listing gave it. On S3 an object that size or
+    smaller than one block is then fetched in one GET; without it s3fs first asks for
+    the size (a HEAD), to split large objects into concurrent ranged reads. For a small
+    photo or index that HEAD doubled the requests and cost about as much client CPU as
+    the GET (BENCHMARKS.md, issue 37).
 
     Example:
         >>> read_bytes("/etc/hostname") != b""
         True
     """
-    return _read_retried(url)
+    return _read_retried(url, one_request=size is not None and size <= SMALL_OBJECT_BYTES)
+
+
+# Objects up to this size are read in one GET when their size is known.
+SMALL_OBJECT_BYTES = 8 * 1024**2
 
 
 def write_bytes_atomic(url: str, data: bytes) -> None:
@@ -575,8 +598,16 @@ def write_bytes_atomic(url: str, data: bytes) -> None:
     with_retries(lambda: fs.pipe_file(path, data), url)
 
 
-def put_file_atomic(local_path: str, url: str) -> None:
-    """Move a finished local file to ``url`` (multipart upload for large files on S3).
+def put_file_atomic(local_path: str, url: str, sha256: str | None = None) -> None:
+    """Move a finished local file to ``url``.
+
+    On S3 a file whose SHA-256 (hex) the caller already holds, as ``shards create``
+    does for every shard it records in the manifest, goes up in one PUT streamed from
+    the file, with that digest as the object's checksum: the store refuses the body
+    unless it hashes to what the manifest records, and the client neither buffers the
+    file nor hashes it again (botocore would add a CRC32 pass; BENCHMARKS.md, issue 37).
+    Other files, and any above S3's 5 GiB limit for one PUT, go up as a multipart upload
+    of ``MULTIPART_PART_BYTES`` parts, several at a time, each part retried alone.
 
     Example:
         >>> _ = open("/tmp/ssl-train-a.bin", "wb").write(b"x")
@@ -593,9 +624,35 @@ def put_file_atomic(local_path: str, url: str) -> None:
             os.replace(tmp, path)
             os.remove(local_path)
         return
-    options = {"chunksize": MULTIPART_PART_BYTES} if hasattr(fs, "call_s3") else {}
-    with_retries(lambda: fs.put_file(local_path, path, **options), url)
+    if not hasattr(fs, "call_s3"):  # another fsspec store: its own put
+        with_retries(lambda: fs.put_file(local_path, path), url)
+    elif sha256 is not None and os.path.getsize(local_path) <= SINGLE_PUT_MAX_BYTES:
+        with_retries(lambda: _put_checksummed(fs, local_path, path, sha256), url)
+    else:
+        with_retries(lambda: fs.put_file(local_path, path, chunksize=MULTIPART_PART_BYTES), url)
     os.remove(local_path)
+
+
+# S3's largest object one PUT may write.
+SINGLE_PUT_MAX_BYTES = 5 * 1024**3
+
+
+def _put_checksummed(fs: AsyncFileSystem, local_path: str, path: str, sha256: str) -> None:
+    """One PUT of the file, streamed from disk, carrying its known SHA-256 as the
+    object's checksum (so botocore computes none of its own)."""
+    bucket, key, _ = fs.split_path(path)
+    content_type = mimetypes.guess_type(local_path)[0] or "application/octet-stream"
+    checksum = base64.b64encode(bytes.fromhex(sha256)).decode()
+    with open(local_path, "rb") as body:
+        fs.call_s3(
+            "put_object",
+            Bucket=bucket,
+            Key=key,
+            Body=body,
+            ContentType=content_type,
+            ChecksumSHA256=checksum,
+        )
+    fs.invalidate_cache(path)
 
 
 def size_or_none(url: str) -> int | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import pty
 import subprocess
@@ -110,11 +111,12 @@ def test_workers_build_on_while_shards_upload_and_staging_stays_bounded(
     assert run_cli("verify", f"{s3_bucket.url}/big", env=s3_bucket.env).returncode == 0
 
 
-def test_large_shards_go_up_as_multipart_uploads(
+def test_a_shard_above_one_puts_limit_goes_up_as_a_multipart_upload(
     tmp_path: Path, s3_bucket: S3Bucket, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from shards.create import CreateOptions, create
 
+    monkeypatch.setattr(storage, "SINGLE_PUT_MAX_BYTES", 8 * 1024**2)  # S3's is 5 GiB
     monkeypatch.setattr(storage, "MULTIPART_PART_BYTES", 5 * 1024**2)  # S3's smallest part
     tree = make_tree(
         tmp_path / "in", classes=4, per_class=30, size=(640, 480), awkward=False, val_count=1
@@ -132,6 +134,110 @@ def test_large_shards_go_up_as_multipart_uploads(
     parts = int(head["ETag"].strip('"').rsplit("-", 1)[1])  # multipart ETags end in -<parts>
     assert parts == -(-manifest.num_bytes // (5 * 1024**2))
     assert run_cli("verify", f"{s3_bucket.url}/mp", env=s3_bucket.env).returncode == 0
+
+
+def _sent_requests(url: str) -> list[tuple[str, dict[str, str]]]:
+    """(operation, headers) of every request the S3 client of ``url`` sends from now on."""
+    import fsspec.asyn
+
+    fs, _ = storage.filesystem(url)
+    client = fsspec.asyn.sync(fs.loop, fs.set_session)
+    sent: list[tuple[str, dict[str, str]]] = []
+
+    def capture(request, event_name: str, **_: object) -> None:
+        headers = {
+            k.lower(): v.decode() if isinstance(v, bytes) else v for k, v in request.headers.items()
+        }
+        sent.append((event_name.split(".")[-1], headers))
+
+    client.meta.events.register("before-send.s3", capture)
+    return sent
+
+
+def test_a_shard_goes_up_in_one_put_checked_against_the_manifests_sha256(
+    tmp_path: Path, s3_bucket: S3Bucket
+) -> None:
+    """Issue 37: the client hashes each uploaded byte once (the manifest's sha256, in the
+    worker); botocore neither signs the body (UNSIGNED-PAYLOAD) nor adds a CRC32 of its
+    own, and the store checks the body against the manifest's digest."""
+    import base64
+
+    from shards.create import CreateOptions, create
+
+    tree = make_tree(tmp_path / "in", classes=2, per_class=12, awkward=False, val_count=1)
+    sent = _sent_requests(f"{s3_bucket.url}/one")
+    manifest = create(
+        CreateOptions(src=str(tree.train), dest=f"{s3_bucket.url}/one", shard_samples=8, workers=1),
+        log=lambda _: None,
+    )
+    assert len(manifest.shards) == 3
+    shard_puts = [h for op, h in sent if op == "PutObject" and "x-amz-checksum-sha256" in h]
+    assert len(shard_puts) == 3, [op for op, _ in sent]
+    for headers in (h for op, h in sent if op == "PutObject"):  # indexes and manifest too
+        assert headers["x-amz-content-sha256"] == "UNSIGNED-PAYLOAD"
+    for headers in shard_puts:
+        assert not [name for name in headers if name.startswith("x-amz-checksum-crc")]
+    client = s3_bucket.client()
+    for entry in manifest.shards:
+        head = client.head_object(
+            Bucket=s3_bucket.name, Key=f"one/{entry.name}", ChecksumMode="ENABLED"
+        )
+        assert head["ChecksumSHA256"] == base64.b64encode(bytes.fromhex(entry.sha256)).decode()
+        assert "-" not in head["ETag"]  # one PUT, not a multipart upload
+
+    # a body that does not hash to the digest it is sent with is refused by the store
+    local = tmp_path / "shard.tar"
+    local.write_bytes(b"not what the manifest recorded")
+    wrong = "00" * 32
+    with pytest.raises(ShardsError, match=r"bad\.tar"):
+        storage.put_file_atomic(str(local), f"{s3_bucket.url}/one/bad.tar", wrong)
+    assert storage.size_or_none(f"{s3_bucket.url}/one/bad.tar") is None
+    assert local.exists()  # nothing is deleted that did not arrive
+
+
+def test_a_small_object_whose_size_a_listing_gave_is_one_get(s3_bucket: S3Bucket) -> None:
+    """Without a size s3fs asks for it first (a HEAD) to split large objects into
+    ranged reads; a source photo or index listed with its size is one GET (issue 37)."""
+    url = f"{s3_bucket.url}/photo.jpg"
+    storage.write_bytes_atomic(url, b"jpeg bytes")
+    sent = _sent_requests(url)
+    assert storage.read_bytes(url, size=10) == b"jpeg bytes"
+    assert [op for op, _ in sent] == ["GetObject"]
+    sent.clear()
+    assert storage.read_bytes(url) == b"jpeg bytes"
+    assert [op for op, _ in sent] == ["HeadObject", "GetObject"]
+
+
+def test_a_rerun_finds_finished_shards_in_one_listing_of_dest(
+    tmp_path: Path, s3_bucket: S3Bucket, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A resumed run asks DEST for one listing, then reads only the indexes it lists:
+    no request per shard that is not there, and workers never open DEST (issue 37)."""
+    from shards.create import CreateOptions, create
+
+    tree = make_tree(tmp_path / "in", classes=2, per_class=12, awkward=False, val_count=1)
+    dest = f"{s3_bucket.url}/again"
+    options = CreateOptions(src=str(tree.train), dest=dest, shard_samples=4, workers=1)
+    first = create(options, log=lambda _: None)
+    assert len(first.shards) == 6
+    client = s3_bucket.client()
+    lost = first.shards[2]
+    client.delete_object(Bucket=s3_bucket.name, Key=f"again/{lost.index}")
+    client.delete_object(Bucket=s3_bucket.name, Key="again/manifest.json")
+    asked: list[str] = []
+    real_size = storage.size_or_none
+    monkeypatch.setattr(storage, "size_or_none", lambda url: asked.append(url) or real_size(url))
+    sent = _sent_requests(dest)
+    again = create(options, log=lambda _: None)
+    assert [s.sha256 for s in again.shards] == [s.sha256 for s in first.shards]
+    assert not [url for url in asked if url.endswith((".tar", ".index.json"))], asked
+    operations = [op for op, _ in sent]
+    assert operations.count("GetObject") == 5  # the five indexes listed
+    assert operations.count("HeadObject") <= 3, " ".join(operations)  # DEST and the manifest
+    report = json.loads(
+        client.get_object(Bucket=s3_bucket.name, Key="again/report.json")["Body"].read()
+    )
+    assert report["resumed_shards"] == 5
 
 
 def test_progress_is_plain_lines_in_logs_and_a_bar_on_a_terminal(tmp_path: Path) -> None:
