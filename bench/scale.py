@@ -848,6 +848,7 @@ def render(lines: list[dict]) -> str:
 
 
 def render_memory(by_part: dict[str, list[dict]]) -> str:
+    """The modelled per-GPU memory by preset and world size, and the measured check."""
     rows = by_part["memory"]
     worlds = sorted(rows[0]["per_gpu_gib"], key=int)
     sources = sorted({source for row in rows for source in row["sources"].values()})
@@ -886,6 +887,7 @@ def render_memory(by_part: dict[str, list[dict]]) -> str:
 
 
 def render_checkpoint(by_part: dict[str, list[dict]]) -> str:
+    """One checkpoint's figures, each with its source: CPU-seconds first, wall beside."""
     (r,) = by_part["checkpoint"]
     lo, hi = r["save_blocks_cpu_s_range"]
 
@@ -942,6 +944,7 @@ def render_checkpoint(by_part: dict[str, list[dict]]) -> str:
 
 
 def render_data(by_part: dict[str, list[dict]]) -> str:
+    """One row per dataset, batch and world size; memory columns name their source."""
     rows = by_part["data"]
     lines = [
         "**Data, per epoch** (counted: requests, bytes and samples; up to "
@@ -972,6 +975,8 @@ def render_data(by_part: dict[str, list[dict]]) -> str:
 
 
 def render_restart(by_part: dict[str, list[dict]]) -> str:
+    """The lost node's phases with their sources, the store traffic behind them, and the
+    cadence modelled over them."""
     (r,) = by_part["restart"]
     rdzv = r["rendezvous"]
     lines = [
@@ -1033,6 +1038,7 @@ def render_restart(by_part: dict[str, list[dict]]) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The defaults are the recorded run's sizes; the test shrinks every one of them."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--datasets", nargs="+", default=list(DATASETS)[:2], choices=list(DATASETS))
     parser.add_argument("--world-sizes", nargs="+", type=int, default=[8, 64, 128, 512, 1024])
@@ -1061,6 +1067,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def data_rows(args: argparse.Namespace) -> list[dict]:
+    """One simulated epoch per dataset, batch and world size, printed as it ends (the
+    ImageNet-21k rows take minutes each)."""
     rows = []
     for name in args.datasets if "data" in args.parts else []:
         dataset = DATASETS[name]
