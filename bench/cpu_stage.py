@@ -10,14 +10,14 @@ side alone is not the same work as torchvision's: this script reports it beside 
 whole pipeline with the device stage run on the CPU (what a CPU-only run pays: the demo,
 the quick start), and turns the CPU side into the cores one GPU needs.
 
-Run from the repository root (about 6 minutes on a 2-core VM):
+Run from the repository root (about 6 minutes on an idle 2-core VM):
 
     .venv/bin/python bench/cpu_stage.py --repeats 5
 
 Data: the 2,000-JPEG tree of ``bench/shards_create.py`` (photo-like 500x375, about
 100 KB, cached under --work), sharded once with ``shards create --shard-bytes 16MiB``.
-Every side works on the same JPEGs with the same crops: the samples of the stream's 12
-timed batches (global batch 128, one rank, 4 partitions; the batch before them is the
+Every side works on the same JPEGs with the same crops: the 1,024 samples of the stream's
+8 timed batches (global batch 128, one rank, 4 partitions; the batch before them is the
 stream's warm-up).
 
 Timed per repeat, interleaved (each side once per repeat, in this order), 224 px views:
@@ -31,13 +31,16 @@ Timed per repeat, interleaved (each side once per repeat, in this order), 224 px
                 TrainStream in one DataLoader worker; the worker's whole process
                 (reading, decoding, cropping, handing batches over through shared
                 memory) after its first batch
-  device_stage  ``SimCLRAugment`` on the CPU, in this process, on the stream's own
+  device_1      ``SimCLRAugment`` on the CPU, in this process, on the stream's own
                 uint8 batches (made by ``TrainStream.batch`` before the repeats, not
-                timed), with --device-threads torch threads (default: torch's, what a
-                CPU-only training process gets)
+                timed, and augmented as ``Task.device_views`` does), one torch thread
+  device_n      the same with --device-threads torch threads (default: torch's, one per
+                core: what a CPU-only training process gets; its idle threads' waiting
+                costs CPU-seconds, more so when neighbours hold the other cores)
 
-The whole pipeline per CPU-second, per repeat, is 1 / (1/stream + 1/device_stage): the
-worker's CPU-seconds plus the training process's for the same samples. Everything is
+The whole pipeline per CPU-second, per repeat, is 1 / (1/stream + 1/device): the
+worker's CPU-seconds plus the training process's for the same samples, once with each
+device side. Everything is
 CPU-seconds of the processes doing the work (``time.process_time`` in this process,
 ``/proc`` of the worker), never wall time: neighbours on a shared machine stretch wall
 time, not work. Left out: the training process's receiving of batches from the worker,
@@ -71,7 +74,7 @@ from machine import machine_info
 from shards_create import Machine, ensure_tree
 
 SIZE = 224
-FULL = {"images": 2000, "classes": 20, "global_batch_size": 128, "partitions": 4, "batches": 12}
+FULL = {"images": 2000, "classes": 20, "global_batch_size": 128, "partitions": 4, "batches": 8}
 SMOKE = {"images": 48, "classes": 4, "global_batch_size": 16, "partitions": 2, "batches": 2}
 # One GPU's SimCLR rate, until bench/gpu_all.py measures one: ResNet-50 v1.5 training on
 # one A100 80GB, mixed precision, 2470 images/s; a two-view sample is two images through
@@ -84,11 +87,14 @@ GPU_SOURCE = (
     "https://github.com/NVIDIA/DeepLearningExamples/blob/master/PyTorch/Classification/"
     "ConvNets/resnet50v1.5/README.md"
 )
-SIDES = {
-    "torchvision": "torchvision SimCLR pipeline, whole (CPU, 1 thread)",
+SIDES = {  # timed sides, and the derived whole pipelines (stream + one device-stage side)
+    "torchvision": "torchvision SimCLR pipeline, whole (1 thread)",
     "bare": "ssl-train CPU side, bare `two_views` (1 thread)",
     "stream": "ssl-train CPU side, the stream in one DataLoader worker",
-    "device_stage": "ssl-train device stage (`SimCLRAugment`) run on the CPU",
+    "device_1": "ssl-train device stage (`SimCLRAugment`) on the CPU, 1 thread",
+    "device_n": "ssl-train device stage (`SimCLRAugment`) on the CPU, {threads} threads",
+    "whole_1": "**ssl-train whole pipeline on the CPU**: stream + device stage, 1 thread",
+    "whole_n": "**ssl-train whole pipeline on the CPU**: stream + device stage, {threads} threads",
 }
 
 
@@ -217,10 +223,20 @@ def _sides(rows: list[dict[str, Any]]) -> dict[str, list[float]]:
         if row["kind"] == "side":
             runs.setdefault(row["side"], {})[row["repeat"]] = row["samples_per_cpu_s"]
     out = {side: [by_repeat[r] for r in sorted(by_repeat)] for side, by_repeat in runs.items()}
-    out["whole"] = [
-        1 / (1 / s + 1 / d) for s, d in zip(out["stream"], out["device_stage"], strict=True)
-    ]
+    for device in ("1", "n"):
+        out[f"whole_{device}"] = [
+            1 / (1 / s + 1 / d) for s, d in zip(out["stream"], out[f"device_{device}"], strict=True)
+        ]
     return out
+
+
+def _others(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """Each timed side's median CPU-seconds of other processes while it ran."""
+    others: dict[str, list[float]] = {}
+    for row in rows:
+        if row["kind"] == "side":
+            others.setdefault(row["side"], []).append(row["other_cpu_s"])
+    return {side: statistics.median(values) for side, values in others.items()}
 
 
 def _ratio(a: list[float], b: list[float]) -> list[float]:
@@ -238,15 +254,20 @@ def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "bare / torchvision (CPU side only; not the same work)": _ratio(
             runs["bare"], runs["torchvision"]
         ),
-        "**whole / torchvision (the same work, all on the CPU)**": _ratio(
-            runs["whole"], runs["torchvision"]
+        "**whole, device stage 1 thread / torchvision (the same work, all on the CPU)**": _ratio(
+            runs["whole_1"], runs["torchvision"]
+        ),
+        "**whole, device stage {threads} threads / torchvision (the same work, all on the CPU)**": (
+            _ratio(runs["whole_n"], runs["torchvision"])
         ),
     }
+    ratios = {name.format(threads=settings["device_threads"]): v for name, v in ratios.items()}
     stream = statistics.median(runs["stream"])
     return {
         "runs": runs,
         "ratios": ratios,
         "settings": settings,
+        "others": _others(rows),
         "cores_per_gpu": settings["gpu_samples_per_s"] / stream,
         "profile": {row["part"]: row["ms_per_sample"] for row in rows if row["kind"] == "profile"},
     }
@@ -264,19 +285,19 @@ def render(rows: list[dict[str, Any]]) -> str:
         f"{machine['cpu']}, {machine['nproc']} CPUs, torch {machine['torch']}, load average "
         f"{machine['loadavg_before']} at the start; {settings['samples']} samples "
         f"(mean JPEG {settings['jpeg_bytes_mean']:,} bytes), {settings['repeats']} repeats"
-        f"{', SMOKE SIZE' if settings['smoke'] else ''}; device stage with "
-        f"{settings['device_threads']} torch threads, in batches of "
+        f"{', SMOKE SIZE' if settings['smoke'] else ''}; device stage in batches of "
         f"{settings['global_batch_size']}.",
         "",
-        "| side | two-view samples per CPU-second, median | min | max | runs |",
-        "|---|---:|---:|---:|---|",
+        "| side | two-view samples per CPU-second, median | min | max | runs | others' CPU-s |",
+        "|---|---:|---:|---:|---|---:|",
     ]
-    labels = {**SIDES, "whole": "**ssl-train whole pipeline on the CPU** (stream + device stage)"}
-    for side, label in labels.items():
+    for side, label in SIDES.items():
         values = s["runs"][side]
         median, low, high = spread(values)
         runs = ", ".join(f"{v:.1f}" for v in values)
-        lines.append(f"| {label} | {median:.1f} | {low:.1f} | {high:.1f} | {runs} |")
+        others = f"{s['others'][side]:.1f}" if side in s["others"] else "-"
+        label = label.format(threads=settings["device_threads"])
+        lines.append(f"| {label} | {median:.1f} | {low:.1f} | {high:.1f} | {runs} | {others} |")
     lines += ["", "| ratio, per repeat | median | min | max |", "|---|---:|---:|---:|"]
     for name, values in s["ratios"].items():
         median, low, high = spread(values)
@@ -373,7 +394,8 @@ def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
         "torchvision": (lambda: cpu_seconds(baseline, 1), 1),
         "bare": (lambda: cpu_seconds(bare, 1), 1),
         "stream": (stream, 1),
-        "device_stage": (lambda: cpu_seconds(device_stage(batches), threads), threads),
+        "device_1": (lambda: cpu_seconds(device_stage(batches), 1), 1),
+        "device_n": (lambda: cpu_seconds(device_stage(batches), threads), threads),
     }
     torchvision_simclr(jpegs[:4])()  # warm-up: imports, first allocations; not timed
     for key, jpeg in samples[:4]:

@@ -45,7 +45,8 @@ def test_render_derives_the_whole_pipeline_ratios_and_cores_from_the_rows() -> N
         "torchvision": [50.0, 40.0],
         "bare": [1000.0, 800.0],
         "stream": [600.0, 300.0],
-        "device_stage": [200.0, 100.0],
+        "device_1": [200.0, 100.0],
+        "device_n": [150.0, 60.0],
     }
     rows = [
         _line(cpu_stage.side_row(side, repeat, 10, 10 / rate, 0.0, 1))
@@ -55,15 +56,21 @@ def test_render_derives_the_whole_pipeline_ratios_and_cores_from_the_rows() -> N
     ]
     rows.append(_line(_settings()))
     figures = cpu_stage.summary([line["row"] for line in rows])
-    assert figures["runs"]["whole"] == pytest.approx([150.0, 75.0])
-    whole = figures["ratios"]["**whole / torchvision (the same work, all on the CPU)**"]
-    assert whole == pytest.approx([3.0, 1.875])
+    assert figures["runs"]["whole_1"] == pytest.approx([150.0, 75.0])
+    assert figures["runs"]["whole_n"] == pytest.approx([120.0, 50.0])
+    same_work = "/ torchvision (the same work, all on the CPU)**"
+    one, two = (
+        f"**whole, device stage 1 thread {same_work}",
+        f"**whole, device stage 2 threads {same_work}",
+    )
+    assert figures["ratios"][one] == pytest.approx([3.0, 1.875])
+    assert figures["ratios"][two] == pytest.approx([2.4, 1.25])
     assert figures["cores_per_gpu"] == pytest.approx(600.0 / 450.0)
 
     text = cpu_stage.render(rows)
-    assert (
-        "| **whole / torchvision (the same work, all on the CPU)** | 2.44x | 1.88 | 3.00 |" in text
-    )
+    assert f"| {one} | 2.44x | 1.88 | 3.00 |" in text
+    assert f"| {two} | 1.82x | 1.25 | 2.40 |" in text
+    assert "| ssl-train device stage (`SimCLRAugment`) on the CPU, 2 threads | 105.0 |" in text
     assert (
         "| stream / torchvision (CPU side only; not the same work) | 9.75x | 7.50 | 12.00 |" in text
     )
@@ -85,20 +92,22 @@ def test_smoke_run_records_every_side_and_reports_ratios_and_cores(tmp_path: Pat
     lines = results.latest_run("cpu_stage", directory=out)
     rows = [line["row"] for line in lines]
     sides = {row["side"]: row for row in rows if row["kind"] == "side"}
-    assert set(sides) == {"torchvision", "bare", "stream", "device_stage"}
+    assert set(sides) == {"torchvision", "bare", "stream", "device_1", "device_n"}
     settings = next(row for row in rows if row["kind"] == "settings")
     assert settings["smoke"] and settings["samples"] == 32  # 2 timed batches of 16
     for row in sides.values():
         assert row["samples"] == 32 and row["cpu_s"] > 0, row
-    assert sides["device_stage"]["torch_threads"] == settings["device_threads"] >= 1
+    assert sides["device_1"]["torch_threads"] == 1
+    assert sides["device_n"]["torch_threads"] == settings["device_threads"] >= 1
     assert {row["part"] for row in rows if row["kind"] == "profile"} >= {"two_views_whole"}
 
     report = cpu_stage.render(lines)
     assert report in proc.stdout
-    for label in [*cpu_stage.SIDES.values(), "whole pipeline on the CPU", "SMOKE SIZE"]:
-        assert label in report
+    threads = settings["device_threads"]
+    for label in [*cpu_stage.SIDES.values(), "SMOKE SIZE"]:
+        assert label.format(threads=threads) in report
     figures = cpu_stage.summary(rows)
-    assert len(figures["ratios"]) == 3
+    assert len(figures["ratios"]) == 4
     for name, values in figures["ratios"].items():
         assert f"| {name} | {values[0]:.2f}x |" in report
     cores = 500 / sides["stream"]["samples_per_cpu_s"]
