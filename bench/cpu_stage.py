@@ -10,7 +10,7 @@ side alone is not the same work as torchvision's: this script reports it beside 
 whole pipeline with the device stage run on the CPU (what a CPU-only run pays: the demo,
 the quick start), and turns the CPU side into the cores one GPU needs.
 
-Run from the repository root (about 6 minutes on an idle 2-core VM):
+Run from the repository root (about 5 minutes on a 2-core VM):
 
     .venv/bin/python bench/cpu_stage.py --repeats 5
 
