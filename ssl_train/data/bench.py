@@ -5,7 +5,7 @@ shard layout, the number of DataLoader workers and the CPU, all of which differ 
 clusters. This runs the real ``TrainStream`` through a real ``DataLoader`` and reports
 
 * CPU stage, the headline: two-view (pretrain) or one-view (finetune) samples per
-  CPU-second of the workers' whole processes (making batches, and handing them to the
+  CPU-second of the workers' whole processes (decode and random-resized crop only) (making batches, and handing them to the
   training process through shared memory), read from ``/proc`` once every batch has
   arrived. CPU-seconds, not wall time: other processes on a shared machine stretch wall
   time, not the work. From it, how many cores of this CPU one GPU needs at a given step
@@ -13,8 +13,9 @@ clusters. This runs the real ``TrainStream`` through a real ``DataLoader`` and r
   of that many, making exactly one GPU's share of each batch). Also samples/s in total
   and per core (total / min(workers, CPUs)), and the CPU spent inside the stream's
   ``batch`` alone (``time.process_time`` in each worker);
-* device stage: seconds per batch of the batched augmentation (``SimCLRAugment``, or the
-  finetuning flip) on CUDA when available, else on the CPU;
+* device stage: seconds per batch of the batched augmentation (``SimCLRAugment``: flip,
+  colour jitter, grayscale, blur; or the finetuning flip) on CUDA when available, else on
+  the CPU. The CPU stage's figure leaves these out: they run in the training process;
 * storage: bytes and requests through ``shards.storage`` (``read_range`` for samples,
   ``read_bytes`` for manifest and indexes), counted in every worker process.
 
@@ -487,7 +488,8 @@ def describe(result: BenchResult) -> list[str]:
         f"              first batch after {result.first_batch_s:.2f} s (worker start, "
         "manifest, indexes, one batch)",
         f"device stage: {result.device_s_per_batch * 1e3:.1f} ms per batch of "
-        f"{result.batch_per_gpu} on {result.device}",
+        f"{result.batch_per_gpu} on {result.device} (flip, colour jitter, grayscale, blur: "
+        "the augmentations the CPU stage leaves out)",
         f"storage:      {result.bytes_read / mb:.2f} MB in {result.requests} requests "
         f"({result.range_requests} sample ranges, {result.metadata_requests} manifest/index)",
         f"              {result.bytes_per_epoch_ratio:.3f}x the shard bytes of the "
