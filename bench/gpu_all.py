@@ -89,9 +89,10 @@ parts first (the gpu-marked tests, then the checks), never the measurements.
                 same JPEG bytes and crop boxes, --pixels-images JPEGs x 2 views at 224
                 and 32 px, with the tolerances of ``tests/test_device_decode.py`` (read
                 from its source) plus its nvJPEG allowance.
-  tests         (~120 s) ``pytest -m gpu`` on --tests (default: the whole suite) in a
-                child process: the GPU variants of the device-decode tests and a stage
-                trained with ``--decode gpu``.
+  tests         (~120 s) ``pytest -m gpu`` on --tests (default: the test files that
+                mark tests gpu, now ``tests/test_device_decode.py`` alone) in a child
+                process: the GPU variants of the device-decode tests and a stage trained
+                with ``--decode gpu``.
 
 Expected on a GPU: the step table, the augment, peak-memory and decode figures, the
 lines PASS peak-memory / ranks / memory / decode-pixels, the global-bn timing, ``GPU
@@ -151,7 +152,7 @@ SMOKE_FLAGS = (
     "--augment-repeats 2 --decode-images 4 --decode-samples 16 --cpu-samples 4 "
     "--ranks-batch 4 --bn-step-batch 4 --bn-step-repeats 2 "
     "--pretrain-preset tiny --pretrain-image-size 32 --pretrain-batch 8 --pretrain-memory 24 "
-    "--pretrain-steps 4 --pretrain-workers 1 --pixels-images 3 --tests tests/test_device_decode.py"
+    "--pretrain-steps 4 --pretrain-workers 1 --pixels-images 3"
 )
 CHECKS = ("peak-memory", "ranks", "memory", "decode-pixels")  # each prints a verdict line
 SMOKE_MARK = "smoke run, not a GPU figure"  # in machine.device of a CPU run (gpu_step)
@@ -897,6 +898,22 @@ def settings_of(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def gpu_test_files() -> list[str]:
+    """The test files that mark tests gpu. Collecting only these keeps the part from
+    importing the whole suite and its dependencies (TorchX, Kubernetes' client,
+    WebDataset, ...), which a GPU machine's image may lack, and from its collection time.
+
+    Example:
+        >>> "tests/test_device_decode.py" in gpu_test_files()
+        True
+    """
+    return sorted(
+        str(path.relative_to(REPO))
+        for path in (REPO / "tests").glob("test_*.py")
+        if "mark.gpu" in path.read_text()
+    )
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     gpu_step.add_arguments(parser)
@@ -929,7 +946,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--pixels-images", type=int, default=64, help="decode-pixels: 500x375 JPEGs compared"
     )
     parser.add_argument(
-        "--tests", nargs="+", default=["tests"], help="test paths for pytest -m gpu"
+        "--tests",
+        nargs="+",
+        help="test paths for pytest -m gpu (default: the test files that hold gpu-marked tests)",
     )
     parser.add_argument(
         "--budget", type=float, default=BUDGET_S, help="seconds for the whole run (parts "
@@ -939,7 +958,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--results-dir", type=Path, help="where gpu_all.jsonl gets this run's rows (default: "
         "bench/results on a GPU; a CPU smoke run records nothing without it)",
     )  # fmt: skip
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.tests = args.tests or gpu_test_files()
+    return args
 
 
 def run_parts(args: argparse.Namespace, budget: Budget) -> dict[str, Any]:
