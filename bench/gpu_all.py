@@ -25,8 +25,8 @@ fails is reported and the others still run. Budget: the whole run has BUDGET_S =
 one H100 with the defaults, written before any GPU run: the first run corrects them)
 fits in what is left, else it is skipped and reported as such; the parts run in child
 processes (ranks, memory, tests) are also killed at the budget. The estimates add up to
-465 s, so a run that goes as planned runs every part; one that is slower loses the last
-parts first (the gpu-marked tests, then the checks), never the measurements.
+465 s, so a run that goes as planned runs every part; a slower one skips, from then on,
+each part whose estimate no longer fits (the measurements come first, the tests last).
 
   step          (~90 s) ``bench/gpu_step.py``'s comparison (its code, its flags): the real
                 SimCLR ``Trainer._step`` (r50_1x_sk0, 128 pairs at 224 px, bf16,
