@@ -34,6 +34,17 @@ same bf16 values). TF32 is off in both processes: the check is about the code pa
 not about TF32's 10-bit rounding of convolutions. Any exception, such as a tensor on the
 wrong device, fails the check with its message.
 
+With a ``BnStep`` (``bench/gpu_all.py``'s part ``global-bn`` gives one), the ranks then
+also time global batch norm's cost in a training step: forward and backward of the
+preset's SimCLRv2 model on each rank's 2 x B images, with ``convert_to_global_bn``
+against the same model with its plain batch norms, interleaved, each timed between a
+barrier and ``torch.cuda.synchronize()``; the slowest rank's time per step. On one GPU
+this counts GlobalBatchNorm's own kernels and two gloo all-reduces per batch-norm layer
+(a copy of CUDA tensors to the host and back, each a wait of the CPU for the GPU), with
+the two processes sharing the GPU; it leaves out NCCL and the links between GPUs, so it
+is not what global batch norm costs across GPUs. (With one process GlobalBatchNorm *is*
+``F.batch_norm``: one GPU alone pays nothing for it, by construction.)
+
 The reference is computed in each rank's process before it joins the group (with no
 process group, every function here is the plain single-process computation). Run alone:
 
@@ -52,13 +63,14 @@ import datetime
 import json
 import os
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import traceback
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 WORLD = 2
 CHANNELS, SPATIAL = 64, 16  # global batch norm's input: (B, 64, 16, 16) per rank
@@ -69,6 +81,18 @@ TOLERANCE = {
     "bf16": 2e-2,  # output and input gradient: values rounded to bf16 (2^-8 = 3.9e-3)
     "bf16_stats": 1e-3,  # running statistics, weight and bias gradients: float32 sums
 }
+
+BN_STEP_WARMUP = 2  # untimed steps per case (cuDNN's first calls, the allocator's growth)
+
+
+class BnStep(NamedTuple):
+    """The model step that times global batch norm against plain batch norm."""
+
+    preset: str
+    image_size: int
+    batch: int  # samples per rank: 2 x batch images per step
+    precision: str  # "bf16" (autocast) or "fp32"
+    repeats: int
 
 
 # --- the rank processes -------------------------------------------------------------------
@@ -183,7 +207,92 @@ def _memory_case(device: Any, batch: int) -> dict[str, Any]:
     }
 
 
-def rank_main(rank: int, device_name: str, batch: int, out: Path) -> None:
+def _bn_step_seconds(model: Any, images: Any, bf16: bool) -> float:
+    """One forward and backward of ``model`` on ``images``, every rank starting together;
+    this rank's seconds, synchronised with its device at both ends."""
+    import torch
+    import torch.distributed as dist
+
+    model.zero_grad(set_to_none=True)
+    dist.barrier()
+    if images.is_cuda:
+        torch.cuda.synchronize(images.device)
+    start = time.perf_counter()
+    with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=bf16):
+        projection = model(images).projection
+    projection.float().square().mean().backward()
+    if images.is_cuda:
+        torch.cuda.synchronize(images.device)
+    return time.perf_counter() - start
+
+
+def bn_step_times(device: Any, step: BnStep) -> dict[str, Any]:
+    """In the group: per interleaved repeat, the slowest rank's seconds for a step of the
+    preset's model with plain batch norm and with ``convert_to_global_bn``."""
+    import torch
+    import torch.distributed as dist
+
+    from ssl_train.dist import GlobalBatchNorm, convert_to_global_bn
+    from ssl_train.models import build_model
+
+    torch.manual_seed(6)
+    plain = build_model(step.preset, None, device=device).to(memory_format=torch.channels_last)
+    models = {
+        "plain": plain.train(),
+        "global": convert_to_global_bn(copy.deepcopy(plain)).train(),
+    }
+    layers = sum(isinstance(m, GlobalBatchNorm) for m in models["global"].modules())
+    generator = torch.Generator().manual_seed(7 + dist.get_rank())
+    shape = (2 * step.batch, 3, step.image_size, step.image_size)
+    images = torch.rand(shape, generator=generator).to(device)
+    images = images.contiguous(memory_format=torch.channels_last)
+    bf16 = step.precision == "bf16"
+    for model in models.values():
+        for _ in range(BN_STEP_WARMUP):
+            _bn_step_seconds(model, images, bf16)
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for _ in range(step.repeats):
+        for name, model in models.items():
+            slowest = torch.tensor([_bn_step_seconds(model, images, bf16)], dtype=torch.float64)
+            dist.all_reduce(slowest, op=dist.ReduceOp.MAX)  # a CPU tensor: gloo
+            times[name].append(float(slowest))
+    return {"batch_norm_layers": layers, "seconds": times}
+
+
+def summarise_bn_step(step: BnStep, device: str, measured: dict[str, Any]) -> dict[str, Any]:
+    """Medians of the slowest rank's step times, the ratio per repeat (median, range) and
+    what global batch norm adds per step and per layer (forward and backward).
+
+    Example:
+        >>> s = summarise_bn_step(BnStep("tiny", 32, 4, "fp32", 3), "cpu",
+        ...     {"batch_norm_layers": 10, "seconds": {"plain": [1.0, 1.0, 2.0], "global": [1.5, 1.2, 2.0]}})
+        >>> s["ratio_median"], s["ratio_range"], s["extra_ms_per_step"], s["extra_ms_per_layer"]
+        (1.2, [1.0, 1.5], 500.0, 50.0)
+    """
+    plain, global_ = measured["seconds"]["plain"], measured["seconds"]["global"]
+    ratios = [g / p for g, p in zip(global_, plain, strict=True)]
+    extra = statistics.median(global_) - statistics.median(plain)
+    layers = measured["batch_norm_layers"]
+    return {
+        **step._asdict(),
+        "device": device,
+        "world": WORLD,
+        "images_per_rank": 2 * step.batch,
+        "batch_norm_layers": layers,
+        "plain_s_per_step": round(statistics.median(plain), 5),
+        "global_s_per_step": round(statistics.median(global_), 5),
+        "ratio_median": round(statistics.median(ratios), 3),
+        "ratio_range": [round(min(ratios), 3), round(max(ratios), 3)],
+        "extra_ms_per_step": round(1e3 * extra, 3),
+        "extra_ms_per_layer": round(1e3 * extra / layers, 4) if layers else None,
+        "seconds_plain": plain,
+        "seconds_global": global_,
+    }
+
+
+def rank_main(
+    rank: int, device_name: str, batch: int, out: Path, bn_step: BnStep | None = None
+) -> None:
     """One rank: the references alone, then the same computations in the group."""
     import torch
     import torch.distributed as dist
@@ -195,6 +304,8 @@ def rank_main(rank: int, device_name: str, batch: int, out: Path) -> None:
     device = torch.device(device_name)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    else:  # the two ranks share the cores: one thread each, no OpenMP spinning against the other
+        torch.set_num_threads(1)
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False
     mine = slice(rank * batch, (rank + 1) * batch)
@@ -301,6 +412,7 @@ def rank_main(rank: int, device_name: str, batch: int, out: Path) -> None:
     dist.init_process_group(
         "gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=GLOO_TIMEOUT_S)
     )
+    timing = None
     try:
         for precision, case in bn_cases.items():
             if case is not None:
@@ -311,9 +423,11 @@ def rank_main(rank: int, device_name: str, batch: int, out: Path) -> None:
         if memory_case is not None:
             guarded("memory", lambda: memory_fill(memory_case))
         dist.barrier()
+        timing = bn_step and guarded("global-bn step", lambda: bn_step_times(device, bn_step))
     finally:
         dist.destroy_process_group()
-    out.write_text(json.dumps({"rank": rank, "figures": figures, "failures": failures}))
+    result = {"rank": rank, "figures": figures, "failures": failures, "bn_step": timing or None}
+    out.write_text(json.dumps(result))
 
 
 # --- the launcher ------------------------------------------------------------------------
@@ -334,9 +448,12 @@ def _last_error_line(text: str) -> str:
     return (lines[-1] if lines else "no output")[:400]
 
 
-def run_ranks(device: str, batch: int, timeout_s: float = 180.0) -> dict[str, Any]:
+def run_ranks(
+    device: str, batch: int, timeout_s: float = 180.0, bn_step: BnStep | None = None
+) -> dict[str, Any]:
     """Start the two ranks (this script, ``--rank R``), wait for both, gather their
-    figures; a verdict and a one-line summary. Never waits past ``timeout_s``."""
+    figures (and with ``bn_step`` the step timing, under ``"bn_step"``); a verdict and a
+    one-line summary. Never waits past ``timeout_s``."""
     started = time.perf_counter()
     env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     env["PYTHONPATH"] = os.pathsep.join(
@@ -353,6 +470,8 @@ def run_ranks(device: str, batch: int, timeout_s: float = 180.0) -> dict[str, An
             "--batch",
             str(batch),
         ]
+        if bn_step is not None:
+            common += ["--bn-step", json.dumps(bn_step._asdict())]
         procs = [
             subprocess.Popen(
                 [*common, "--rank", str(r), "--out", str(outs[r])],
@@ -409,6 +528,7 @@ def run_ranks(device: str, batch: int, timeout_s: float = 180.0) -> dict[str, An
     )
     if failures:
         summary += " -- " + "; ".join(failures[:4])
+    timing = results[0].get("bn_step") if bn_step is not None and results else None
     return {
         "verdict": verdict,
         "summary": summary,
@@ -416,6 +536,7 @@ def run_ranks(device: str, batch: int, timeout_s: float = 180.0) -> dict[str, An
         "batch_per_rank": batch,
         "figures": figures,
         "failures": failures,
+        "bn_step": timing and summarise_bn_step(bn_step, device, timing),
         "seconds": round(time.perf_counter() - started, 1),
     }
 
@@ -428,9 +549,11 @@ def main() -> int:
     parser.add_argument("--rank", type=int, help=argparse.SUPPRESS)  # a rank process
     parser.add_argument("--device", help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--bn-step", type=json.loads, help=argparse.SUPPRESS)  # a BnStep
     args = parser.parse_args()
     if args.rank is not None:
-        rank_main(args.rank, args.device, args.batch, args.out)
+        bn_step = BnStep(**args.bn_step) if args.bn_step else None
+        rank_main(args.rank, args.device, args.batch, args.out, bn_step)
         return 0
     import torch
 
