@@ -195,6 +195,33 @@ def test_a_shard_goes_up_in_one_put_checked_against_the_manifests_sha256(
     assert local.exists()  # nothing is deleted that did not arrive
 
 
+def test_a_shard_is_read_for_its_upload_in_a_few_large_pieces(
+    tmp_path: Path, s3_bucket: S3Bucket, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """aiohttp reads a streamed body in pieces, each a trip to a thread pool and back;
+    at its 256 KiB a 9 MiB shard took 36 of them, at 4 MiB it takes 3 (issue 37)."""
+    import hashlib
+
+    import aiohttp.payload
+
+    reads: list[int] = []
+    real_read = aiohttp.payload.BufferedReaderPayload._read
+
+    def counted(self: object, size: int | None) -> bytes:
+        reads.append(size or 0)
+        return real_read(self, size)
+
+    monkeypatch.setattr(aiohttp.payload.BufferedReaderPayload, "_read", counted)
+    data = os.urandom(9 * 1024**2)
+    local = tmp_path / "shard.tar"
+    local.write_bytes(data)
+    url = f"{s3_bucket.url}/big.tar"
+    storage.put_file_atomic(str(local), url, hashlib.sha256(data).hexdigest())
+    assert aiohttp.payload.DEFAULT_CHUNK_SIZE == storage.UPLOAD_READ_BYTES
+    assert len(reads) <= 2, reads  # after the first piece, read apart
+    assert storage.read_bytes(url) == data
+
+
 def test_a_small_object_whose_size_a_listing_gave_is_one_get(s3_bucket: S3Bucket) -> None:
     """Without a size s3fs asks for it first (a HEAD) to split large objects into
     ranged reads; a source photo or index listed with its size is one GET (issue 37)."""
