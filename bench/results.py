@@ -29,7 +29,7 @@ RESULTS = REPO / "bench" / "results"
 BENCHMARKS = REPO / "BENCHMARKS.md"
 # The benches whose tables BENCHMARKS.md generates: each module (in bench/) has
 # ``render(rows: list[dict]) -> str`` taking the rows of one run.
-GENERATED: tuple[str, ...] = ("cpu_stage", "gpu_all", "scale")
+GENERATED: tuple[str, ...] = ("cpu_stage", "gpu_all", "object_store", "scale")
 
 
 def provenance() -> dict[str, Any]:
