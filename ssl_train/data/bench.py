@@ -5,8 +5,8 @@ shard layout, the number of DataLoader workers and the CPU, all of which differ 
 clusters. This runs the real ``TrainStream`` through a real ``DataLoader`` and reports
 
 * CPU stage, the headline: two-view (pretrain) or one-view (finetune) samples per
-  CPU-second of the workers' whole processes (decode and random-resized crop only) (making batches, and handing them to the
-  training process through shared memory), read from ``/proc`` once every batch has
+  CPU-second of the workers' whole processes (making batches: decode and random-resized
+  crop only; and handing them to the training process through shared memory), read from ``/proc`` once every batch has
   arrived. CPU-seconds, not wall time: other processes on a shared machine stretch wall
   time, not the work. From it, how many cores of this CPU one GPU needs at a given step
   rate and per-GPU batch (``--steps-per-s``, ``--gpus``: the bench then runs as rank 0
@@ -488,8 +488,9 @@ def describe(result: BenchResult) -> list[str]:
         f"              first batch after {result.first_batch_s:.2f} s (worker start, "
         "manifest, indexes, one batch)",
         f"device stage: {result.device_s_per_batch * 1e3:.1f} ms per batch of "
-        f"{result.batch_per_gpu} on {result.device} (flip, colour jitter, grayscale, blur: "
-        "the augmentations the CPU stage leaves out)",
+        f"{result.batch_per_gpu} on {result.device} ("
+        + ("flip, colour jitter, grayscale, blur" if result.mode == "pretrain" else "flip")
+        + ": the augmentations the CPU stage leaves out)",
         f"storage:      {result.bytes_read / mb:.2f} MB in {result.requests} requests "
         f"({result.range_requests} sample ranges, {result.metadata_requests} manifest/index)",
         f"              {result.bytes_per_epoch_ratio:.3f}x the shard bytes of the "
