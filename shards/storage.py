@@ -655,8 +655,11 @@ SINGLE_PUT_MAX_BYTES = 5 * 1024**3
 
 
 def _put_checksummed(fs: AsyncFileSystem, local_path: str, path: str, sha256: str) -> None:
-    """One PUT of the file, streamed from disk, carrying its known SHA-256 as the
-    object's checksum (so botocore computes none of its own)."""
+    """One PUT of the file, sent from disk (``sendfile`` where the connection allows),
+    carrying its known SHA-256 as the object's checksum (so botocore computes none of
+    its own)."""
+    from shards.s3_body import FileBody
+
     bucket, key, _ = fs.split_path(path)
     content_type = mimetypes.guess_type(local_path)[0] or "application/octet-stream"
     checksum = base64.b64encode(bytes.fromhex(sha256)).decode()
@@ -665,7 +668,7 @@ def _put_checksummed(fs: AsyncFileSystem, local_path: str, path: str, sha256: st
             "put_object",
             Bucket=bucket,
             Key=key,
-            Body=body,
+            Body=FileBody(body),
             ContentType=content_type,
             ChecksumSHA256=checksum,
         )
