@@ -198,9 +198,9 @@ def _fast_s3_timestamps(fs: fsspec.AbstractFileSystem) -> None:
 
 
 # aiohttp streams a file body in reads of its DEFAULT_CHUNK_SIZE (256 KiB), each a hop
-# to a thread pool and back; for a 256 MiB shard that is a thousand hops, and they were
-# about a third of the client's CPU per uploaded byte (BENCHMARKS.md, issue 37). Reads
-# of 4 MiB cut the hops 16-fold for 4 MiB more memory per upload in flight.
+# to a thread pool and back: for a 256 MiB shard over TLS (where sendfile cannot be used,
+# see shards.s3_body) a thousand hops, and a multipart part is written in as many
+# pieces. 4 MiB pieces cut them 16-fold for 4 MiB more memory per upload in flight.
 UPLOAD_READ_BYTES = 4 * 1024**2
 
 
@@ -619,10 +619,11 @@ def put_file_atomic(local_path: str, url: str, sha256: str | None = None) -> Non
     """Move a finished local file to ``url``.
 
     On S3 a file whose SHA-256 (hex) the caller already holds, as ``shards create``
-    does for every shard it records in the manifest, goes up in one PUT streamed from
-    the file, with that digest as the object's checksum: the store refuses the body
-    unless it hashes to what the manifest records, and the client neither buffers the
-    file nor hashes it again (botocore would add a CRC32 pass; BENCHMARKS.md, issue 37).
+    does for every shard it records in the manifest, goes up in one PUT sent from the
+    file (by the kernel, ``sendfile``, on plain HTTP), with that digest as the object's
+    checksum: the store refuses the body unless it hashes to what the manifest records,
+    and the client neither buffers the file nor hashes it again (botocore would add a
+    CRC32 pass; BENCHMARKS.md, issue 37).
     Other files, and any above S3's 5 GiB limit for one PUT, go up as a multipart upload
     of ``MULTIPART_PART_BYTES`` parts, several at a time, each part retried alone.
 
