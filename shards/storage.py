@@ -580,7 +580,7 @@ def read_bytes(url: str, size: int | None = None) -> bytes:
     smaller than one block is then fetched in one GET; without it s3fs first asks for
     the size (a HEAD), to split large objects into concurrent ranged reads. For a small
     photo or index that HEAD doubled the requests and cost about as much client CPU as
-    the GET (BENCHMARKS.md, issue 37).
+    the GET (BENCHMARKS.md, issue 35's archive benchmark).
 
     Example:
         >>> read_bytes("/etc/hostname") != b""
