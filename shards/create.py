@@ -252,9 +252,10 @@ def _finished_outcome(
         return storage.size_or_none(storage.join(dest, name))
 
     index_url = storage.join(dest, plan.index_name)
-    if size(plan.index_name) is None:
+    index_size = size(plan.index_name)
+    if index_size is None:
         return None
-    data = storage.read_bytes(index_url, sizes.get(plan.index_name) if sizes else None)
+    data = storage.read_bytes(index_url, index_size)
     try:
         index = ShardIndex.from_json(data, index_url)
     except ShardsError:
